@@ -1,0 +1,147 @@
+"""Audio in: decode any common file to mono float32 at one sample rate, and cut it into chunks.
+
+soundfile (libsndfile) decodes WAV/FLAC/OGG/MP3/AIFF directly; anything else (m4a, webm, opus in
+webm, ...) goes through the `ffmpeg` executable when it is installed. Decoding problems raise
+`AudioError` with the file name and what to do, so a build can report and skip the file.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+# Formats libsndfile reads itself; everything else is handed to ffmpeg.
+SOUNDFILE_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf"}
+
+
+class AudioError(Exception):
+    """A file could not be used as audio; the message names the file and the reason."""
+
+
+def decode(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read an audio file as mono float32 in [-1, 1] at its own sample rate.
+
+    Args:
+        path: Any file libsndfile reads, or any file ffmpeg reads when ffmpeg is installed.
+
+    Returns:
+        (samples: (N,) float32, sample_rate: Hz)
+
+    Raises:
+        AudioError: empty, corrupt or unsupported file, or ffmpeg needed but missing.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exn:
+        raise AudioError(f"{path}: cannot read file ({exn.strerror})") from exn
+    if size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
+        try:
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except Exception as exn:  # libsndfile raises LibsndfileError/RuntimeError for bad data
+            if shutil.which("ffmpeg") is None:
+                raise AudioError(f"{path}: not decodable by libsndfile ({exn}); the file is corrupt or not audio"
+                                 ) from exn
+            try:  # e.g. an MP3 variant or a mislabelled container that libsndfile rejects
+                return _decode_ffmpeg(path)
+            except AudioError as ffmpeg_exn:
+                raise AudioError(f"{path}: corrupt or not audio (libsndfile: {exn}; "
+                                 f"ffmpeg: {str(ffmpeg_exn).removeprefix(f'{path}: ')})") from exn
+        samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        return np.ascontiguousarray(samples, dtype=np.float32), int(rate)
+    return _decode_ffmpeg(path)
+
+
+def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    """Decode through ffmpeg to mono float32 at the file's own rate (probed by ffmpeg itself)."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not installed "
+                         "(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)")
+    rate = _probe_rate(path, ffmpeg)
+    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
+           "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=3600)
+    if proc.returncode != 0 or not proc.stdout:
+        reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise AudioError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio stream'})")
+    return np.frombuffer(proc.stdout, dtype="<f4").copy(), rate
+
+
+def _probe_rate(path: Path, ffmpeg: str) -> int:
+    """The first audio stream's sample rate, from `ffmpeg -i` (ffprobe is not always installed)."""
+    proc = subprocess.run([ffmpeg, "-nostdin", "-hide_banner", "-i", str(path)], capture_output=True, timeout=600)
+    for line in proc.stderr.decode("utf-8", "replace").splitlines():
+        if "Audio:" in line and " Hz" in line:
+            for part in line.split(","):
+                part = part.strip()
+                if part.endswith(" Hz") and part[:-3].isdigit():
+                    return int(part[:-3])
+    raise AudioError(f"{path}: ffmpeg found no audio stream in it")
+
+
+def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32."""
+    if orig_rate == new_rate:
+        return samples
+    out = AF.resample(torch.from_numpy(samples), orig_rate, new_rate)
+    return out.numpy()
+
+
+def load(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Decode, mix to mono and resample: the one way audio enters audioshard (build and predict)."""
+    samples, rate = decode(path)
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{path}: contains NaN or infinite sample values")
+    return resample(samples, rate, sample_rate)
+
+
+def chunk_starts(num_samples: int, chunk: int, hop: int, min_fraction: float, short_clip: str) -> list[int]:
+    """Start offsets (in samples) of the chunks cut from a clip of `num_samples`.
+
+    Full chunks every `hop` samples; a last partial chunk is kept (and later padded) when it holds at
+    least `min_fraction` of a chunk of audio. A clip shorter than one chunk gives
+    one chunk at 0 unless `short_clip == "drop"`.
+    """
+    if num_samples <= 0:
+        return []
+    if num_samples < chunk:
+        return [] if short_clip == "drop" else [0]
+    starts = list(range(0, num_samples - chunk + 1, hop))
+    tail_start = starts[-1] + hop
+    if tail_start < num_samples and num_samples - tail_start >= min_fraction * chunk:
+        starts.append(tail_start)
+    return starts
+
+
+def choppinator(samples: np.ndarray, sample_rate: int, chunk_seconds: float, hop_seconds: float = 0.0,
+                min_fraction: float = 0.5, short_clip: str = "pad") -> tuple[np.ndarray, np.ndarray]:
+    """Cut a clip into fixed-length chunks (the original system's name for this step).
+
+    Args:
+        samples: (N,) float32 mono audio at `sample_rate`.
+        chunk_seconds: chunk length; `hop_seconds` (0 = same as chunk) sets the overlap.
+        min_fraction: a trailing partial chunk is kept, zero-padded, if it holds this fraction of a chunk.
+        short_clip: for clips shorter than one chunk: "pad" with zeros, "repeat" the clip, or "drop" it.
+
+    Returns:
+        (chunks: (C, chunk_samples) float32, starts: (C,) float64 seconds)
+    """
+    chunk = int(round(chunk_seconds * sample_rate))
+    hop = int(round((hop_seconds or chunk_seconds) * sample_rate))
+    starts = chunk_starts(len(samples), chunk, hop, min_fraction, short_clip)
+    out = np.zeros((len(starts), chunk), dtype=np.float32)
+    for i, start in enumerate(starts):
+        piece = samples[start:start + chunk]
+        if len(piece) < chunk and short_clip == "repeat" and len(samples) < chunk:
+            piece = np.tile(samples, -(-chunk // len(samples)))[:chunk]
+        out[i, :len(piece)] = piece
+    return out, np.asarray(starts, dtype=np.float64) / sample_rate

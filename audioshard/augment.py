@@ -1,0 +1,96 @@
+"""Normalisation and on-the-fly augmentation, acting on whole batches (CPU or GPU alike).
+
+x: (B, 1, n_mels, frames). Normalisation uses the train split's mean/std from the manifest, so
+that 0 is the average dB level; masks then set regions to 0 (SpecAugment, Park et al. 2019),
+and Gaussian noise is scaled relative to the normalised input (std 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from audioshard.config import AugmentConfig
+
+
+def _band_mask(batch: int, count: int, max_width: int, size: int, generator: torch.Generator,
+               device: torch.device) -> torch.Tensor:
+    """(batch, size) bool: `count` bands per row, each of width U{0..max_width}, placed uniformly inside."""
+    if count == 0 or max_width == 0:
+        return torch.zeros(batch, size, dtype=torch.bool, device=device)
+    max_width = min(max_width, size)
+    width = torch.randint(0, max_width + 1, (batch, count, 1), generator=generator, device=device)
+    start = (torch.rand((batch, count, 1), generator=generator, device=device) * (size - width + 1)).long()
+    position = torch.arange(size, device=device).view(1, 1, size)
+    return ((position >= start) & (position < start + width)).any(dim=1)
+
+
+class SpecAugment(nn.Module):
+    """Gaussian noise plus time and frequency masks, a fresh draw for every sample.
+
+    Args:
+        noise_std: std of added noise, in units of the normalised input (0 = off).
+        time_masks, time_mask_width: number of time masks per sample and their max width (frames).
+        freq_masks, freq_mask_width: number of frequency masks per sample and their max width (mel bins).
+    """
+
+    def __init__(self, noise_std: float = 0.1, time_masks: int = 2, time_mask_width: int = 8, freq_masks: int = 1,
+                 freq_mask_width: int = 8):
+        super().__init__()
+        for name, value in [("noise_std", noise_std), ("time_masks", time_masks),
+                            ("time_mask_width", time_mask_width), ("freq_masks", freq_masks),
+                            ("freq_mask_width", freq_mask_width)]:
+            if value < 0:
+                raise ValueError(f"augment.{name} must be >= 0, got {value}")
+        self.noise_std, self.time_masks, self.time_mask_width = noise_std, time_masks, time_mask_width
+        self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x: (B, 1, n_mels, frames) float, normalised -> augmented copy, same shape."""
+        batch, _, mels, frames = x.shape
+        if self.noise_std:
+            x = x + self.noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        time = _band_mask(batch, self.time_masks, self.time_mask_width, frames, generator, x.device)
+        freq = _band_mask(batch, self.freq_masks, self.freq_mask_width, mels, generator, x.device)
+        masked = time.view(batch, 1, 1, frames) | freq.view(batch, 1, mels, 1)
+        return x.masked_fill(masked, 0.0)
+
+
+class BatchTransform(nn.Module):
+    """float16 dB batch -> float32 normalised (and, when enabled, augmented) batch.
+
+    Runs in a loader worker (library use) or on the accelerator after the copy (`audioshard train`).
+    Its random draws come from its own generator, reseeded per (seed, epoch, rank, worker), so a
+    run is reproducible and a resumed run draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, mean: float, std: float, augment: SpecAugment | None = None):
+        super().__init__()
+        self.mean, self.std, self.augment = mean, std, augment
+        self.generator: torch.Generator | None = None
+        self.seed_key = (0, 0, 0, 0)
+
+    @classmethod
+    def from_manifest(cls, manifest, cfg: AugmentConfig, enabled: bool = True) -> BatchTransform:
+        augment = None
+        if enabled and cfg.enabled:
+            augment = SpecAugment(cfg.noise_std, cfg.time_masks, cfg.time_mask_width, cfg.freq_masks,
+                                  cfg.freq_mask_width)
+        return cls(manifest.mean, manifest.std, augment)
+
+    def reseed(self, seed: int, epoch: int, rank: int = 0, worker: int = 0) -> None:
+        self.seed_key = (seed, epoch, rank, worker)
+        self.generator = None  # created lazily on the batch's device
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+    def forward(self, batch):
+        x = self.normalize(batch.x)
+        if self.augment is not None:
+            if self.generator is None or self.generator.device != x.device:
+                self.generator = torch.Generator(device=x.device)
+                seed, epoch, rank, worker = self.seed_key
+                self.generator.manual_seed(((seed * 1_000_003 + epoch) * 10_007 + rank) * 101 + worker)
+            x = self.augment(x, self.generator)
+        return batch._replace(x=x)

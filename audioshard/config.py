@@ -1,0 +1,262 @@
+"""Typed configuration: dataclasses that mirror `config.toml`, one source of truth.
+
+Every setting has a default here; `config.toml` at the repository root lists the same keys with
+comments (a test keeps the two in step). Any command takes `--config FILE` and repeated
+`--set section.key=value`; an unknown key or a wrong type is a `ConfigError` naming the key and
+the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type, or out of range."""
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    chunk_seconds: float = 2.0
+    hop_seconds: float = 0.0
+    min_fraction: float = 0.5
+    short_clip: str = "pad"
+    skip_silent: bool = True
+    silence_peak: float = 1e-4
+    extensions: list[str] = field(
+        default_factory=lambda: [".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aac", ".opus", ".webm", ".mp4", ".aiff",
+                                 ".aif", ".wma", ".mka"]
+    )
+
+
+@dataclass
+class FeaturesConfig:
+    n_mels: int = 64
+    n_fft: int = 1024
+    hop_length: int = 512
+    f_min: float = 0.0
+    f_max: float = 0.0
+    top_db: float = 80.0
+
+
+@dataclass
+class SplitConfig:
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    group_regex: str = ""
+
+
+@dataclass
+class ShardsConfig:
+    block_size: int = 64
+    chunks_per_shard: int = 1024
+    workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.0
+    class_weights: bool = True
+    num_workers: int = 2
+    shuffle_blocks: int = 16
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+    seed: int = 0
+    device: str = "auto"
+    sanity_steps: int = 30
+    select_metric: str = "clip_macro_f1"
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    noise_std: float = 0.1
+    time_masks: int = 2
+    time_mask_width: int = 8
+    freq_masks: int = 1
+    freq_mask_width: int = 8
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn6"
+    width: int = 32
+    dropout: float = 0.2
+
+
+@dataclass
+class Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+# Allowed values for the string settings that pick one behaviour among several.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "audio.short_clip": ("pad", "repeat", "drop"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.schedule": ("constant", "cosine"),
+    "train.device": ("auto", "cpu", "cuda", "mps"),
+    "train.select_metric": ("clip_macro_f1", "macro_f1", "accuracy", "loss"),
+    "model.name": ("seed_cnn", "cnn6"),
+}
+
+POSITIVE = {
+    "audio.sample_rate", "audio.chunk_seconds", "features.n_mels", "features.n_fft", "features.hop_length",
+    "shards.block_size", "shards.chunks_per_shard", "train.epochs", "train.batch_size", "train.lr",
+    "train.shuffle_blocks", "train.prefetch_factor", "model.width",
+}
+FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", "model.dropout",
+             "train.label_smoothing"}
+NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
+                "shards.workers", "train.weight_decay", "train.warmup_epochs", "train.num_workers",
+                "train.sanity_steps", "augment.noise_std", "augment.time_masks", "augment.time_mask_width",
+                "augment.freq_masks", "augment.freq_mask_width"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check `value` against the type of `default` (ints are accepted where floats are expected)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list) and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(type(default))}, got {value!r} ({_type_name(type(value))})")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    sections = {f.name for f in fields(cfg)}
+    if section_name not in sections or not name:
+        raise ConfigError(f"unknown config section in {key!r}; valid sections: {', '.join(sorted(sections))}")
+    section = getattr(cfg, section_name)
+    names = {f.name for f in fields(section)}
+    if name not in names:
+        raise ConfigError(f"unknown config key {key!r}; valid keys in [{section_name}]: {', '.join(sorted(names))}")
+    setattr(section, name, _coerce(key, value, getattr(section, name)))
+
+
+def validate(cfg: Config) -> Config:
+    """Range and choice checks, so a bad value fails before any long work starts."""
+    for section in fields(cfg):
+        for f in fields(getattr(cfg, section.name)):
+            key = f"{section.name}.{f.name}"
+            value = getattr(getattr(cfg, section.name), f.name)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(CHOICES[key])}")
+            if key in POSITIVE and not value > 0:
+                raise ConfigError(f"{key} must be > 0, got {value!r}")
+            if key in NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value!r}")
+            if key in FRACTIONS and not 0 <= value <= 1:
+                raise ConfigError(f"{key} must be between 0 and 1, got {value!r}")
+    if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
+        raise ConfigError("split.val_fraction + split.test_fraction must be < 1 (something must be left to train on)")
+    if cfg.features.f_max and cfg.features.f_max > cfg.audio.sample_rate / 2:
+        raise ConfigError(f"features.f_max = {cfg.features.f_max} is above the Nyquist frequency "
+                          f"{cfg.audio.sample_rate / 2} of audio.sample_rate; use 0 for sample_rate/2")
+    if cfg.features.n_fft > cfg.audio.chunk_seconds * cfg.audio.sample_rate:
+        raise ConfigError("features.n_fft is longer than one chunk (audio.chunk_seconds * audio.sample_rate)")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` -> (key, value); the value is read as TOML, else taken as a plain string."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=3e-4)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def from_dict(data: dict[str, Any], cfg: Config | None = None) -> Config:
+    """Overlay a nested dict (as read from TOML or a checkpoint) onto `cfg` (defaults if None)."""
+    cfg = cfg or Config()
+    for section_name, section in data.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{section_name!r} must be a [section] table, got {section!r}")
+        for name, value in section.items():
+            _set(cfg, f"{section_name}.{name}", value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then `--set` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exn:
+            raise ConfigError(f"{path}: not valid TOML: {exn}") from exn
+        from_dict(data, cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+    return validate(cfg)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML (what a run saves next to its checkpoints)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)

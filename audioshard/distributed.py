@@ -1,0 +1,70 @@
+"""One place for process setup: single process, or one of many under `torchrun`.
+
+    torchrun --nproc_per_node=4 -m audioshard train --shards shards/ --out runs/x
+
+Reads RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun), picks NCCL with one GPU per local rank
+on CUDA and gloo otherwise, and falls back to a plain single process when they are absent.
+Side effects (printing, files) belong to rank 0: use `print0` and `Dist.is_main`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def setup_distributed(device_name: str = "auto") -> Dist:
+    """Initialise torch.distributed when launched by torchrun; a one-process Dist otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Dist(device=pick_device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)

@@ -1,0 +1,177 @@
+"""Evaluate a model on one split: chunk-level and recording-level figures, reports and plots.
+
+    audioshard evaluate --checkpoint runs/x/best_model.pt --shards shards/ --split test --out runs/x/eval
+
+Recording-level ("clip") figures average the logits of all chunks of one source recording: one
+long recording cut into many chunks would otherwise sway chunk-level figures by its size alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
+
+from audioshard.augment import BatchTransform
+from audioshard.manifest import Manifest
+from audioshard.stream import ShardStream, make_loader
+
+
+@torch.inference_mode()
+def predict_split(model: torch.nn.Module, manifest: Manifest, split: str, device: torch.device,
+                  batch_size: int = 256, num_workers: int = 0) -> dict[str, np.ndarray]:
+    """Logits for every chunk of a split (this rank's part under DDP, gathered to all ranks).
+
+    Returns:
+        {"logits": (N, C) float32, "y": (N,), "source": (N,), "start": (N,)}, sorted by (source, start)
+        so that the order does not depend on workers or ranks.
+    """
+    transform = BatchTransform(manifest.mean, manifest.std, augment=None)
+    loader = make_loader(ShardStream(manifest, split, batch_size), num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {"logits": [], "y": [], "source": [], "start": []}
+    for batch in loader:
+        batch = transform(batch._replace(x=batch.x.to(device, non_blocking=True)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch.x)
+        parts["logits"].append(logits.float().cpu().numpy())
+        for key in ("y", "source", "start"):
+            parts[key].append(getattr(batch, key).numpy())
+    model.train(was_training)
+    classes = len(manifest.classes)
+    out = {k: np.concatenate(v) if v else np.zeros((0, classes) if k == "logits" else 0) for k, v in parts.items()}
+    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(gathered, out)
+        out = {k: np.concatenate([g[k] for g in gathered]) for k in out}
+    order = np.lexsort((out["start"], out["source"]))
+    return {k: v[order] for k, v in out.items()}
+
+
+def clip_level(logits: np.ndarray, y: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean logits per source recording -> (clip_logits (R, C), clip_y (R,), source ids (R,))."""
+    ids, inverse = np.unique(source, return_inverse=True)
+    sums = np.zeros((len(ids), logits.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, logits)
+    counts = np.bincount(inverse, minlength=len(ids))[:, None]
+    clip_y = np.zeros(len(ids), dtype=np.int64)
+    clip_y[inverse] = y  # every chunk of a recording has the recording's label
+    return sums / counts, clip_y, ids
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    if len(y_true) == 0:
+        return {"accuracy": float("nan"), "macro_f1": float("nan"), "balanced_accuracy": float("nan"), "n": 0}
+    labels = list(range(num_classes))
+    majority = np.bincount(y_true, minlength=num_classes).max() / len(y_true)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "majority_baseline": float(majority),
+        "n": int(len(y_true)),
+    }
+
+
+def summarize(pred: dict[str, np.ndarray], classes: list[str], loss: float | None = None) -> dict[str, Any]:
+    """Chunk-level and recording-level metrics of a `predict_split` result."""
+    y, logits = pred["y"], pred["logits"]
+    chunk = scores(y, logits.argmax(1) if len(y) else y, len(classes))
+    clip_logits, clip_y, _ = clip_level(logits, y, pred["source"])
+    clip = scores(clip_y, clip_logits.argmax(1) if len(clip_y) else clip_y, len(classes))
+    result = {"chunk": chunk, "clip": clip}
+    if loss is not None:
+        result["loss"] = loss
+    return result
+
+
+def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classes: list[str],
+                  label_prefix: str = "") -> dict[str, Any]:
+    """The seed's artifacts for one split: label arrays, confusion matrix PNG, text report; returns metrics.
+
+    Files: {label_prefix}pred_labels.npy, {label_prefix}true_labels.npy (chunk level, sorted by
+    source and start), {split}_confusion_matrix.png, {split}_report.txt (chunk- and recording-level).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y, y_hat = pred["y"], pred["logits"].argmax(1)
+    np.save(out_dir / f"{label_prefix}pred_labels.npy", y_hat.astype(np.int64), allow_pickle=False)
+    np.save(out_dir / f"{label_prefix}true_labels.npy", y.astype(np.int64), allow_pickle=False)
+    clip_logits, clip_y, _ = clip_level(pred["logits"], y, pred["source"])
+    clip_hat = clip_logits.argmax(1)
+    metrics = summarize(pred, classes)
+    save_confusion_matrix(out_dir / f"{split}_confusion_matrix.png", y, y_hat, classes,
+                          f"{split}: chunk-level (acc {metrics['chunk']['accuracy']:.3f})")
+    labels = list(range(len(classes)))
+    report = [
+        f"{split} split: {len(y)} chunks from {len(clip_y)} recordings",
+        "",
+        "Chunk level (each chunk on its own):",
+        classification_report(y, y_hat, labels=labels, target_names=classes, digits=3, zero_division=0),
+        "Recording level (mean of the chunk logits of each source recording):",
+        classification_report(clip_y, clip_hat, labels=labels, target_names=classes, digits=3, zero_division=0),
+        f"majority-class baseline (chunk level): {metrics['chunk']['majority_baseline']:.3f}",
+    ]
+    (out_dir / f"{split}_report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
+    return metrics
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir: str | Path,
+                        device_name: str = "auto", batch_size: int = 256, num_workers: int = 0) -> dict[str, Any]:
+    """Evaluate a saved checkpoint on one split of a build; writes reports into `out_dir`."""
+    from audioshard.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+    from audioshard.distributed import pick_device
+    from audioshard.manifest import load_manifest
+
+    device = pick_device(device_name)
+    ckpt = load_checkpoint(checkpoint)
+    manifest = load_manifest(shards)
+    check_compatible(ckpt, manifest, str(checkpoint))
+    model = model_from_checkpoint(ckpt).to(device)
+    pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers)
+    out_dir = Path(out_dir)
+    metrics = write_reports(out_dir, split, pred, manifest.classes)
+    metrics.update({"split": split, "checkpoint": str(checkpoint), "shards": str(shards)})
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def iter_metrics_lines(metrics: dict[str, Any]) -> Iterable[str]:
+    for level in ("chunk", "clip"):
+        m = metrics[level]
+        yield (f"{level:>5}-level: accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  "
+               f"balanced acc {m['balanced_accuracy']:.3f}  (n={m['n']})")

@@ -1,0 +1,94 @@
+"""Log-mel features: the one place that turns audio chunks into what the model sees.
+
+Used by `build` (to write shards) and by `predict` (on new recordings), with the parameters that
+a build records in its manifest and a checkpoint carries, so both compute exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+
+from audioshard.config import Config
+
+AMIN = 1e-10  # power floor before log10: digital silence maps to 10*log10(AMIN) = -100 dB
+
+
+@dataclass(frozen=True)
+class FeatureParams:
+    """Everything needed to compute the same features again (recorded in manifest and checkpoint)."""
+
+    sample_rate: int
+    chunk_seconds: float
+    n_mels: int
+    n_fft: int
+    hop_length: int
+    f_min: float
+    f_max: float
+    top_db: float
+    dtype: str = "float16"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> FeatureParams:
+        f = cfg.features
+        return cls(sample_rate=cfg.audio.sample_rate, chunk_seconds=cfg.audio.chunk_seconds, n_mels=f.n_mels,
+                   n_fft=f.n_fft, hop_length=f.hop_length, f_min=f.f_min,
+                   f_max=f.f_max or cfg.audio.sample_rate / 2, top_db=f.top_db)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureParams:
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def chunk_samples(self) -> int:
+        return int(round(self.chunk_seconds * self.sample_rate))
+
+    @property
+    def frames(self) -> int:
+        """Time frames per chunk (centred STFT: 1 + samples // hop)."""
+        return 1 + self.chunk_samples // self.hop_length
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(n_mels, frames) of one chunk's features."""
+        return (self.n_mels, self.frames)
+
+
+@lru_cache(maxsize=4)
+def _mel_transform(params: FeatureParams) -> torch.nn.Module:
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=params.sample_rate, n_fft=params.n_fft, hop_length=params.hop_length, f_min=params.f_min,
+        f_max=params.f_max, n_mels=params.n_mels, power=2.0, center=True, norm="slaney", mel_scale="slaney")
+
+
+@torch.inference_mode()
+def log_mel(chunks: np.ndarray | torch.Tensor, params: FeatureParams) -> np.ndarray:
+    """Log-mel spectrograms of a batch of chunks.
+
+    Args:
+        chunks: (C, chunk_samples) float32 audio at `params.sample_rate`.
+
+    Returns:
+        (C, n_mels, frames) in `params.dtype` (float16), dB re 1.0 full scale, floored at
+        max - top_db per chunk and at -100 dB.
+    """
+    x = torch.as_tensor(chunks, dtype=torch.float32)
+    if x.ndim != 2 or x.shape[1] != params.chunk_samples:
+        raise ValueError(f"expected chunks of shape (C, {params.chunk_samples}), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        return np.zeros((0, *params.shape), dtype=params.dtype)
+    power = _mel_transform(params)(x)
+    db = 10.0 * torch.log10(torch.clamp(power, min=AMIN))
+    if params.top_db:
+        # Per chunk, so one loud chunk does not flatten its neighbours.
+        floor = db.amax(dim=(1, 2), keepdim=True) - params.top_db
+        db = torch.maximum(db, floor)
+    return db.numpy().astype(params.dtype)

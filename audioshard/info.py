@@ -1,0 +1,125 @@
+"""Look inside a build: the manifest as tables, one chunk as a picture, a few batches described.
+
+The original system's sanity scripts, as functions behind `audioshard info`, `show` and `check`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audioshard.config import Config
+from audioshard.manifest import load_manifest
+from audioshard.split import SPLITS
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths,
+                                                                                                  strict=True)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_info(data: dict[str, Any], where: str, verbose: bool = False) -> str:
+    """A readable summary of a manifest: classes x splits (chunks and recordings), features, problems."""
+    classes = data["classes"]
+    splits = [s for s in SPLITS if s in data["splits"]]
+    header = ["class"] + [f"{s} chunks (recs)" for s in splits]
+    rows = [header]
+    for name in classes:
+        rows.append([name] + [f"{data['splits'][s]['class_counts'][name]} ({data['splits'][s]['recordings'][name]})"
+                              for s in splits])
+    rows.append(["total"] + [f"{data['splits'][s]['samples']} ({len(data['splits'][s]['sources'])})" for s in splits])
+    f = data["features"]
+    lines = [
+        f"audioshard build at {where} (format v{data['format_version']}, {len(classes)} classes)",
+        "",
+        _table(rows),
+        "",
+        "audio: " + ", ".join(f"{s} {data['splits'][s]['audio_seconds'] / 60:.1f} min" for s in splits),
+        "shards: " + ", ".join(f"{s} {len(data['splits'][s]['shards'])}" for s in splits)
+        + f" ({data['block_size']} chunks per block)",
+        f"features: {f['n_mels']} mels x {1 + round(f['chunk_seconds'] * f['sample_rate']) // f['hop_length']} frames, "
+        f"{f['chunk_seconds']} s chunks at {f['sample_rate']} Hz, n_fft {f['n_fft']}, hop {f['hop_length']}, "
+        f"{f['f_min']:.0f}-{f['f_max']:.0f} Hz, top_db {f['top_db']}",
+        f"normalisation (train): mean {data['normalization']['mean']:.2f} dB, "
+        f"std {data['normalization']['std']:.2f} dB",
+    ]
+    skipped = data.get("skipped", [])
+    ignored = data.get("ignored", {})
+    lines.append(f"skipped inputs: {len(skipped)}" + (f"; ignored: {', '.join(f'{v} {k}' for k, v in ignored.items())}"
+                                                       if ignored else ""))
+    for item in skipped if verbose else skipped[:10]:
+        lines.append(f"  - {item['path']}: {item['reason']}")
+    if not verbose and len(skipped) > 10:
+        lines.append(f"  ... and {len(skipped) - 10} more (--verbose lists all)")
+    for warning in data.get("warnings", []):
+        lines.append(f"warning: {warning}")
+    if verbose:
+        for s in splits:
+            for shard in data["splits"][s]["shards"]:
+                lines.append(f"  {shard['file']}: {shard['samples']} chunks, {shard['bytes']} bytes, "
+                             f"sha256 {shard['sha256'][:16]}...")
+    return "\n".join(lines)
+
+
+def show_chunk(source: str, split: str, index: int, out: str | Path) -> str:
+    """Plot chunk `index` of a split (in shard order) with its label, source recording and start time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from audioshard.stream import ShardStream
+
+    manifest = load_manifest(source)
+    total = manifest.samples(split)
+    if not 0 <= index < total:
+        raise IndexError(f"--index {index} is out of range: the {split} split has {total} chunks")
+    seen = 0
+    for batch in ShardStream(manifest, split, batch_size=manifest.block_size):
+        if index < seen + len(batch.y):
+            i = index - seen
+            mel, label = batch.x[i, 0].float().numpy(), manifest.classes[int(batch.y[i])]
+            rec, start = manifest.sources(split)[int(batch.source[i])], float(batch.start[i])
+            break
+        seen += len(batch.y)
+    f = manifest.features
+    fig, ax = plt.subplots(figsize=(8, 4))
+    image = ax.imshow(mel, origin="lower", aspect="auto", cmap="magma",
+                      extent=(start, start + f.chunk_seconds, 0, f.n_mels))
+    fig.colorbar(image, ax=ax, label="dB")
+    ax.set_xlabel("time in recording (s)")
+    ax.set_ylabel("mel bin")
+    ax.set_title(f"{split}[{index}]: {label} — {rec} @ {start:.2f} s", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return f"{split}[{index}]: label {label}, source {rec}, start {start:.2f} s, shape {mel.shape} -> {out}"
+
+
+def check_pipeline(source: str, split: str, cfg: Config, batches: int = 3) -> str:
+    """Pull a few batches through the real pipeline (normalised, augmented if train) and describe them."""
+    from audioshard.stream import open_shards
+
+    loader = open_shards(source, split, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
+                         augment_config=cfg.augment, shuffle_blocks=cfg.train.shuffle_blocks)
+    manifest = load_manifest(source)
+    lines = [f"{source} [{split}]: {manifest.samples(split)} chunks, {len(loader)} batches of "
+             f"{cfg.train.batch_size} per epoch"]
+    labels: Counter = Counter()
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        x = batch.x
+        labels.update(manifest.classes[int(y)] for y in batch.y)
+        lines.append(f"batch {i}: x {tuple(x.shape)} {x.dtype} min {x.min():.2f} max {x.max():.2f} "
+                     f"mean {x.mean():.2f} std {x.std():.2f} | y {tuple(batch.y.shape)} {batch.y.dtype} "
+                     f"| finite {bool(np.isfinite(x.numpy()).all())}")
+    lines.append("label mix: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+    return "\n".join(lines)

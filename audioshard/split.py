@@ -1,0 +1,106 @@
+"""Leak-free train/val/test split: stratified by class, grouped by source recording.
+
+All chunks of one group (by default one input file; wider with a `group` column or
+`split.group_regex`, e.g. one speaker) land in the same split, so neighbouring chunks of a
+recording never sit on both sides of an evaluation. The split is decided from the file list
+alone, before any audio is decoded, so it is the same for any number of workers or machines.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input recording.
+
+    Attributes:
+        path: absolute path of the file.
+        rel: the name recorded in the manifest (relative to the input folder or CSV).
+        label: class name.
+        group: recordings with the same group always share a split.
+        split: a split fixed by the user (CSV `split` column), or None to let the splitter decide.
+    """
+
+    path: str
+    rel: str
+    label: str
+    group: str
+    split: str | None = None
+
+
+def group_of(rel: str, group_regex: str) -> str:
+    """Group id of a file: the regex's first capture group (or whole match) on its name, else the name."""
+    if not group_regex:
+        return rel
+    match = re.search(group_regex, rel)
+    if match is None:
+        return rel
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def split_sources(sources: list[Source], val_fraction: float, test_fraction: float,
+                  seed: int) -> tuple[dict[str, str], list[str]]:
+    """Assign each source to a split.
+
+    Groups are bucketed by their most common class (ties: first in sorted order), shuffled with
+    `seed`, and cut per class so that val and test get round(fraction * groups) groups each, at
+    least one each when the class has three or more groups (when the fraction is non-zero).
+
+    Returns:
+        ({source.rel: split}, notes): notes say what was done for classes with too few groups.
+    """
+    notes: list[str] = []
+    fixed: dict[str, str] = {}
+    members: dict[str, list[Source]] = defaultdict(list)
+    for source in sources:
+        members[source.group].append(source)
+    assignment: dict[str, str] = {}
+    free_groups: dict[str, list[str]] = defaultdict(list)  # primary class -> groups to place
+    for group in sorted(members):
+        given = {s.split for s in members[group] if s.split}
+        if len(given) > 1:
+            raise ValueError(f"group {group!r} has files assigned to different splits {sorted(given)} in the CSV; "
+                             "one group (recording) must stay in one split")
+        if given:
+            fixed[group] = given.pop()
+            continue
+        counts = Counter(s.label for s in members[group])
+        primary = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        free_groups[primary].append(group)
+
+    rng = random.Random(seed)
+    for label in sorted(free_groups):
+        groups = free_groups[label]
+        rng.shuffle(groups)
+        n = len(groups)
+        n_val = round(n * val_fraction)
+        n_test = round(n * test_fraction)
+        if n >= 3:
+            n_val = max(n_val, 1 if val_fraction > 0 else 0)
+            n_test = max(n_test, 1 if test_fraction > 0 else 0)
+            while n_val + n_test > n - 1:  # keep at least one group to train on
+                if n_val >= n_test and n_val > 1:
+                    n_val -= 1
+                else:
+                    n_test -= 1
+        else:
+            n_val = 0
+            n_test = 1 if n == 2 and test_fraction > 0 else 0
+            where = "train" if n == 1 else "train and test"
+            notes.append(f"class {label!r} has only {n} recording group(s), too few to give train, val and test one "
+                         f"each: its groups went to {where}; val has no {label!r} examples")
+        for i, group in enumerate(groups):
+            fixed[group] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    for group, split in fixed.items():
+        if split not in SPLITS:
+            raise ValueError(f"group {group!r}: split {split!r} is not one of {', '.join(SPLITS)}")
+        for source in members[group]:
+            assignment[source.rel] = split
+    return assignment, notes

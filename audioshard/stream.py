@@ -1,0 +1,328 @@
+"""Stream batches from shards: an IterableDataset over local or http(s) build folders.
+
+The pipeline, stage by stage (each a small function below):
+
+    manifest -> shard list -> shuffle shards (per epoch) -> split by DDP rank, then by DataLoader
+    worker -> read tar members (webdataset) -> safe decode of each block (np arrays only, header
+    checked against the manifest before allocating, never pickle) -> shuffle buffer of blocks ->
+    batches (x: (B, 1, n_mels, frames) float16, y: (B,) int64, source: (B,), start: (B,))
+
+Normalisation and augmentation act on whole batches (`audioshard.augment.BatchTransform`): in the
+worker for library users, or on the accelerator in `audioshard train`.
+
+Work is split so that every (rank, worker) reads a disjoint part of the split and together they
+read all of it once: by whole shards when there are at least as many shards as readers, otherwise
+readers share a shard and take every k-th block of it. Per-reader sample counts follow from the
+manifest alone, so the number of batches per epoch is known before reading anything.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
+from audioshard.remote import open_binary
+
+
+class ShardDataError(ValueError):
+    """A block in a shard is malformed (bad array, wrong shape or dtype, NaN); names shard and key."""
+
+
+class Batch(NamedTuple):
+    """One batch. x: (B, 1, n_mels, frames) float16 dB (float32 once transformed); y: (B,) int64 class
+    index; source: (B,) int64 index into the split's `sources`; start: (B,) float32 seconds."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source: torch.Tensor
+    start: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """Part of one shard for one reader: blocks `offset, offset + stride, ...` of it."""
+
+    shard: ShardInfo
+    stride: int = 1
+    offset: int = 0
+
+
+def block_sizes(shard: ShardInfo, block_size: int) -> list[int]:
+    """Chunks in each block of a shard (all full but possibly the last)."""
+    full, rest = divmod(shard.samples, block_size)
+    return [block_size] * full + ([rest] if rest else [])
+
+
+def shard_order(shards: list[ShardInfo], epoch: int, seed: int, shuffle: bool) -> list[ShardInfo]:
+    order = list(shards)
+    if shuffle:
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def reader_tasks(shards: list[ShardInfo], reader: int, readers: int) -> list[ReadTask]:
+    """The disjoint part of `shards` that reader `reader` of `readers` reads (readers = ranks x workers)."""
+    if len(shards) >= readers:
+        return [ReadTask(s) for s in shards[reader::readers]]
+    if not shards:
+        return []
+    index = reader % len(shards)
+    sharing = len(range(index, readers, len(shards)))  # readers that split this shard between them
+    return [ReadTask(shards[index], stride=sharing, offset=reader // len(shards))]
+
+
+def task_samples(task: ReadTask, block_size: int) -> int:
+    return sum(block_sizes(task.shard, block_size)[task.offset::task.stride])
+
+
+# --- safe decoding -----------------------------------------------------------------------------
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: int, where: str) -> np.ndarray:
+    """Parse an .npy member without pickle, checking its header before touching the data.
+
+    The header is read with `ast.literal_eval` (never `np.load`), dtype and shape are checked
+    against what the manifest promises, and only then is the payload viewed with `np.frombuffer`;
+    a forged header cannot make us allocate anything.
+    """
+    if not data.startswith(NPY_MAGIC) or len(data) < 10:
+        raise ShardDataError(f"{where}: not an .npy array")
+    major = data[6]
+    if major == 1:
+        header_len, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        header_len, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise ShardDataError(f"{where}: unsupported .npy version {major}")
+    try:
+        header = ast.literal_eval(data[start:start + header_len].decode("latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except (ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError) as exn:
+        raise ShardDataError(f"{where}: malformed .npy header") from exn
+    if not isinstance(descr, str) or np.dtype(descr) != np.dtype(dtype) or fortran:
+        raise ShardDataError(f"{where}: dtype {descr!r} (fortran={fortran}), expected {np.dtype(dtype).str}")
+    if len(shape) != 1 + len(shape_tail) or tuple(shape[1:]) != shape_tail or not 0 < shape[0] <= max_rows:
+        raise ShardDataError(f"{where}: shape {shape}, expected (1..{max_rows}, {', '.join(map(str, shape_tail))})")
+    payload = memoryview(data)[start + header_len:]
+    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if len(payload) != expected:
+        raise ShardDataError(f"{where}: {len(payload)} data bytes, header promises {expected}")
+    return np.frombuffer(payload, dtype=dtype).reshape(shape)
+
+
+def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.ndarray]:
+    """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key."""
+    where = f"{sample.get('__url__')} key {sample.get('__key__')}"
+    missing = [m for m in BLOCK_MEMBERS if m not in sample]
+    if missing:
+        raise ShardDataError(f"{where}: missing members {missing}")
+    n = manifest.block_size
+    mel = decode_npy(sample["mel.npy"], manifest.features.dtype, manifest.features.shape, n, f"{where} mel.npy")
+    rows = len(mel)
+    label = decode_npy(sample["label.npy"], "<i2", (), rows, f"{where} label.npy")
+    source = decode_npy(sample["source.npy"], "<i4", (), rows, f"{where} source.npy")
+    start = decode_npy(sample["start.npy"], "<f4", (), rows, f"{where} start.npy")
+    if not len(label) == len(source) == len(start) == rows:
+        raise ShardDataError(f"{where}: members disagree on the number of chunks")
+    if label.min() < 0 or label.max() >= len(manifest.classes):
+        raise ShardDataError(f"{where}: label out of range 0..{len(manifest.classes) - 1}")
+    if not np.isfinite(mel).all():
+        raise ShardDataError(f"{where}: NaN or infinite values in mel.npy")
+    return {"x": mel, "y": label, "source": source, "start": start}
+
+
+# --- the dataset -------------------------------------------------------------------------------
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches of one split of a build, streamed from its shards.
+
+    Args:
+        manifest: a loaded manifest (`load_manifest(source)`).
+        split: "train", "val" or "test".
+        batch_size: samples per batch; each reader ends its part with one smaller batch.
+        shuffle: shuffle shards per epoch and mix samples across `shuffle_blocks` blocks.
+        shuffle_blocks: blocks held in the shuffle buffer (memory: this x block_size chunks).
+        seed: with the epoch, rank and worker, fixes every random draw.
+        rank, world_size: the DDP process and how many there are (defaults: from torch.distributed).
+        transform: optional callable on each Batch, run in the loader worker (e.g. BatchTransform).
+        strict: raise on a malformed block instead of skipping it (and counting).
+    """
+
+    def __init__(self, manifest: Manifest, split: str, batch_size: int, shuffle: bool = False,
+                 shuffle_blocks: int = 16, seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 transform=None, strict: bool = False):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.manifest, self.split, self.batch_size = manifest, split, batch_size
+        self.shuffle, self.shuffle_blocks, self.seed = shuffle, max(1, shuffle_blocks), seed
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+        self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+        self.transform, self.strict = transform, strict
+        self.shards = manifest.shards(split)
+        self.epoch = 0
+        self.num_workers = 1  # set by `loader()` so that batch counts can be computed up front
+        self.skipped_blocks = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _tasks(self, worker: int, workers: int) -> list[ReadTask]:
+        order = shard_order(self.shards, self.epoch, self.seed, self.shuffle)
+        return reader_tasks(order, self.rank * workers + worker, self.world_size * workers)
+
+    def batches_per_epoch(self, num_workers: int | None = None, rank: int | None = None) -> int:
+        """Batches this rank yields in the current epoch (exact: every reader ends with one partial batch)."""
+        workers = max(1, num_workers if num_workers is not None else self.num_workers)
+        rank = self.rank if rank is None else rank
+        order = shard_order(self.shards, self.epoch, self.seed, self.shuffle)
+        total = 0
+        for worker in range(workers):
+            tasks = reader_tasks(order, rank * workers + worker, self.world_size * workers)
+            total += math.ceil(sum(task_samples(t, self.manifest.block_size) for t in tasks) / self.batch_size)
+        return total
+
+    def _blocks(self, tasks: list[ReadTask]) -> Iterator[dict[str, np.ndarray]]:
+        for task in tasks:
+            location = self.manifest.shard_location(task.shard)
+            stream = open_binary(location)
+            try:
+                files = tar_file_expander([{"url": location, "stream": stream}],
+                                          select_files=lambda name: name.split(".", 1)[-1] in BLOCK_MEMBERS)
+                for index, sample in enumerate(group_by_keys(files)):
+                    if index % task.stride != task.offset:
+                        continue
+                    try:
+                        yield decode_block(sample, self.manifest)
+                    except ShardDataError as exn:
+                        if self.strict:
+                            raise
+                        self.skipped_blocks += 1
+                        print(f"audioshard: skipping a bad block: {exn}", file=sys.stderr)
+            finally:
+                stream.close()
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        if self.transform is not None and hasattr(self.transform, "reseed"):
+            self.transform.reseed(self.seed, self.epoch, self.rank, worker)
+        for batch in self._batches(self._blocks(self._tasks(worker, workers)), rng):
+            yield self.transform(batch) if self.transform is not None else batch
+
+    def _batches(self, blocks: Iterator[dict[str, np.ndarray]], rng: np.random.Generator) -> Iterator[Batch]:
+        """Shuffle buffer over blocks: when `shuffle_blocks` blocks are in, permute all held samples and
+        emit whole batches from half of them, keeping the rest to mix with the blocks that come next."""
+        capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
+        held: list[dict[str, np.ndarray]] = []
+        count = 0
+        for block in blocks:
+            held.append(block)
+            count += len(block["y"])
+            if count >= capacity:
+                keep = capacity // 2 if self.shuffle else 0
+                n_emit = (count - keep) // self.batch_size * self.batch_size
+                if n_emit:
+                    merged = _merge(held, rng if self.shuffle else None)
+                    yield from self._emit(merged, 0, n_emit)
+                    held = [{k: v[n_emit:] for k, v in merged.items()}]
+                    count -= n_emit
+        if count:
+            merged = _merge(held, rng if self.shuffle else None)
+            yield from self._emit(merged, 0, count)
+
+    def _emit(self, merged: dict[str, np.ndarray], begin: int, end: int) -> Iterator[Batch]:
+        for i in range(begin, end, self.batch_size):
+            j = min(i + self.batch_size, end)
+            yield Batch(torch.from_numpy(merged["x"][i:j]).unsqueeze(1),
+                        torch.from_numpy(merged["y"][i:j].astype(np.int64)),
+                        torch.from_numpy(merged["source"][i:j].astype(np.int64)),
+                        torch.from_numpy(merged["start"][i:j].copy()))
+
+
+def _merge(held: list[dict[str, np.ndarray]], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    """Concatenate held blocks (a fresh, writable copy), permuted when `rng` is given."""
+    merged = {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+    if rng is not None:
+        perm = rng.permutation(len(merged["y"]))
+        merged = {k: v[perm] for k, v in merged.items()}
+    return merged
+
+
+class _SizedLoader:
+    """A DataLoader that also knows its length for the current epoch (for progress bars)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, dataset: ShardStream):
+        self.loader, self.dataset = loader, dataset
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return self.dataset.batches_per_epoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+
+def make_loader(dataset: ShardStream, num_workers: int = 0, pin_memory: bool = False,
+                prefetch_factor: int = 2) -> _SizedLoader:
+    """Wrap a ShardStream in a DataLoader (batches are formed in the dataset, so batch_size=None)."""
+    dataset.num_workers = max(1, num_workers)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = prefetch_factor
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                         **kwargs)
+    return _SizedLoader(loader, dataset)
+
+
+def open_shards(source: str, split: str = "train", batch_size: int = 64, *, shuffle: bool | None = None,
+                augment: bool | None = None, num_workers: int = 0, seed: int = 0, shuffle_blocks: int = 16,
+                pin_memory: bool = False, augment_config=None) -> _SizedLoader:
+    """Stream one split of a build as ready-to-train batches, for any PyTorch loop.
+
+    Args:
+        source: a build folder or an http(s):// URL of one.
+        split: "train", "val" or "test".
+        shuffle: default True for train, False otherwise.
+        augment: apply noise and SpecAugment masks (default: True for train); the normalisation
+            with the manifest's mean/std is always applied.
+        augment_config: an `audioshard.config.AugmentConfig` (defaults if None).
+
+    Returns:
+        An iterable of `Batch(x, y, source, start)` with x: (B, 1, n_mels, frames) float32,
+        normalised; `len()` gives batches per epoch; call `.set_epoch(e)` before each epoch.
+
+    Example:
+        >>> loader = open_shards("shards/", "train", batch_size=64, num_workers=2)
+        >>> for epoch in range(10):
+        ...     loader.set_epoch(epoch)
+        ...     for batch in loader:
+        ...         loss = criterion(model(batch.x), batch.y)
+    """
+    from audioshard.augment import BatchTransform
+    from audioshard.config import AugmentConfig
+
+    manifest = load_manifest(source)
+    shuffle = split == "train" if shuffle is None else shuffle
+    augment = split == "train" if augment is None else augment
+    transform = BatchTransform.from_manifest(manifest, augment_config or AugmentConfig(), enabled=augment)
+    dataset = ShardStream(manifest, split, batch_size, shuffle=shuffle, shuffle_blocks=shuffle_blocks, seed=seed,
+                          transform=transform)
+    return make_loader(dataset, num_workers=num_workers, pin_memory=pin_memory)

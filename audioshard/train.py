@@ -1,0 +1,349 @@
+"""Train a classifier by streaming shards.
+
+    audioshard train --shards shards/ --out runs/first                  # one process (GPU if any)
+    audioshard train --shards https://host/shards/ --out runs/remote    # shards over HTTP(S)
+    audioshard train --shards shards/ --out runs/first --resume         # continue from last.pt
+    torchrun --nproc_per_node=4 -m audioshard train --shards shards/ --out runs/ddp
+
+What happens, top to bottom: load the manifest; build the model, optimizer and schedule; overfit
+one batch as a sanity check (fail loudly if the loss does not drop); then per epoch stream the
+train split, normalise and augment each batch on the device, step, evaluate the val split
+(chunk- and recording-level), write `history.jsonl`, `last.pt` and, on improvement,
+`best_model.pt`. At the end the best model is evaluated on val and test and the seed's
+artifacts are written. Every random draw is seeded per epoch, so `--resume` reaches the same
+weights as an uninterrupted run.
+
+Under DDP `train.batch_size` is per rank: the global batch is batch_size x world size, and the
+learning rate is used as given (scale it yourself if you scale the global batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from audioshard.augment import BatchTransform
+from audioshard.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
+from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
+from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
+from audioshard.manifest import Manifest, load_manifest
+from audioshard.models import build_model, model_args
+from audioshard.stream import ShardStream, make_loader
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (failed sanity check, unusable data)."""
+
+
+def class_weights(manifest: Manifest) -> torch.Tensor:
+    """Inverse-frequency weights from the train split's chunk counts (mean 1 over present classes)."""
+    counts = np.array([manifest.split("train")["class_counts"][c] for c in manifest.classes], dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def lr_lambda(cfg: Config, steps_per_epoch: int):
+    """Linear warm-up for `warmup_epochs`, then constant or cosine decay to 1% at the last step."""
+    warmup = cfg.train.warmup_epochs * steps_per_epoch
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, device: torch.device, steps: int,
+                 lr: float) -> tuple[float, float]:
+    """Overfit one batch on a copy of the model (the original system's check); returns (first, last) loss."""
+    probe = copy.deepcopy(model).to(device).train()
+    optimizer = torch.optim.Adam(probe.parameters(), lr=max(lr, 1e-3))
+    x = transform(batch._replace(x=batch.x.to(device))).x
+    y = batch.y.to(device)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(probe(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses[0], min(losses[-3:])
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train (chunk)")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="val (chunk)")
+    ax_acc.plot(epochs, [h["val_clip_macro_f1"] for h in history], label="val macro-F1 (recording)")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _score(metrics: dict[str, Any], select: str) -> tuple[float, float]:
+    """Higher is better: (selection metric, -val loss as tie-breaker)."""
+    loss = metrics["loss"]
+    value = {"clip_macro_f1": metrics["clip"]["macro_f1"], "macro_f1": metrics["chunk"]["macro_f1"],
+             "accuracy": metrics["chunk"]["accuracy"], "loss": -loss}[select]
+    return (value if not math.isnan(value) else -math.inf, -loss if not math.isnan(loss) else -math.inf)
+
+
+def _check_data(manifest: Manifest, cfg: Config, dist: Dist) -> None:
+    samples = manifest.samples("train")
+    if samples == 0:
+        raise TrainingError(f"{manifest.root}: the train split is empty; rebuild with more data")
+    if cfg.train.batch_size > samples:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the train split "
+                          f"({samples} chunks); lower it, e.g. --set train.batch_size={max(1, samples // 4)}")
+    readers = dist.world_size * max(1, cfg.train.num_workers)
+    if samples < readers * manifest.block_size // 2 and cfg.train.num_workers > 0:
+        print0(f"note: {samples} train chunks for {readers} readers; some loader workers will have little to do")
+
+
+def train(shards: str, run_dir: str | Path, cfg: Config, resume: bool = False, progress: bool = True,
+          stop_after_epoch: int | None = None) -> dict[str, Any]:
+    """Train on a build's shards; writes checkpoints, history and artifacts into `run_dir`.
+
+    Args:
+        shards: build folder or http(s) URL of one.
+        cfg: the resolved config (its [train], [augment] and [model] sections are used).
+        resume: continue from `run_dir/last.pt` (its saved config wins, except train.epochs).
+        stop_after_epoch: stop as if interrupted after this many epochs (for tests and time limits).
+
+    Returns:
+        The metrics written to `metrics.json` (empty when stopped early).
+    """
+    dist = setup_distributed(cfg.train.device)
+    try:
+        return _train(shards, Path(run_dir), cfg, dist, resume, progress, stop_after_epoch)
+    finally:
+        cleanup_distributed()
+
+
+def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, progress: bool,
+           stop_after_epoch: int | None) -> dict[str, Any]:
+    device = dist.device
+    manifest = load_manifest(shards)
+    state = None
+    if resume:
+        last = run_dir / "last.pt"
+        if not last.exists():
+            raise TrainingError(f"--resume: {last} not found; start without --resume")
+        state = load_checkpoint(last)
+        check_compatible(state, manifest, str(last))
+        epochs = cfg.train.epochs
+        cfg = validate(from_dict(state["config"]))
+        cfg.train.epochs = epochs
+    _check_data(manifest, cfg, dist)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+
+    torch.manual_seed(cfg.train.seed)
+    args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout)
+    model = build_model(args).to(device)
+    optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    weight = class_weights(manifest).to(device) if cfg.train.class_weights else None
+
+    train_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True,
+                             shuffle_blocks=cfg.train.shuffle_blocks, seed=cfg.train.seed,
+                             rank=dist.rank, world_size=dist.world_size)
+    pin = cfg.train.pin_memory and device.type == "cuda"
+    train_loader = make_loader(train_data, cfg.train.num_workers, pin_memory=pin,
+                               prefetch_factor=cfg.train.prefetch_factor)
+    train_transform = BatchTransform.from_manifest(manifest, cfg.augment, enabled=True)
+    plain_transform = BatchTransform(manifest.mean, manifest.std)
+
+    def steps_in(epoch: int) -> int:
+        # Every rank runs the same number of steps, or DDP would hang at the last all-reduce:
+        # the most any rank has; ranks with fewer batches wrap around to their first ones.
+        train_data.set_epoch(epoch)
+        return max(train_data.batches_per_epoch(rank=r) for r in range(dist.world_size))
+
+    steps_per_epoch = steps_in(0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
+    history: list[dict[str, Any]] = []
+    best: tuple[float, float] = (-math.inf, -math.inf)
+    best_epoch, start_epoch = -1, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
+        best, best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
+        torch.set_rng_state(state["rng"]["torch"])
+        print0(f"resuming from {run_dir / 'last.pt'} after epoch {start_epoch} of {cfg.train.epochs}")
+    elif cfg.train.sanity_steps:
+        train_data.set_epoch(0)
+        first_batch = next(iter(make_loader(train_data, 0)))
+        first, last = sanity_check(model, first_batch, plain_transform, device, cfg.train.sanity_steps, cfg.train.lr)
+        print0(f"sanity check: overfitting one batch of {len(first_batch.y)} for {cfg.train.sanity_steps} steps, "
+               f"loss {first:.4f} -> {last:.4f}")
+        if not last < 0.5 * first:
+            raise TrainingError(f"sanity check failed: the loss on one repeated batch went only from {first:.4f} to "
+                                f"{last:.4f}; check the data (labels, normalisation) and train.lr before training")
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist.is_main:  # history.jsonl holds exactly the epochs in last.pt (a crash may have left one more)
+        with open(run_dir / "history.jsonl", "w", encoding="utf-8") as stream:
+            stream.writelines(json.dumps(h) + "\n" for h in history)
+
+    has_val = manifest.samples("val") > 0
+    interrupted = False
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
+            started = time.time()
+            steps = steps_in(epoch)
+            train_transform.reseed(cfg.train.seed, epoch, dist.rank)
+            torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
+            ddp_model.train()
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
+            batches = iter(train_loader)
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
+                       disable=not (progress and dist.is_main), dynamic_ncols=True)
+            for _ in range(steps):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    batches = iter(train_loader)
+                    batch = next(batches)
+                x = batch.x.to(device, non_blocking=pin)
+                y = batch.y.to(device, non_blocking=pin)
+                x = train_transform(batch._replace(x=x)).x
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = ddp_model(x)
+                    loss = F.cross_entropy(logits.float(), y, weight=weight,
+                                           label_smoothing=cfg.train.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                         torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                bar.update(1)
+            bar.close()
+            loss_sum, correct, seen = _all_reduce_sum(sums.tolist(), device)
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
+                                      "train_accuracy": correct / seen, "lr": scheduler.get_last_lr()[0],
+                                      "steps": steps}
+            if has_val:
+                pred = predict_split(model, manifest, "val", device, cfg.train.batch_size, cfg.train.num_workers)
+                val_loss = F.cross_entropy(torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()).item()
+                metrics = summarize(pred, manifest.classes, loss=val_loss)
+            else:  # no val split: select on the training loss
+                metrics = {"loss": record["train_loss"], "chunk": {"accuracy": math.nan, "macro_f1": math.nan},
+                           "clip": {"macro_f1": math.nan}}
+            record.update({"val_loss": metrics["loss"], "val_accuracy": metrics["chunk"]["accuracy"],
+                           "val_macro_f1": metrics["chunk"]["macro_f1"],
+                           "val_clip_macro_f1": metrics["clip"]["macro_f1"],
+                           "seconds": round(time.time() - started, 2)})
+            history.append(record)
+            score = _score(metrics, cfg.train.select_metric if has_val else "loss")
+            improved = score > best
+            if improved:
+                best, best_epoch = score, epoch
+            if dist.is_main:
+                ckpt = {"model": model.state_dict(), "model_args": args, "classes": manifest.classes,
+                        "features": manifest.features.to_dict(),
+                        "normalization": {"mean": manifest.mean, "std": manifest.std},
+                        "config": cfg.to_dict(), "epoch": epoch, "metrics": record,
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "history": history, "best_score": list(best), "best_epoch": best_epoch,
+                        "rng": {"torch": torch.get_rng_state()}}
+                save_checkpoint(run_dir / "last.pt", ckpt)
+                if improved:
+                    save_checkpoint(run_dir / "best_model.pt", {k: v for k, v in ckpt.items()
+                                                                if k not in ("optimizer", "scheduler")})
+                with open(run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
+                    stream.write(json.dumps(record) + "\n")
+                print0(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train loss {record['train_loss']:.4f} "
+                       f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+                       f"acc {record['val_accuracy']:.3f} macro-F1 {record['val_macro_f1']:.3f} "
+                       f"recording macro-F1 {record['val_clip_macro_f1']:.3f} | {record['seconds']:.1f}s"
+                       f"{'  *best' if improved else ''}")
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.train.epochs:
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        print0(f"stopped; the last finished epoch is saved in {run_dir / 'last.pt'}: continue with --resume")
+        return {}
+    return finalize(model, manifest, run_dir, cfg, history, best_epoch, dist)
+
+
+def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
+             best_epoch: int, dist: Dist) -> dict[str, Any]:
+    """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
+    best_path = run_dir / "best_model.pt"
+    if dist.enabled:
+        torch_dist.barrier()  # rank 0 has finished writing best_model.pt
+    model.load_state_dict(load_checkpoint(best_path)["model"])
+    device = dist.device
+    results: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": cfg.train.epochs, "classes": manifest.classes}
+    for split in ("val", "test"):
+        if manifest.samples(split) == 0:
+            continue
+        pred = predict_split(model, manifest, split, device, cfg.train.batch_size, cfg.train.num_workers)
+        if dist.is_main:
+            results[split] = write_reports(run_dir, split, pred, manifest.classes,
+                                           label_prefix="" if split == "val" else "test_")
+            print0(f"{split} (best epoch {best_epoch + 1}):")
+            for line in iter_metrics_lines(results[split]):
+                print0("  " + line)
+    if dist.is_main:
+        if "val" in results:
+            results["majority_baseline"] = results["val"]["chunk"]["majority_baseline"]
+        write_json(run_dir / "metrics.json", results)
+        if history:
+            _plot_curves(history, run_dir / "training_curves.png")
+        print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
+               "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png")
+    return results
+
+
+__all__ = ["train", "TrainingError", "replace"]

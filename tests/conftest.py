@@ -1,0 +1,57 @@
+"""Shared fixtures: real recordings from ../shared/data and small real builds made from them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from audioshard.build import build_shards
+from audioshard.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AUDIOSHARD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DCS = SHARED_DATA / "drone_car_speech"
+
+
+def pytest_configure(config):
+    if not DCS.is_dir():
+        raise pytest.UsageError(f"real test audio not found at {DCS}; set AUDIOSHARD_SHARED_DATA")
+
+
+def pick(folder: Path, count: int) -> list[Path]:
+    """`count` files spread evenly over a sorted folder (deterministic)."""
+    files = sorted(folder.glob("*.wav"))
+    step = max(1, len(files) // count)
+    return files[::step][:count]
+
+
+def link_tree(root: Path, per_class: dict[str, int]) -> Path:
+    """A class-per-folder tree of symlinks to real recordings."""
+    for label, count in per_class.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for path in pick(DCS / label, count):
+            (root / label / path.name).symlink_to(path)
+    return root
+
+
+SMALL_BUILD = ["shards.block_size=8", "shards.chunks_per_shard=32", "split.val_fraction=0.2",
+               "split.test_fraction=0.2"]
+
+
+@pytest.fixture(scope="session")
+def real_raw(tmp_path_factory) -> Path:
+    """24 drone, 16 car, 24 speech recordings (speech is 8 kHz, the others 16 kHz)."""
+    return link_tree(tmp_path_factory.mktemp("raw"), {"drone": 24, "car": 16, "speech": 24})
+
+
+@pytest.fixture(scope="session")
+def real_build(real_raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "shards"
+    build_shards(real_raw, out, load_config(overrides=SMALL_BUILD), workers=2, progress=False)
+    return out
+
+
+TINY_TRAIN = ["model.width=8", "train.epochs=3", "train.batch_size=16", "train.num_workers=0",
+              "train.sanity_steps=20", "train.warmup_epochs=0"]

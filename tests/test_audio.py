@@ -1,0 +1,105 @@
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audioshard.audio import AudioError, choppinator, chunk_starts, decode, load
+from audioshard.config import Config
+from audioshard.features import FeatureParams, log_mel
+
+from conftest import DCS
+
+
+def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    x = 0.5 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    return np.stack([x] * channels, axis=1) if channels > 1 else x
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "FLOAT"])
+def test_wav_sample_formats_decode_to_float32(tmp_path, subtype):
+    path = tmp_path / f"{subtype}.wav"
+    sf.write(path, tone(16000, 0.5), 16000, subtype=subtype)
+    samples, rate = decode(path)
+    assert rate == 16000 and samples.dtype == np.float32 and len(samples) == 8000
+    assert 0.45 < np.abs(samples).max() < 0.55  # scaled to [-1, 1] whatever the storage format
+
+
+def test_stereo_48k_is_mixed_to_mono_and_resampled(tmp_path):
+    path = tmp_path / "stereo.flac"
+    stereo = tone(48000, 1.0, channels=2)
+    stereo[:, 1] *= 0  # mono mix is the mean of the channels
+    sf.write(path, stereo, 48000)
+    out = load(path, 16000)
+    assert out.ndim == 1 and len(out) == 16000
+    assert 0.2 < np.abs(out).max() < 0.3
+
+
+def test_real_8k_speech_is_resampled_to_16k():
+    path = sorted((DCS / "speech").glob("*.wav"))[0]
+    assert sf.info(str(path)).samplerate == 8000
+    out = load(path, 16000)
+    assert abs(len(out) - 2 * sf.info(str(path)).frames) <= 2
+
+
+def test_ogg_and_mp3_decode_with_soundfile(tmp_path):
+    for ext, fmt in ((".ogg", "OGG"), (".mp3", "MP3")):
+        path = tmp_path / f"t{ext}"
+        sf.write(path, tone(16000, 1.0), 16000, format=fmt)
+        assert abs(len(load(path, 16000)) - 16000) < 2000
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"RIFF....WAVEfmt garbage" * 10, "corrupt"),
+                                             (b"just some text\n" * 100, "corrupt")])
+def test_bad_files_raise_audio_error_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "bad.wav"
+    path.write_bytes(content)
+    with pytest.raises(AudioError, match="bad.wav"):
+        decode(path)
+
+
+def test_m4a_goes_through_ffmpeg(tmp_path):
+    assert shutil.which("ffmpeg"), "ffmpeg is installed by `make test` (system-deps)"
+    wav, m4a = tmp_path / "a.wav", tmp_path / "a.m4a"
+    sf.write(wav, tone(22050, 1.5), 22050)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(wav), "-c:a", "aac", str(m4a)], check=True)
+    out = load(m4a, 16000)
+    assert abs(len(out) / 16000 - 1.5) < 0.1 and np.abs(out).max() > 0.3
+
+
+def test_non_soundfile_format_without_ffmpeg_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "clip.webm"
+    path.write_bytes(b"\x1aE\xdf\xa3" + b"\0" * 100)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ffmpeg on PATH
+    with pytest.raises(AudioError, match="need ffmpeg, which is not installed"):
+        decode(path)
+
+
+def test_chunk_policies():
+    # 5 s at 1 kHz, 2 s chunks: two full chunks; the 1 s tail is kept at min_fraction 0.5, dropped at 0.6.
+    assert chunk_starts(5000, 2000, 2000, 0.5, "pad") == [0, 2000, 4000]
+    assert chunk_starts(5000, 2000, 2000, 0.6, "pad") == [0, 2000]
+    assert chunk_starts(5000, 2000, 1000, 0.5, "pad") == [0, 1000, 2000, 3000, 4000]  # hop: overlap
+    assert chunk_starts(500, 2000, 2000, 0.5, "pad") == [0]
+    assert chunk_starts(500, 2000, 2000, 0.5, "drop") == []
+    assert chunk_starts(0, 2000, 2000, 0.5, "pad") == []
+
+
+def test_choppinator_pads_and_repeats():
+    clip = np.arange(1, 501, dtype=np.float32)  # 0.5 s at 1 kHz
+    padded, starts = choppinator(clip, 1000, 2.0, short_clip="pad")
+    assert padded.shape == (1, 2000) and padded[0, 499] == 500 and padded[0, 500:].max() == 0 and starts[0] == 0
+    repeated, _ = choppinator(clip, 1000, 2.0, short_clip="repeat")
+    assert repeated[0, 500] == 1 and repeated[0, 1999] == 500
+
+
+def test_log_mel_shape_dtype_and_silence_floor():
+    params = FeatureParams.from_config(Config())
+    chunks = np.zeros((3, params.chunk_samples), dtype=np.float32)
+    chunks[1] = tone(16000, 2.0)
+    mel = log_mel(chunks, params)
+    assert mel.shape == (3, 64, 63) and mel.dtype == np.float16
+    assert mel[0].max() == pytest.approx(-100.0)  # digital silence
+    assert mel[1].max() - mel[1].min() <= 80.0 + 0.1  # top_db per chunk

@@ -1,0 +1,207 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+import webdataset as wds
+from conftest import DCS, SMALL_BUILD, link_tree
+
+from audioshard.audio import chunk_starts
+from audioshard.build import BuildError, build_shards, clean
+from audioshard.config import load_config
+from audioshard.manifest import load_manifest, sha256_file
+from audioshard.split import SPLITS, Source, split_sources
+from audioshard.stream import ShardStream
+
+
+def read_all(manifest, split):
+    return list(ShardStream(manifest, split, batch_size=1000))
+
+
+def test_real_build_accounts_for_every_input(real_raw, real_build):
+    manifest = load_manifest(real_build)
+    assert manifest.classes == ["car", "drone", "speech"]
+    inputs = {f"{p.parent.name}/{p.name}" for p in real_raw.rglob("*.wav")}
+    placed = [s for split in SPLITS for s in manifest.sources(split)]
+    skipped = {s["path"] for s in manifest.data["skipped"]}
+    assert len(placed) == len(set(placed)), "a source appears in two splits"
+    assert set(placed) | skipped == inputs and not set(placed) & skipped
+    for split in SPLITS:  # every class is in every split (stratified)
+        assert all(manifest.split(split)["recordings"][c] > 0 for c in manifest.classes)
+
+
+def test_real_build_counts_and_checksums_match_the_shards(real_build):
+    manifest = load_manifest(real_build)
+    for split in SPLITS:
+        batches = read_all(manifest, split)
+        labels = np.concatenate([b.y.numpy() for b in batches])
+        assert len(labels) == manifest.samples(split)
+        counts = {c: int((labels == i).sum()) for i, c in enumerate(manifest.classes)}
+        assert counts == manifest.split(split)["class_counts"]
+        for shard in manifest.shards(split):
+            assert sha256_file(real_build / shard.file) == shard.sha256
+            with tarfile.open(real_build / shard.file) as tar:
+                mels = [m for m in tar.getmembers() if m.name.endswith(".mel.npy")]
+                assert sum(np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False).shape[0] for m in mels) == shard.samples
+
+
+def test_8k_speech_is_resampled_before_chunking(real_build):
+    manifest = load_manifest(real_build)
+    assert manifest.features.sample_rate == 16000
+    expected = 0
+    for split in SPLITS:
+        for rel in manifest.sources(split):
+            if rel.startswith("speech/"):
+                info = sf.info(str(DCS / rel))
+                assert info.samplerate == 8000
+                expected += len(chunk_starts(info.frames * 2, 32000, 32000, 0.5, "pad"))
+    assert expected == sum(manifest.split(s)["class_counts"]["speech"] for s in SPLITS)
+
+
+def test_chunks_keep_source_start_and_label(real_build):
+    manifest = load_manifest(real_build)
+    for batch in read_all(manifest, "val"):
+        for y, source, start in zip(batch.y, batch.source, batch.start, strict=True):
+            rel = manifest.sources("val")[int(source)]
+            assert rel.split("/")[0] == manifest.classes[int(y)]
+            assert float(start) % 2.0 == 0.0
+
+
+def test_shards_are_plain_webdataset_tars(real_build):
+    manifest = load_manifest(real_build)
+    url = str(real_build / manifest.shards("train")[0].file)
+    samples = list(wds.WebDataset(url, shardshuffle=False))
+    assert samples and {"mel.npy", "label.npy", "source.npy", "start.npy"} <= set(samples[0])
+
+
+def test_same_output_for_any_worker_count_and_idempotent(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 6, "car": 5, "speech": 6})
+    cfg = load_config(overrides=SMALL_BUILD)
+    one = build_shards(raw, tmp_path / "w1", cfg, workers=1, progress=False).manifest
+    two = build_shards(raw, tmp_path / "w2", cfg, workers=2, progress=False).manifest
+    assert [s["shards"] for s in one["splits"].values()] == [s["shards"] for s in two["splits"].values()]
+    again = build_shards(raw, tmp_path / "w1", cfg, workers=2, progress=False)
+    assert again.up_to_date
+    changed = load_config(overrides=[*SMALL_BUILD, "features.n_mels=32"])
+    with pytest.raises(BuildError, match="different build"):
+        build_shards(raw, tmp_path / "w1", changed, workers=1, progress=False)
+    rebuilt = build_shards(raw, tmp_path / "w1", changed, workers=1, force=True, progress=False)
+    assert rebuilt.manifest["features"]["n_mels"] == 32
+    assert not list((tmp_path / "w1").glob(".*"))  # no marker or temp files left behind
+
+
+def test_interrupted_build_is_redone_and_clean_removes_outputs(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 3, "car": 3, "speech": 3})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".audioshard-build").write_text("{}")  # what a killed build leaves: marker, partial tars, no manifest
+    (out / "train-000000.tar").write_bytes(b"partial")
+    build_shards(raw, out, load_config(), workers=1, progress=False)
+    assert (out / "manifest.json").exists() and tarfile.is_tarfile(out / "train-000000.tar")
+    (out / "notes.txt").write_text("mine")
+    clean(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    with pytest.raises(BuildError, match="does not look like an audioshard build"):
+        clean(out)
+
+
+def test_refuses_foreign_non_empty_folder(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 3, "car": 3, "speech": 3})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "thesis.pdf").write_text("precious")
+    with pytest.raises(BuildError, match="not empty"):
+        build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False)
+    assert (tmp_path / "out" / "thesis.pdf").read_text() == "precious"
+
+
+def write_tone(path, rate=16000, seconds=3.0, channels=1, subtype="PCM_16", amp=0.3, freq=300.0):
+    t = np.arange(int(rate * seconds)) / rate
+    x = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    sf.write(path, np.stack([x] * channels, 1) if channels > 1 else x, rate, subtype=subtype)
+
+
+def test_bad_inputs_are_reported_and_skipped(tmp_path):
+    raw = tmp_path / "raw"
+    for label in ("hum", "buzz", "lonely", "empty"):
+        (raw / label).mkdir(parents=True)
+    for i in range(5):
+        write_tone(raw / "hum" / f"ok{i}.wav", freq=100 + 10 * i)
+    write_tone(raw / "buzz" / "8bit.wav", subtype="PCM_U8", freq=900)
+    write_tone(raw / "buzz" / "24bit.wav", subtype="PCM_24", freq=950)
+    write_tone(raw / "buzz" / "float.wav", subtype="FLOAT", freq=1000)
+    write_tone(raw / "buzz" / "stereo48k.flac", rate=48000, channels=2, freq=1100)
+    write_tone(raw / "buzz" / "short.wav", seconds=0.3, freq=1200)
+    write_tone(raw / "buzz" / "sønderjysk-ä.wav", freq=1300)  # non-ASCII name
+    write_tone(raw / "buzz" / "silent.wav", amp=0.0)
+    (raw / "buzz" / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
+    (raw / "buzz" / "zero.wav").write_bytes(b"")
+    (raw / "buzz" / "text.wav").write_text("not audio at all\n" * 50)
+    (raw / "buzz" / ".hidden.wav").write_bytes(b"x")
+    (raw / "buzz" / "readme.txt").write_text("notes")
+    (raw / "buzz" / "cover.jpg").write_bytes(b"\xff\xd8")
+    write_tone(raw / "lonely" / "only.wav", freq=2000)
+    (raw / "empty" / "notes.md").write_text("no audio here")
+
+    manifest = build_shards(raw, tmp_path / "out", load_config(), workers=2, progress=False).manifest
+    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert set(reasons) == {"buzz/silent.wav", "buzz/corrupt.wav", "buzz/zero.wav", "buzz/text.wav"}
+    assert "silent" in reasons["buzz/silent.wav"] and "empty file" in reasons["buzz/zero.wav"]
+    assert "corrupt.wav" in reasons["buzz/corrupt.wav"]
+    assert manifest["ignored"] == {"hidden files": 1, "non-audio files (.txt)": 1, "non-audio files (.jpg)": 1,
+                                   "non-audio files (.md)": 1}
+    assert manifest["classes"] == ["buzz", "hum", "lonely"]
+    assert any("empty" in w and "left out" in w for w in manifest["warnings"])
+    assert any("'lonely'" in w and "only 1 recording" in w for w in manifest["warnings"])
+    placed = {s for split in manifest["splits"].values() for s in split["sources"]}
+    assert {"buzz/8bit.wav", "buzz/24bit.wav", "buzz/float.wav", "buzz/stereo48k.flac", "buzz/short.wav",
+            "buzz/sønderjysk-ä.wav", "lonely/only.wav"} <= placed
+    assert len(placed) + len(reasons) == 5 + 10 + 1
+
+
+def test_nothing_usable_is_fatal_with_a_clear_message(tmp_path):
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    (tmp_path / "raw" / "a" / "bad.wav").write_bytes(b"nope")
+    with pytest.raises(BuildError, match="nothing usable"):
+        build_shards(tmp_path / "raw", tmp_path / "out", load_config(), workers=1, progress=False)
+    with pytest.raises(BuildError, match="no class subfolders"):
+        build_shards(tmp_path / "raw" / "a", tmp_path / "out2", load_config(), workers=1, progress=False)
+
+
+def test_csv_input_with_groups_and_fixed_splits(tmp_path):
+    speech = sorted((DCS / "speech").glob("*.wav"))
+    drone = sorted((DCS / "drone").glob("*.wav"))[:12]
+    rows = ["path,label,group,split"]
+    rows += [f"{p},speech,{p.stem.split('_')[0]}," for p in speech[::10]]  # grouped by speaker
+    rows += [f"{p},drone,,{'test' if i < 2 else ''}" for i, p in enumerate(drone)]
+    rows += ["missing.wav,drone,,", ",drone,,", f"{drone[0]},drone,,holdout"]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    manifest = build_shards(tmp_path / "list.csv", tmp_path / "out", load_config(), workers=2,
+                            progress=False).manifest
+    where = {rel: split for split, info in manifest["splits"].items() for rel in info["sources"]}
+    speakers = {}
+    for path in speech[::10]:
+        speakers.setdefault(path.stem.split("_")[0], set()).add(where[str(path)])
+    assert len(speakers) == 6 and all(len(s) == 1 for s in speakers.values()), speakers  # one speaker, one split
+    assert {s for splits in speakers.values() for s in splits} == set(SPLITS)
+    assert where[str(drone[0])] == "test" and where[str(drone[1])] == "test"
+    reasons = " ".join(s["reason"] for s in manifest["skipped"])
+    assert "file not found" in reasons and "empty path or label" in reasons and "'holdout'" in reasons
+    assert "line " in reasons
+
+
+def test_split_is_grouped_stratified_and_seeded():
+    sources = [Source(f"/{c}/{i}", f"{c}/{i}", c, f"{c}/{i}") for c in "ab" for i in range(20)]
+    first, _ = split_sources(sources, 0.15, 0.15, seed=1)
+    assert first == split_sources(sources, 0.15, 0.15, seed=1)[0]
+    assert first != split_sources(sources, 0.15, 0.15, seed=2)[0]
+    for c in "ab":
+        counts = {s: sum(1 for k, v in first.items() if k.startswith(c) and v == s) for s in SPLITS}
+        assert counts == {"train": 14, "val": 3, "test": 3}
+
+
+def test_manifest_records_what_is_needed(real_build):
+    data = json.loads((real_build / "manifest.json").read_text())
+    assert data["format_version"] == 1 and data["features"]["n_mels"] == 64
+    assert data["normalization"]["std"] > 0 and data["config"]["audio"]["sample_rate"] == 16000

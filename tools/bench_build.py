@@ -1,0 +1,390 @@
+"""Benchmark `audioshard build` against the seed's way of preparing the same audio.
+
+What it measures
+    Throughput of turning a folder of labelled recordings into training features, in audio seconds
+    processed per wall-clock second, for two methods on the same files and the same machine:
+
+    seed (npz)  the original system, reimplemented here faithfully: per file `librosa.load(path,
+                sr=16000, mono=True)` (librosa's default resampler), 2 s chunks (a trailing partial
+                chunk is zero-padded when it holds >= 50 % of a chunk, shorter clips are padded),
+                per chunk `librosa.feature.melspectrogram(n_fft=1024, hop_length=512, n_mels=64)`
+                and `librosa.power_to_db(ref=np.max)`, one `np.savez_compressed` file per chunk, then
+                a metadata CSV and a chunk-level random train/val/test split CSV (pandas).
+    audioshard  `audioshard.build.build_shards(...)` with the default config: decode, resample,
+                chunk, batched torchaudio log-mel, leak-free split, WebDataset tars + manifest.
+
+    Both run with 1 and 2 worker processes (`--workers`). The seed's way is parallelised the same way
+    audioshard is: in-process for 1 worker, otherwise a multiprocessing pool (fork on Linux) with
+    `imap(chunksize=1)` over files, results back to the main process, which writes the CSVs.
+    OMP/MKL/OpenBLAS/numba threads are pinned to 1 before numpy/torch/librosa are imported, so "1
+    worker" really is one core for both methods.
+
+What is timed
+    `time.perf_counter()` around the whole build, including pool start-up (and, for the seed, the
+    pool initializer that re-runs the librosa warm-up in each worker: cheap, since forked workers
+    inherit the parent's already-compiled state). Not timed: imports, listing the files, reading the
+    total duration, and a warm-up of each method in the main process before any timing (librosa's
+    first calls trigger numba JIT compilation and lazy imports; torchaudio builds its mel filters).
+    Each configuration writes into a fresh folder under a `tempfile.TemporaryDirectory`, removed
+    after timing. The audio duration (the numerator) is read once with `soundfile.info` over the
+    benchmarked files and used for both methods. With `--repeat N` the fastest of N runs is reported.
+
+Commands (from the repository root)
+    .venv/bin/python tools/bench_build.py                       # whole data set, 1 and 2 workers
+    .venv/bin/python tools/bench_build.py --limit 20            # quick: 20 files per class
+    .venv/bin/python tools/bench_build.py --workers 1 2 4 --repeat 3 --json > bench.json
+
+    --input DIR   one subfolder per class (default ../shared/data/drone_car_speech)
+    --workers N.. worker counts to compare (default 1 2); the first is the base of the speed-up
+    --repeat N    runs per (method, workers); the fastest is reported (default 1)
+    --limit N     use only the first N files (sorted) of each class
+    --json        print one JSON object on stdout instead of the table
+
+How to read it
+    `audio s / wall s` is the throughput (higher is better). `ratio audioshard / seed` is how many
+    times faster audioshard is than the seed's way with the same worker count (target: >= 5x with 1
+    worker). `speed-up 1 -> 2 workers` is each method's own throughput with 2 workers over 1 worker
+    (target for audioshard: >= 1.7x; the ceiling is the number of free cores, so close other heavy
+    programs, and expect less than 2x on a 2-core machine where the main process also works). The
+    targets are reported, never asserted. Numbers from a busy machine are noisy: use `--repeat`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Before numpy/torch/librosa are imported: one thread per process, so N workers use N cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+
+import librosa
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from audioshard.audio import resample
+from audioshard.build import build_shards
+from audioshard.config import Config, load_config
+from audioshard.features import FeatureParams, log_mel
+
+DEFAULT_INPUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "drone_car_speech"
+TARGET_RATIO_1_WORKER = 5.0
+TARGET_SPEEDUP_1_TO_2 = 1.7
+
+# The seed's fixed settings.
+SEED_SAMPLE_RATE = 16000
+SEED_CHUNK_SECONDS = 2.0
+SEED_MIN_FRACTION = 0.5
+SEED_N_FFT, SEED_HOP, SEED_N_MELS = 1024, 512, 64
+SEED_SPLIT = {"train": 0.7, "val": 0.15, "test": 0.15}
+SEED_SPLIT_RANDOM_STATE = 42
+
+METHODS = ("seed", "audioshard")
+LABELS = {"seed": "seed (npz)", "audioshard": "audioshard"}
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One input file: absolute path, path relative to the input folder, class name."""
+
+    path: Path
+    rel: str
+    label: str
+
+
+def list_recordings(input_dir: Path, extensions: Iterable[str], limit: int | None) -> list[Recording]:
+    """The audio files of a class-per-folder tree, as audioshard discovers them (sorted, no hidden files).
+
+    Args:
+        input_dir: folder with one subfolder per class.
+        extensions: audio file extensions (lower case, with the dot).
+        limit: keep only the first `limit` files of each class (None: all).
+    """
+    extensions = {e.lower() for e in extensions}
+    found: list[Recording] = []
+    for class_dir in sorted(p for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [p for p in sorted(class_dir.rglob("*"))
+                 if p.is_file() and p.suffix.lower() in extensions
+                 and not any(part.startswith(".") for part in p.relative_to(input_dir).parts)]
+        for path in files[:limit] if limit is not None else files:
+            found.append(Recording(path.resolve(), path.relative_to(input_dir).as_posix(), class_dir.name))
+    return found
+
+
+def total_seconds(recordings: list[Recording]) -> float:
+    """Sum of the recordings' durations in seconds (from the file headers)."""
+    total = 0.0
+    for rec in recordings:
+        info = sf.info(str(rec.path))
+        total += info.frames / info.samplerate
+    return total
+
+
+def link_subset(recordings: list[Recording], dest: Path) -> Path:
+    """A class-per-folder tree of symlinks to `recordings` (for `--limit`: audioshard takes a folder)."""
+    for rec in recordings:
+        link = dest / rec.rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(rec.path)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed's way
+
+
+def seed_chunks(y: np.ndarray, chunk: int, min_fraction: float = SEED_MIN_FRACTION) -> list[np.ndarray]:
+    """Cut a clip into chunks the way the seed did.
+
+    Args:
+        y: (N,) float32 mono audio.
+        chunk: chunk length in samples.
+        min_fraction: a trailing partial chunk is zero-padded and kept if it holds this fraction of a chunk.
+
+    Returns:
+        Chunks of shape (chunk,); a clip shorter than one chunk gives one zero-padded chunk.
+    """
+    if len(y) < chunk:
+        return [np.pad(y, (0, chunk - len(y)))]
+    chunks = [y[start:start + chunk] for start in range(0, len(y) - chunk + 1, chunk)]
+    rest = len(y) % chunk
+    if rest and rest >= min_fraction * chunk:
+        chunks.append(np.pad(y[len(y) - rest:], (0, chunk - rest)))
+    return chunks
+
+
+def seed_process_file(job: tuple[str, int, str]) -> list[tuple[str, int, str]]:
+    """The seed's per-file work: load, chunk, log-mel each chunk, one compressed .npz per chunk.
+
+    Args:
+        job: (audio path, class index, output folder).
+
+    Returns:
+        Metadata rows (audio path, class index, chunk file), one per chunk.
+    """
+    path, label, out_dir = job
+    y, sr = librosa.load(path, sr=SEED_SAMPLE_RATE, mono=True)
+    stem = Path(path).stem
+    rows = []
+    for i, chunk in enumerate(seed_chunks(y, int(SEED_CHUNK_SECONDS * sr))):
+        mel = librosa.feature.melspectrogram(y=chunk, sr=sr, n_fft=SEED_N_FFT, hop_length=SEED_HOP,
+                                             n_mels=SEED_N_MELS)
+        mel_db = librosa.power_to_db(mel, ref=np.max)
+        chunk_file = os.path.join(out_dir, f"{stem}_{i}.npz")
+        np.savez_compressed(chunk_file, mel=mel_db, label=label)
+        rows.append((path, label, chunk_file))
+    return rows
+
+
+def seed_warmup() -> None:
+    """Run each librosa step once on a tiny input: triggers numba JIT and lazy imports (not timed)."""
+    rng = np.random.default_rng(0)
+    y = librosa.resample(rng.standard_normal(8000).astype(np.float32), orig_sr=8000, target_sr=SEED_SAMPLE_RATE)
+    chunk = seed_chunks(y, int(SEED_CHUNK_SECONDS * SEED_SAMPLE_RATE))[0]
+    mel = librosa.feature.melspectrogram(y=chunk, sr=SEED_SAMPLE_RATE, n_fft=SEED_N_FFT, hop_length=SEED_HOP,
+                                         n_mels=SEED_N_MELS)
+    np.savez_compressed(io.BytesIO(), mel=librosa.power_to_db(mel, ref=np.max), label=0)
+
+
+def _pool_context() -> mp.context.BaseContext:
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def _seed_rows(jobs: list[tuple[str, int, str]], workers: int) -> Iterator[list[tuple[str, int, str]]]:
+    if workers <= 1:
+        yield from map(seed_process_file, jobs)
+        return
+    with _pool_context().Pool(workers, initializer=seed_warmup) as pool:
+        yield from pool.imap(seed_process_file, jobs, chunksize=1)
+
+
+def seed_build(recordings: list[Recording], out_dir: Path, workers: int) -> int:
+    """The seed's whole preparation: per-chunk .npz files, metadata CSV, chunk-level random split CSV.
+
+    Args:
+        recordings: files to process.
+        out_dir: output folder (created).
+        workers: processes; 1 runs in this process.
+
+    Returns:
+        Number of chunks written.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = sorted({rec.label for rec in recordings})
+    jobs = [(str(rec.path), classes.index(rec.label), str(out_dir)) for rec in recordings]
+    rows = [row for file_rows in _seed_rows(jobs, workers) for row in file_rows]
+    meta = pd.DataFrame(rows, columns=["path", "label", "chunk_file"])
+    meta.to_csv(out_dir / "metadata.csv", index=False)
+    # The seed split chunks at random (neighbouring chunks of one recording land in different splits).
+    shuffled = meta.sample(frac=1.0, random_state=SEED_SPLIT_RANDOM_STATE).reset_index(drop=True)
+    n_train = int(len(shuffled) * SEED_SPLIT["train"])
+    n_val = int(len(shuffled) * SEED_SPLIT["val"])
+    shuffled["split"] = ["train"] * n_train + ["val"] * n_val + ["test"] * (len(shuffled) - n_train - n_val)
+    shuffled.to_csv(out_dir / "split.csv", index=False)
+    return len(meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# audioshard
+
+
+def audioshard_warmup(cfg: Config) -> None:
+    """Run resampling and the log-mel once on a tiny input (mel filter bank built and cached; not timed)."""
+    params = FeatureParams.from_config(cfg)
+    resample(np.zeros(8000, dtype=np.float32), 8000, params.sample_rate)
+    log_mel(np.zeros((1, params.chunk_samples), dtype=np.float32), params)
+
+
+def audioshard_build(input_dir: Path, out_dir: Path, cfg: Config, workers: int) -> int:
+    """`build_shards` with progress off; returns the number of chunks written."""
+    result = build_shards(input_dir, out_dir, cfg, workers=workers, force=True, progress=False)
+    return sum(split["samples"] for split in result.manifest["splits"].values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing and report
+
+
+def time_runs(build: Callable[[Path], int], scratch: Path, repeat: int) -> tuple[float, list[float], int]:
+    """Time `build(out_dir)` `repeat` times, each into a fresh folder under `scratch` (removed after).
+
+    Returns:
+        (fastest wall seconds, all wall seconds, chunks written by the last run)
+    """
+    walls, chunks = [], 0
+    for _ in range(repeat):
+        out_dir = Path(tempfile.mkdtemp(dir=scratch))
+        start = time.perf_counter()
+        chunks = build(out_dir)
+        walls.append(time.perf_counter() - start)
+        shutil.rmtree(out_dir)
+    return min(walls), walls, chunks
+
+
+def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: int | None,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """Time both methods for each worker count on the same files.
+
+    Returns:
+        The report as a JSON-ready dict (see `format_table` for its reading).
+    """
+    cfg = load_config(overrides=["shards.workers=1"])
+    recordings = list_recordings(input_dir, cfg.audio.extensions, limit)
+    if not recordings:
+        raise SystemExit(f"{input_dir}: no audio files in class subfolders")
+    audio_seconds = total_seconds(recordings)
+    log(f"{len(recordings)} files, {audio_seconds:.1f} s of audio; warming up librosa (numba JIT) and torchaudio")
+    seed_warmup()
+    audioshard_warmup(cfg)
+
+    results: dict[str, dict[str, dict[str, Any]]] = {method: {} for method in METHODS}
+    with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
+        scratch = Path(tmp)
+        source_dir = input_dir if limit is None else link_subset(recordings, scratch / "input")
+        builds: dict[str, Callable[[Path, int], int]] = {
+            "seed": lambda out, w: seed_build(recordings, out, w),
+            "audioshard": lambda out, w: audioshard_build(source_dir, out, cfg, w),
+        }
+        for workers in workers_list:
+            for method in METHODS:
+                log(f"{LABELS[method]}, {workers} worker{'s' if workers > 1 else ''} ...")
+                wall, walls, chunks = time_runs(lambda out, m=method, w=workers: builds[m](out, w), scratch, repeat)
+                results[method][str(workers)] = {"wall_s": wall, "audio_s_per_s": audio_seconds / wall,
+                                                 "chunks": chunks, "all_wall_s": walls}
+                log(f"  {wall:.2f} s wall, {audio_seconds / wall:.1f} audio s / s, {chunks} chunks")
+
+    keys = [str(w) for w in workers_list]
+    ratio = {k: results["audioshard"][k]["audio_s_per_s"] / results["seed"][k]["audio_s_per_s"] for k in keys}
+    report: dict[str, Any] = {
+        "input": str(input_dir),
+        "files": len(recordings),
+        "audio_seconds": audio_seconds,
+        "cores": os.cpu_count(),
+        "repeat": repeat,
+        "limit_per_class": limit,
+        "results": results,
+        "ratio_vs_seed": ratio,
+    }
+    base = keys[0]
+    for k in keys[1:]:
+        report[f"speedup_{base}_to_{k}"] = {
+            m: results[m][k]["audio_s_per_s"] / results[m][base]["audio_s_per_s"] for m in METHODS}
+    targets: dict[str, Any] = {}
+    if "1" in ratio:
+        targets["ratio_1_worker"] = {"target": TARGET_RATIO_1_WORKER, "value": ratio["1"],
+                                     "met": ratio["1"] >= TARGET_RATIO_1_WORKER}
+    if "speedup_1_to_2" in report:
+        value = report["speedup_1_to_2"]["audioshard"]
+        targets["audioshard_speedup_1_to_2"] = {"target": TARGET_SPEEDUP_1_TO_2, "value": value,
+                                                "met": value >= TARGET_SPEEDUP_1_TO_2}
+    report["targets"] = targets
+    return report
+
+
+def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
+    """The human-readable report: one line per (method, workers), then ratios, speed-ups and targets."""
+    keys = [str(w) for w in workers_list]
+    source = Path(report["input"]).name
+    if report["limit_per_class"]:
+        source += f", --limit {report['limit_per_class']}"
+    best = f", fastest of {report['repeat']} runs" if report["repeat"] > 1 else ""
+    lines = [f"build benchmark: {report['files']} files, {report['audio_seconds']:.1f} s of audio ({source}), "
+             f"{report['cores']}-core machine{best}",
+             f"{'method':<12} {'workers':<9} {'wall s':<8} audio s / wall s"]
+    for k in keys:
+        for method in METHODS:
+            r = report["results"][method][k]
+            lines.append(f"{LABELS[method]:<12} {k:<9} {r['wall_s']:<8.2f} {r['audio_s_per_s']:.1f}")
+    lines.append("ratio audioshard / seed:  "
+                 + "   ".join(f"{k} worker{'s' if k != '1' else ''}: {report['ratio_vs_seed'][k]:.1f}x" for k in keys))
+    for k in keys[1:]:
+        speedup = report[f"speedup_{keys[0]}_to_{k}"]
+        lines.append(f"speed-up {keys[0]} -> {k} workers:  audioshard {speedup['audioshard']:.2f}x   "
+                     f"seed {speedup['seed']:.2f}x")
+    names = {"ratio_1_worker": "audioshard / seed, 1 worker", "audioshard_speedup_1_to_2": "audioshard 1 -> 2 workers"}
+    for name, t in report["targets"].items():
+        lines.append(f"target {names[name]} >= {t['target']}x: {'met' if t['met'] else 'NOT met'} ({t['value']:.2f}x)")
+    lines.append("(timed: whole build incl. pool start-up; not timed: imports, warm-up of librosa's numba JIT and "
+                 "torchaudio in the main process; 1 worker runs in-process, more in a fork pool)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, run the benchmark, print the table or JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="folder with one subfolder per class")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is reported")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N files of each class")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    args = parser.parse_args(argv)
+    if args.repeat < 1 or any(w < 1 for w in args.workers) or (args.limit is not None and args.limit < 1):
+        parser.error("--repeat, --workers and --limit must be >= 1")
+    if not args.input.is_dir():
+        parser.error(f"{args.input}: not a folder (give --input DIR with one subfolder per class)")
+    workers_list = list(dict.fromkeys(args.workers))
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = run_benchmark(args.input, workers_list, args.repeat, args.limit, log)
+    print(json.dumps(report, indent=2) if args.json else format_table(report, workers_list))
+
+
+if __name__ == "__main__":
+    main()
