@@ -1,0 +1,54 @@
+"""The command line, end to end in subprocesses: what a user types, what they see."""
+
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+from conftest import TINY_TRAIN
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "audioshard", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_help_teaches():
+    out = run("--help").stdout
+    for command in ("demo-data", "build", "info", "clean", "train", "evaluate", "show", "check", "config"):
+        assert command in out
+    assert "--set" in run("train", "--help").stdout and "torchrun" in run("train", "--help").stdout
+
+
+def test_demo_data_build_info_show_check_train_evaluate_clean(tmp_path):
+    raw, shards, runs = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
+    assert "synthetic" in run("demo-data", raw, "--seconds", "30").stdout
+    out = run("build", raw, "--out", shards, "--quiet", "--set", "shards.chunks_per_shard=64").stdout
+    assert "train chunks" in out and "drone" in out and "voice" in out
+    assert "nothing to do" in run("build", raw, "--out", shards, "--quiet", "--set",
+                                  "shards.chunks_per_shard=64").stdout
+    assert "normalisation" in run("info", shards).stdout
+    assert "label" in run("show", shards, "--index", "3", "--out", tmp_path / "c.png").stdout
+    assert matplotlib.image.imread(tmp_path / "c.png").ndim == 3
+    check = run("check", shards, "--set", "train.batch_size=8").stdout
+    assert "torch.float32" in check and "label mix" in check
+    run("train", "--shards", shards, "--out", runs, "--quiet", *[a for s in TINY_TRAIN for a in ("--set", s)])
+    assert (runs / "best_model.pt").exists()
+    evaluated = run("evaluate", "--checkpoint", runs / "best_model.pt", "--shards", shards, "--out", tmp_path / "e")
+    assert "clip-level" in evaluated.stdout and (tmp_path / "e" / "test_report.txt").exists()
+    assert "removed" in run("clean", shards).stdout and not shards.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "--set", "train.bogus=1"], "valid keys in [train]"),
+    (["info", "/nonexistent/build"], "no such folder"),
+    (["clean", "."], "does not look like an audioshard build"),
+    (["build", "/nonexistent/raw", "--out", "/tmp/x"], "not a folder or a .csv file"),
+])
+def test_errors_are_one_clear_line(args, message):
+    proc = run(*args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,144 @@
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audioshard.manifest import ShardInfo, load_manifest
+from audioshard.stream import ShardDataError, ShardStream, decode_npy, make_loader, open_shards, reader_tasks
+
+
+def chunk_ids(batches) -> list[tuple[int, float]]:
+    return [(int(s), float(t)) for b in batches for s, t in zip(b.source, b.start, strict=True)]
+
+
+def all_ids(manifest, split):
+    return sorted(chunk_ids(ShardStream(manifest, split, 10_000)))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_chunk_exactly_once_single_process(real_build, split):
+    manifest = load_manifest(real_build)
+    ids = all_ids(manifest, split)
+    assert len(ids) == len(set(ids)) == manifest.samples(split)
+    stream = ShardStream(manifest, split, batch_size=7, shuffle=True, shuffle_blocks=3, seed=5)
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        batches = list(stream)
+        assert sorted(chunk_ids(batches)) == ids
+        assert len(batches) == stream.batches_per_epoch(num_workers=1)
+
+
+def test_exactly_once_across_2_ranks_x_2_workers(real_build):
+    """Ranks see disjoint parts, together all of it, and the batch count is known up front."""
+    manifest = load_manifest(real_build)
+    assert len(manifest.shards("train")) >= 2
+    expected = all_ids(manifest, "train")
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            dataset = ShardStream(manifest, "train", batch_size=5, shuffle=True, shuffle_blocks=2, seed=1,
+                                  rank=rank, world_size=2)
+            loader = make_loader(dataset, num_workers=2)
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader)
+            seen.append(chunk_ids(batches))
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == expected
+
+
+def test_fewer_shards_than_readers_still_partitions():
+    shards = [ShardInfo("a.tar", 100, "", 0), ShardInfo("b.tar", 30, "", 0)]
+    tasks = [reader_tasks(shards, r, 5) for r in range(5)]
+    per_shard = {}
+    for reader_tasks_ in tasks:
+        assert len(reader_tasks_) == 1
+        t = reader_tasks_[0]
+        per_shard.setdefault(t.shard.file, []).append((t.offset, t.stride))
+    assert sorted(per_shard["a.tar"]) == [(0, 3), (1, 3), (2, 3)] and sorted(per_shard["b.tar"]) == [(0, 2), (1, 2)]
+
+
+def test_shuffle_mixes_and_changes_per_epoch(real_build):
+    manifest = load_manifest(real_build)
+    stream = ShardStream(manifest, "train", batch_size=16, shuffle=True, seed=0)
+    first = chunk_ids(stream)
+    stream.set_epoch(1)
+    second = chunk_ids(stream)
+    plain = chunk_ids(ShardStream(manifest, "train", batch_size=16))
+    assert first != second and first != plain and sorted(first) == sorted(plain)
+    again = ShardStream(manifest, "train", batch_size=16, shuffle=True, seed=0)
+    assert chunk_ids(again) == first  # reproducible from the seed
+    labels = next(iter(ShardStream(manifest, "train", batch_size=32, shuffle=True))).y
+    assert len(set(labels.tolist())) > 1  # a shuffled batch mixes classes
+
+
+def test_open_shards_gives_normalised_float_batches(real_build):
+    loader = open_shards(str(real_build), "val", batch_size=32)
+    batches = list(loader)
+    x = torch.cat([b.x for b in batches])
+    assert x.dtype == torch.float32 and x.shape[1:] == (1, 64, 63)
+    assert abs(float(x.mean())) < 0.5 and 0.5 < float(x.std()) < 1.5
+    assert len(batches) == len(loader)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def forged_npy(shape: tuple[int, ...]) -> bytes:
+    """A valid .npy header promising `shape` of float16, with no data behind it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f2", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def test_decode_npy_refuses_bad_headers_before_allocating():
+    good = npy(np.zeros((4, 64, 63), np.float16))
+    assert decode_npy(good, "float16", (64, 63), 64, "x").shape == (4, 64, 63)
+    with pytest.raises(ShardDataError, match="dtype"):
+        decode_npy(npy(np.array([{"a": 1}], dtype=object)), "float16", (64, 63), 64, "x")
+    with pytest.raises(ShardDataError, match="shape"):
+        decode_npy(npy(np.zeros((4, 32, 63), np.float16)), "float16", (64, 63), 64, "x")
+    with pytest.raises(ShardDataError, match="data bytes"):  # header and payload disagree
+        decode_npy(forged_npy((9, 64, 63)) + good[128:], "float16", (64, 63), 64, "x")
+    with pytest.raises(ShardDataError, match="shape"):  # asks for ~30 GB: refused from the header alone
+        decode_npy(forged_npy((4_000_000, 64, 63)), "float16", (64, 63), 64, "x")
+    with pytest.raises(ShardDataError, match="not an .npy"):
+        decode_npy(b"\x80\x04pickle", "float16", (64, 63), 64, "x")
+
+
+def test_hostile_members_are_never_unpickled(real_build, tmp_path):
+    """A shard with pickle payloads next to real blocks: they are skipped unread, nothing executes."""
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    build = tmp_path / "build"
+    shutil.copytree(real_build, build)
+    manifest = load_manifest(build)
+    shard = build / manifest.shards("val")[0].file
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(shard) as src, tarfile.open(evil, "w") as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member))
+        first_key = src.getmembers()[0].name.split(".")[0]
+        for ext in ("pyd", "pickle", "pth", "mel.pyd"):
+            data = pickle.dumps(Payload())
+            info = tarfile.TarInfo(f"{first_key}.{ext}")
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    evil.replace(shard)
+    batches = list(ShardStream(manifest, "val", batch_size=1000))
+    assert sum(len(b.y) for b in batches) > 0
+    assert not Path(marker).exists()

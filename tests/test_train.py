@@ -1,0 +1,115 @@
+import json
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_TRAIN
+
+from audioshard.checkpoint import CheckpointError, load_checkpoint
+from audioshard.config import ConfigError, load_config
+from audioshard.evaluate import evaluate_checkpoint
+from audioshard.manifest import load_manifest
+from audioshard.train import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def full_run(real_build, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "full"
+    metrics = train(str(real_build), run, load_config(overrides=TINY_TRAIN), progress=False)
+    return run, metrics
+
+
+def history(run):
+    return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_artifacts_are_valid(real_build, full_run, tmp_path):
+    run, metrics = full_run
+    manifest = load_manifest(real_build)
+    for name in ("best_model.pt", "last.pt", "history.jsonl", "metrics.json", "config.toml", "training_curves.png",
+                 "val_confusion_matrix.png", "test_confusion_matrix.png", "val_report.txt", "test_report.txt"):
+        assert (run / name).stat().st_size > 0, name
+    for png in ("val_confusion_matrix.png", "test_confusion_matrix.png", "training_curves.png"):
+        assert matplotlib.image.imread(run / png).ndim == 3
+    report = (run / "val_report.txt").read_text()
+    assert all(c in report for c in manifest.classes) and "Recording level" in report
+    pred = np.load(run / "pred_labels.npy", allow_pickle=False)
+    true = np.load(run / "true_labels.npy", allow_pickle=False)
+    assert len(pred) == len(true) == manifest.samples("val")
+    assert len(np.load(run / "test_true_labels.npy", allow_pickle=False)) == manifest.samples("test")
+    assert len(history(run)) == 3
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["test"]["chunk"]["accuracy"] > saved["test"]["chunk"]["majority_baseline"]
+    assert saved["val"]["clip"]["n"] == sum(manifest.split("val")["recordings"].values())
+
+    out = tmp_path / "eval"
+    result = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", out)
+    assert result["chunk"]["accuracy"] == pytest.approx(saved["test"]["chunk"]["accuracy"])
+    for name in ("test_report.txt", "test_confusion_matrix.png", "metrics.json", "pred_labels.npy",
+                 "true_labels.npy"):
+        assert (out / name).exists()
+
+
+def test_checkpoint_is_self_describing_and_safe_to_load(full_run, real_build):
+    run, _ = full_run
+    state = torch.load(run / "best_model.pt", weights_only=True)
+    assert state["classes"] == ["car", "drone", "speech"]
+    assert state["features"] == load_manifest(real_build).features.to_dict()
+    assert {"model", "model_args", "normalization", "config", "epoch", "metrics"} <= set(state)
+    assert "optimizer" in torch.load(run / "last.pt", weights_only=True)
+
+
+def test_same_seed_same_history_and_resume_matches(real_build, full_run, tmp_path):
+    run, _ = full_run
+    cfg = load_config(overrides=TINY_TRAIN)
+    again = tmp_path / "again"
+    train(str(real_build), again, cfg, progress=False)
+    for a, b in zip(history(run), history(again), strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+
+    resumed = tmp_path / "resumed"
+    assert train(str(real_build), resumed, cfg, progress=False, stop_after_epoch=1) == {}
+    assert len(history(resumed)) == 1 and not (resumed / "metrics.json").exists()
+    train(str(real_build), resumed, cfg, resume=True, progress=False)
+    final = torch.load(run / "last.pt", weights_only=True)["model"]
+    after = torch.load(resumed / "last.pt", weights_only=True)["model"]
+    for key in final:
+        torch.testing.assert_close(after[key], final[key], rtol=1e-5, atol=1e-6)
+    assert [h["epoch"] for h in history(resumed)] == [1, 2, 3]
+
+
+def test_sanity_check_fails_loudly(real_build, tmp_path):
+    cfg = load_config(overrides=[*TINY_TRAIN, "train.sanity_steps=1"])
+    with pytest.raises(TrainingError, match="sanity check failed"):
+        train(str(real_build), tmp_path / "r", cfg, progress=False)
+
+
+def test_bad_setup_fails_before_training(real_build, full_run, tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size = 100000 is larger than the train split"):
+        train(str(real_build), tmp_path / "r", load_config(overrides=["train.batch_size=100000"]), progress=False)
+    with pytest.raises(TrainingError, match="last.pt not found"):
+        train(str(real_build), tmp_path / "new", load_config(overrides=TINY_TRAIN), resume=True, progress=False)
+    other = tmp_path / "other"
+    shutil.copytree(real_build, other)
+    data = json.loads((other / "manifest.json").read_text())
+    data["classes"] = ["car", "drone", "voice"]
+    (other / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="classes"):
+        evaluate_checkpoint(full_run[0] / "best_model.pt", str(other), "test", tmp_path / "e")
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": "audioshard-checkpoint", "model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="never loads"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
