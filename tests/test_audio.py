@@ -4,12 +4,11 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import DCS
 
 from audioshard.audio import AudioError, choppinator, chunk_starts, decode, load
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
-
-from conftest import DCS
 
 
 def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0) -> np.ndarray:
