@@ -235,7 +235,7 @@ class BuildResult:
 def _fingerprint(sources: list[Source], cfg: Config) -> str:
     """Identifies a build's inputs and settings, so a re-run with nothing changed does nothing."""
     settings = cfg.to_dict()
-    settings["shards"] = {k: v for k, v in settings["shards"].items() if k != "workers"}  # output is the same
+    settings["shards"] = {k: settings["shards"][k] for k in ("block_size", "chunks_per_shard")}  # what shapes output
     files = []
     for s in sources:
         stat = os.stat(s.path)

@@ -77,7 +77,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     metrics = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.out, device_name=cfg.train.device,
-                                  batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers)
+                                  batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
+                                  fetcher=cfg.fetcher())
     print(f"{args.split} split of {args.shards}:")
     for line in iter_metrics_lines(metrics):
         print("  " + line)

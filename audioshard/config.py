@@ -63,6 +63,9 @@ class ShardsConfig:
     block_size: int = 64
     chunks_per_shard: int = 1024
     workers: int = 0
+    http_timeout: float = 30.0
+    http_retries: int = 4
+    cache_dir: str = ""
 
 
 @dataclass
@@ -116,6 +119,13 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    def fetcher(self):
+        """How to read build files (timeouts, retries, cache) as set in [shards]."""
+        from audioshard.remote import Fetcher
+
+        return Fetcher(timeout=self.shards.http_timeout, retries=self.shards.http_retries,
+                       cache_dir=self.shards.cache_dir)
+
 
 # Allowed values for the string settings that pick one behaviour among several.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -135,7 +145,8 @@ POSITIVE = {
 FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", "model.dropout",
              "train.label_smoothing"}
 NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
-                "shards.workers", "train.weight_decay", "train.warmup_epochs", "train.num_workers",
+                "shards.workers", "shards.http_timeout", "shards.http_retries",
+                "train.weight_decay", "train.warmup_epochs", "train.num_workers",
                 "train.sanity_steps", "augment.noise_std", "augment.time_masks", "augment.time_mask_width",
                 "augment.freq_masks", "augment.freq_mask_width"}
 

@@ -151,7 +151,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir: str | Path,
-                        device_name: str = "auto", batch_size: int = 256, num_workers: int = 0) -> dict[str, Any]:
+                        device_name: str = "auto", batch_size: int = 256, num_workers: int = 0,
+                        fetcher=None) -> dict[str, Any]:
     """Evaluate a saved checkpoint on one split of a build; writes reports into `out_dir`."""
     from audioshard.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
     from audioshard.distributed import pick_device
@@ -159,7 +160,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
 
     device = pick_device(device_name)
     ckpt = load_checkpoint(checkpoint)
-    manifest = load_manifest(shards)
+    manifest = load_manifest(shards, fetcher) if fetcher else load_manifest(shards)
     check_compatible(ckpt, manifest, str(checkpoint))
     model = model_from_checkpoint(ckpt).to(device)
     pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers)

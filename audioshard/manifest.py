@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from audioshard.features import FeatureParams
-from audioshard.remote import SourceError, is_url, join, read_bytes
+from audioshard.remote import DEFAULT_FETCHER, Fetcher, SourceError, is_url, join
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "audioshard-blocks"
@@ -65,9 +65,10 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 class Manifest:
     """A loaded manifest plus where it came from (a folder or an http(s) URL)."""
 
-    def __init__(self, data: dict[str, Any], root: str):
+    def __init__(self, data: dict[str, Any], root: str, fetcher: Fetcher = DEFAULT_FETCHER):
         self.data = data
         self.root = root
+        self.fetcher = fetcher  # how shards are read: the same timeouts, retries and cache as the manifest
         self._check()
 
     def _check(self) -> None:
@@ -129,7 +130,7 @@ class Manifest:
         return join(self.root, shard.file)
 
 
-def load_manifest(source: str | Path) -> Manifest:
+def load_manifest(source: str | Path, fetcher: Fetcher = DEFAULT_FETCHER) -> Manifest:
     """Load `SOURCE/manifest.json` from a build folder or an http(s) URL of one."""
     root = str(source)
     if root.endswith(MANIFEST_NAME):
@@ -138,7 +139,7 @@ def load_manifest(source: str | Path) -> Manifest:
         raise ManifestError(f"{root}: no such folder (expected a build folder from `audioshard build`, or a URL)")
     location = join(root, MANIFEST_NAME)
     try:
-        raw = read_bytes(location)
+        raw = fetcher.read(location)
     except SourceError as exn:
         raise ManifestError(f"{location}: cannot read the manifest ({exn}); is this the output of "
                             "`audioshard build`, and did the build finish?") from exn
@@ -148,4 +149,4 @@ def load_manifest(source: str | Path) -> Manifest:
         raise ManifestError(f"{location}: not valid JSON ({exn})") from exn
     if not isinstance(data, dict):
         raise ManifestError(f"{location}: expected a JSON object")
-    return Manifest(data, root)
+    return Manifest(data, root, fetcher)

@@ -2,21 +2,29 @@
 
 Only these two kinds of source are accepted: a shard list is data from strangers, and
 webdataset's `pipe:` URLs would run a shell command, so they are refused here by design.
-HTTP reads have connection/read timeouts and bounded retries with backoff for transient errors.
+Remote shards are downloaded whole (into memory, spilling to a temporary file when large, or
+into `shards.cache_dir`) and checked against the manifest's size and sha256 *before* a single
+sample is parsed: a truncated or tampered download is retried, then reported, never trained on.
+HTTP reads have a timeout per connect/read and bounded retries with exponential backoff for
+transient failures (connection reset, timeouts, 408/429/5xx); 403/404 fail at once, naming the URL.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
-TIMEOUT_S = float(os.environ.get("AUDIOSHARD_HTTP_TIMEOUT", "30"))
-RETRIES = int(os.environ.get("AUDIOSHARD_HTTP_RETRIES", "4"))
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
+SPOOL_BYTES = 64 << 20  # remote shards larger than this are spooled to a temporary file, not kept in memory
 
 
 class SourceError(OSError):
@@ -29,41 +37,132 @@ def is_url(source: str) -> bool:
 
 def join(root: str, name: str) -> str:
     """`name` inside `root` (a folder or URL); refuses names that would escape the root."""
-    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or ":" in name:
+    parts = name.replace("\\", "/").split("/")
+    if not name or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
         raise SourceError(f"refusing file name {name!r} from a manifest: it points outside {root}")
     if is_url(root):
         return root.rstrip("/") + "/" + urllib.parse.quote(name)
     return os.path.join(root, name)
 
 
-def open_binary(location: str) -> BinaryIO:
-    """Open a local file or an http(s) URL for streaming reads."""
-    if not is_url(location):
-        if "://" in location or location.startswith("pipe:"):
-            raise SourceError(f"{location}: only local paths and http(s):// URLs are supported")
-        try:
+class _Retry(Exception):
+    """A transient failure worth another attempt."""
+
+
+@dataclass(frozen=True)
+class Fetcher:
+    """How to read build files: timeouts, retries, and an optional verified local cache.
+
+    Args:
+        timeout: seconds for each connect and each read on HTTP(S).
+        retries: further attempts after a transient failure (with backoff 0.5 s, 1 s, 2 s, ...).
+        cache_dir: keep verified copies of remote shards here ("" = no cache); safe to share
+            between processes (files appear atomically under their sha256).
+    """
+
+    timeout: float = 30.0
+    retries: int = 4
+    cache_dir: str = ""
+    backoff: float = 0.5
+
+    def read(self, location: str) -> bytes:
+        """The whole file (used for the manifest)."""
+        if not is_url(location):
+            _refuse_other_schemes(location)
+            try:
+                return Path(location).read_bytes()
+            except OSError as exn:
+                raise SourceError(f"{location}: {exn.strerror}") from exn
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as sink:
+            self._download(location, sink, None, None)
+            sink.seek(0)
+            return sink.read()
+
+    def open_shard(self, location: str, size: int | None = None, sha256: str | None = None) -> BinaryIO:
+        """A readable stream of a shard whose size (and, when remote, sha256) match the manifest."""
+        if not is_url(location):
+            _refuse_other_schemes(location)
+            try:
+                actual = os.stat(location).st_size
+            except OSError as exn:
+                raise SourceError(f"{location}: {exn.strerror}") from exn
+            if size is not None and actual != size:
+                raise SourceError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated or "
+                                  "was changed after the build (`audioshard verify` checks every shard)")
             return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
-        except OSError as exn:
-            raise SourceError(f"{location}: {exn.strerror}") from exn
-    delay = 0.5
-    for attempt in range(RETRIES + 1):
+        if self.cache_dir and sha256:
+            return self._cached(location, size, sha256)
+        sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
+        self._download(location, sink, size, sha256)
+        sink.seek(0)
+        return sink
+
+    def _cached(self, location: str, size: int | None, sha256: str) -> BinaryIO:
+        cache = Path(self.cache_dir)
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{sha256}.tar"
+        if path.exists():
+            if _sha256_file(path) == sha256:
+                return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+            path.unlink(missing_ok=True)  # corrupt cache entry: fetch again
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".tar")
         try:
-            return urllib.request.urlopen(location, timeout=TIMEOUT_S)  # noqa: S310 - http(s) only, checked above
+            with os.fdopen(fd, "w+b") as sink:
+                self._download(location, sink, size, sha256)
+            os.replace(tmp, path)  # atomic: concurrent readers see no file or a verified one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+
+    def _download(self, location: str, sink: BinaryIO, size: int | None, sha256: str | None) -> None:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            sink.seek(0)
+            sink.truncate()
+            try:
+                self._download_once(location, sink, size, sha256)
+                return
+            except _Retry as exn:
+                if attempt == self.retries:
+                    raise SourceError(f"{location}: {exn} (gave up after {self.retries + 1} attempts)") from exn
+            time.sleep(delay)
+            delay *= 2
+
+    def _download_once(self, location: str, sink: BinaryIO, size: int | None, sha256: str | None) -> None:
+        digest = hashlib.sha256()
+        received = 0
+        try:
+            with urllib.request.urlopen(location, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
+                while block := response.read(1 << 20):
+                    digest.update(block)
+                    sink.write(block)
+                    received += len(block)
         except urllib.error.HTTPError as exn:
-            if exn.code not in TRANSIENT_HTTP or attempt == RETRIES:
-                hint = " (is the URL right, and is the build published there?)" if exn.code in (403, 404) else ""
-                raise SourceError(f"{location}: HTTP {exn.code} {exn.reason}{hint}") from exn
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exn:
-            if attempt == RETRIES:
-                raise SourceError(f"{location}: cannot connect after {RETRIES + 1} attempts ({exn})") from exn
-        time.sleep(delay)
-        delay *= 2
-    raise AssertionError("unreachable")
+            if exn.code in TRANSIENT_HTTP:
+                raise _Retry(f"HTTP {exn.code} {exn.reason}") from exn
+            hint = ": is the URL right, and is the build published there?" if exn.code in (403, 404) else ""
+            raise SourceError(f"{location}: HTTP {exn.code} {exn.reason}{hint}") from exn
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exn:
+            raise _Retry(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
+        if size is not None and received != size:
+            raise _Retry(f"received {received} bytes, the manifest says {size} (truncated download)")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)")
 
 
-def read_bytes(location: str) -> bytes:
-    with open_binary(location) as stream:
-        try:
-            return stream.read()
-        except (TimeoutError, ConnectionError, OSError) as exn:
-            raise SourceError(f"{location}: read failed ({exn})") from exn
+def _refuse_other_schemes(location: str) -> None:
+    if "://" in location or location.startswith("pipe:"):
+        raise SourceError(f"{location}: only local paths and http(s):// URLs are supported "
+                          "(pipe: and other schemes are never run from a shard list)")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+DEFAULT_FETCHER = Fetcher()

@@ -22,6 +22,7 @@ import ast
 import math
 import random
 import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,7 +32,6 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
-from audioshard.remote import open_binary
 
 
 class ShardDataError(ValueError):
@@ -199,7 +199,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _blocks(self, tasks: list[ReadTask]) -> Iterator[dict[str, np.ndarray]]:
         for task in tasks:
             location = self.manifest.shard_location(task.shard)
-            stream = open_binary(location)
+            expected = task_samples(task, self.manifest.block_size)
+            read = 0
+            stream = self.manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
             try:
                 files = tar_file_expander([{"url": location, "stream": stream}],
                                           select_files=lambda name: name.split(".", 1)[-1] in BLOCK_MEMBERS)
@@ -207,14 +209,28 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if index % task.stride != task.offset:
                         continue
                     try:
-                        yield decode_block(sample, self.manifest)
+                        block = decode_block(sample, self.manifest)
                     except ShardDataError as exn:
-                        if self.strict:
-                            raise
-                        self.skipped_blocks += 1
-                        print(f"audioshard: skipping a bad block: {exn}", file=sys.stderr)
+                        self._bad(exn)
+                        continue
+                    read += len(block["y"])
+                    yield block
+            except (tarfile.TarError, ValueError, OSError) as exn:  # unreadable tar structure
+                if isinstance(exn, ShardDataError):
+                    raise
+                self._bad(ShardDataError(f"{location}: not a readable tar shard ({exn})"))
             finally:
                 stream.close()
+            if read != expected:
+                self._bad(ShardDataError(f"{location}: read {read} chunks, the manifest promises {expected} "
+                                         "(truncated or altered shard)"))
+
+    def _bad(self, exn: ShardDataError) -> None:
+        """Skip and count a bad block (or stop, under `strict`); never silently."""
+        if self.strict:
+            raise exn
+        self.skipped_blocks += 1
+        print(f"audioshard: skipping: {exn}", file=sys.stderr)
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()

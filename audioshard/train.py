@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,17 @@ from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, wr
 from audioshard.manifest import Manifest, load_manifest
 from audioshard.models import build_model, model_args
 from audioshard.stream import ShardStream, make_loader
+
+# Debugging aid: when set, every rank saves the (source, start) of each chunk it trained on per epoch,
+# so that data order and the rank/worker split can be inspected (and are, by the DDP tests).
+TRACE_DIR = os.environ.get("AUDIOSHARD_TRACE_DIR", "")
+
+
+def _trace(epoch: int, rank: int, steps: int, seen: list[torch.Tensor]) -> None:
+    path = Path(TRACE_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    pairs = torch.cat(seen).numpy() if seen else np.zeros((0, 2))
+    np.savez(path / f"epoch{epoch}-rank{rank}.npz", pairs=pairs, steps=np.array(steps))
 
 
 class TrainingError(RuntimeError):
@@ -154,8 +166,11 @@ def train(shards: str, run_dir: str | Path, cfg: Config, resume: bool = False, p
         The metrics written to `metrics.json` (empty when stopped early).
     """
     dist = setup_distributed(cfg.train.device)
+    run_dir = Path(run_dir)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (run_dir / "last.pt").exists():
+        resume = True  # torchrun --max-restarts restarted us after a failure: continue, do not start over
     try:
-        return _train(shards, Path(run_dir), cfg, dist, resume, progress, stop_after_epoch)
+        return _train(shards, run_dir, cfg, dist, resume, progress, stop_after_epoch)
     finally:
         cleanup_distributed()
 
@@ -163,7 +178,7 @@ def train(shards: str, run_dir: str | Path, cfg: Config, resume: bool = False, p
 def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, progress: bool,
            stop_after_epoch: int | None) -> dict[str, Any]:
     device = dist.device
-    manifest = load_manifest(shards)
+    manifest = load_manifest(shards, cfg.fetcher())
     state = None
     if resume:
         last = run_dir / "last.pt"
@@ -242,6 +257,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             ddp_model.train()
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
             batches = iter(train_loader)
+            seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
                        disable=not (progress and dist.is_main), dynamic_ncols=True)
             for _ in range(steps):
@@ -250,6 +266,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                 except StopIteration:
                     batches = iter(train_loader)
                     batch = next(batches)
+                if TRACE_DIR:
+                    seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))
                 x = batch.x.to(device, non_blocking=pin)
                 y = batch.y.to(device, non_blocking=pin)
                 x = train_transform(batch._replace(x=x)).x
@@ -266,9 +284,11 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                                          torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
                 bar.update(1)
             bar.close()
-            loss_sum, correct, seen = _all_reduce_sum(sums.tolist(), device)
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
-                                      "train_accuracy": correct / seen, "lr": scheduler.get_last_lr()[0],
+            if TRACE_DIR:
+                _trace(epoch, dist.rank, steps, seen)
+            loss_sum, correct, count = _all_reduce_sum(sums.tolist(), device)
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / count,
+                                      "train_accuracy": correct / count, "lr": scheduler.get_last_lr()[0],
                                       "steps": steps}
             if has_val:
                 pred = predict_split(model, manifest, "val", device, cfg.train.batch_size, cfg.train.num_workers)

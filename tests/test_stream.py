@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from audioshard.manifest import ShardInfo, load_manifest
+from audioshard.manifest import ShardInfo, load_manifest, sha256_file
 from audioshard.stream import ShardDataError, ShardStream, decode_npy, make_loader, open_shards, reader_tasks
 
 
@@ -139,6 +140,10 @@ def test_hostile_members_are_never_unpickled(real_build, tmp_path):
             info.size = len(data)
             dst.addfile(info, io.BytesIO(data))
     evil.replace(shard)
-    batches = list(ShardStream(manifest, "val", batch_size=1000))
+    data = json.loads((build / "manifest.json").read_text())  # a hostile build ships a matching manifest
+    entry = data["splits"]["val"]["shards"][0]
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (build / "manifest.json").write_text(json.dumps(data))
+    batches = list(ShardStream(load_manifest(build), "val", batch_size=1000))
     assert sum(len(b.y) for b in batches) > 0
     assert not Path(marker).exists()

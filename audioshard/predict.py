@@ -1,0 +1,618 @@
+"""Predict on new recordings: any file, any sample rate, any length, with exactly the training features.
+
+    audioshard predict --checkpoint runs/first/best_model.pt recording.wav
+    audioshard predict --checkpoint runs/first/best_model.pt field/ --format csv > predictions.csv
+    audioshard predict --checkpoint runs/first/best_model.pt night.flac --per-chunk --plot night.png
+
+Everything that decides what the model sees comes from the checkpoint: feature parameters
+(`features`, the build's), normalisation (`normalization`, the train split's mean/std) and the
+chunking rules (`config["audio"]`: `min_fraction`, `short_clip`). A recording's prediction is the
+softmax of the mean of its chunk logits, as for the recording-level figures of `evaluate`.
+
+Long recordings are streamed, never loaded whole: blocks of about `batch_size` chunks are read
+(`soundfile.SoundFile.read(frames)` for libsndfile formats, pieces of ffmpeg's stdout for the rest),
+mixed to mono and resampled by `StreamingResampler`, which gives the same samples as resampling the
+whole file at once (`audio.load`), so chunks start at the same samples and hold the same values as
+at build time. Memory is bounded by one block, whatever the recording's length.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from audioshard.audio import SOUNDFILE_EXTENSIONS, AudioError, _probe_rate, choppinator, resample
+from audioshard.augment import BatchTransform
+from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from audioshard.config import AudioConfig
+from audioshard.features import FeatureParams, log_mel
+
+# torchaudio.functional.resample defaults, which `audio.resample` uses: they set the filter's reach.
+LOWPASS_FILTER_WIDTH = 6
+ROLLOFF = 0.99
+FORMATS = ("table", "csv", "json")
+
+
+class PredictError(ValueError):
+    """Prediction cannot start (no input files, a bad --plot target, an unusable checkpoint)."""
+
+
+# --- streaming audio ---------------------------------------------------------------------------
+
+
+class StreamingResampler:
+    """Resample a stream piece by piece, giving the samples that resampling it whole would give.
+
+    torchaudio's sinc resampler (`audio.resample`) works in frames: with the rates reduced by their
+    gcd to `o` -> `n`, output frame t (samples t*n .. t*n + n-1) is computed from the input around
+    sample t*o, within `width` samples. Each call resamples a segment that starts at a frame
+    boundary (a multiple of `o` input samples) `context` samples before the first frame it emits,
+    and emits only frames whose whole filter reach lies inside the segment, so no emitted sample
+    sees the zero padding that torchaudio adds at segment edges -- except at the true start and end
+    of the recording, where resampling the whole file sees the same zeros. The `context` samples
+    before and after are resampled twice (a few hundred samples per block).
+
+    Args:
+        orig_rate: sample rate of the pushed audio (Hz).
+        new_rate: sample rate of the emitted audio (Hz).
+    """
+
+    def __init__(self, orig_rate: int, new_rate: int):
+        self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
+        gcd = math.gcd(self.orig_rate, self.new_rate)
+        self.o, self.n = self.orig_rate // gcd, self.new_rate // gcd
+        # torchaudio's filter half-length in input samples, plus one for rounding.
+        width = math.ceil(LOWPASS_FILTER_WIDTH * self.o / (min(self.o, self.n) * ROLLOFF)) + 1
+        self.context = self.o * (width // self.o + 2)  # a multiple of o, > width + o
+        self.buffer = np.zeros(0, dtype=np.float32)  # input from `buffer_start` (a multiple of o) on
+        self.buffer_start = 0
+        self.next_frame = 0  # first output frame not yet emitted
+        self.length = 0  # input samples pushed so far
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Add (N,) float32 input; return the output samples that are now final (possibly none)."""
+        self.length += len(samples)
+        if self.o == self.n:
+            return samples
+        self.buffer = np.concatenate([self.buffer, samples])
+        stop = (self.length - self.context) // self.o
+        if stop <= self.next_frame:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(stop)
+
+    def finish(self) -> np.ndarray:
+        """Return the rest of the output, up to the length resampling the whole input would give."""
+        if self.o == self.n:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(None)
+
+    def _emit(self, stop: int | None) -> np.ndarray:
+        start = self.buffer_start
+        end = self.length if stop is None else stop * self.o + self.context
+        out = resample(self.buffer[: end - start], self.orig_rate, self.new_rate)
+        first = (self.next_frame - start // self.o) * self.n
+        if stop is None:
+            # The length torchaudio gives the whole input (it rounds n*L/o in float32).
+            total = int(torch.ceil(torch.as_tensor(self.n * self.length / self.o)).item())
+            out = out[first: first + max(0, total - self.next_frame * self.n)]
+        else:
+            out = out[first: (stop - start // self.o) * self.n]
+            self.next_frame = stop
+            self.buffer_start = max(0, stop * self.o - self.context)
+            self.buffer = self.buffer[self.buffer_start - start:]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _mono(data: np.ndarray) -> np.ndarray:
+    """(N, channels) -> (N,) float32, mixed exactly as `audio.decode` mixes."""
+    samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def open_audio(path: str | Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
+    """Open a recording for reading in blocks, decoded as `audio.decode` decodes it.
+
+    Args:
+        path: any file libsndfile reads, or any file ffmpeg reads when ffmpeg is installed.
+        block_seconds: roughly how much audio each block holds.
+
+    Returns:
+        (sample_rate: Hz of the file, blocks: iterator of (N,) float32 mono blocks in [-1, 1]).
+
+    Raises:
+        AudioError: missing, empty, corrupt or unsupported file, or ffmpeg needed but missing (at open,
+            or while reading the blocks).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exn:
+        raise AudioError(f"{path}: cannot read file ({exn.strerror})") from exn
+    if path.is_dir():
+        raise AudioError(f"{path}: is a folder, not a file")
+    if size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
+        try:
+            handle = sf.SoundFile(str(path))
+        except Exception as exn:  # LibsndfileError/RuntimeError: fall back to ffmpeg as `audio.decode` does
+            if shutil.which("ffmpeg") is None:
+                raise AudioError(f"{path}: not decodable by libsndfile ({exn}); the file is corrupt or not audio"
+                                 ) from exn
+            try:
+                return _open_ffmpeg(path, block_seconds)
+            except AudioError as ffmpeg_exn:
+                raise AudioError(f"{path}: corrupt or not audio (libsndfile: {exn}; "
+                                 f"ffmpeg: {str(ffmpeg_exn).removeprefix(f'{path}: ')})") from exn
+        return int(handle.samplerate), _soundfile_blocks(handle, path, max(1, int(block_seconds * handle.samplerate)))
+    return _open_ffmpeg(path, block_seconds)
+
+
+def _soundfile_blocks(handle: sf.SoundFile, path: Path, frames: int) -> Iterator[np.ndarray]:
+    with handle:
+        while True:
+            try:
+                data = handle.read(frames, dtype="float32", always_2d=True)
+            except Exception as exn:
+                raise AudioError(f"{path}: decoding failed part-way ({exn}); the file is corrupt") from exn
+            if len(data) == 0:
+                return
+            yield _mono(data)
+
+
+def _open_ffmpeg(path: Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
+    """ffmpeg decodes to mono float32 at the file's own rate; resampling stays with torchaudio (as at build)."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not installed "
+                         "(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)")
+    rate = _probe_rate(path, ffmpeg)
+    return rate, _ffmpeg_blocks(ffmpeg, path, rate, max(1, int(block_seconds * rate)))
+
+
+def _ffmpeg_blocks(ffmpeg: str, path: Path, rate: int, frames: int) -> Iterator[np.ndarray]:
+    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
+           "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    # stderr goes to a file: a pipe nobody reads could fill up and stall ffmpeg.
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
+        try:
+            got = 0
+            while True:
+                data = proc.stdout.read(4 * frames)
+                if not data:
+                    break
+                usable = len(data) - len(data) % 4
+                if usable < len(data):  # a torn last sample can only come at the very end
+                    data += proc.stdout.read(4 - len(data) % 4)
+                    usable = len(data) - len(data) % 4
+                got += usable
+                yield np.frombuffer(data[:usable], dtype="<f4").astype(np.float32)
+            code = proc.wait()
+            if code != 0 or got == 0:
+                errors.seek(0)
+                reason = errors.read().decode("utf-8", "replace").strip().splitlines()
+                raise AudioError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio stream'})")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stdout.close()
+            proc.wait()
+
+
+class ChunkReader:
+    """The chunks of one recording, read in blocks: what `choppinator(audio.load(path, rate), ...)` returns
+    (with hop = chunk), without ever holding the whole recording.
+
+    Full chunks every `chunk_seconds`; a last partial chunk is kept, zero-padded, when it holds at least
+    `min_fraction` of a chunk; a recording shorter than one chunk is handled per `short_clip`.
+
+    Args:
+        path: the recording.
+        sample_rate: rate the model's features are computed at (Hz).
+        chunk_seconds: chunk length (s).
+        min_fraction, short_clip: as `audio.min_fraction` and `audio.short_clip` of the build.
+        block_chunks: chunks' worth of audio read per block (memory: about this many chunks).
+
+    After iteration, `num_samples` is the recording's length at `sample_rate` and `source_rate` its own rate.
+    """
+
+    def __init__(self, path: str | Path, sample_rate: int, chunk_seconds: float, min_fraction: float = 0.5,
+                 short_clip: str = "pad", block_chunks: int = 64):
+        self.path, self.sample_rate, self.chunk_seconds = Path(path), int(sample_rate), float(chunk_seconds)
+        self.min_fraction, self.short_clip, self.block_chunks = min_fraction, short_clip, max(1, block_chunks)
+        self.chunk = int(round(chunk_seconds * sample_rate))
+        self.num_samples = 0
+        self.source_rate: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (chunks: (C, chunk_samples) float32, starts: (C,) int64 sample offsets at `sample_rate`)."""
+        rate, blocks = open_audio(self.path, self.block_chunks * self.chunk_seconds)
+        self.source_rate, self.num_samples = rate, 0
+        resampler = StreamingResampler(rate, self.sample_rate)
+        pending = np.zeros(0, dtype=np.float32)  # resampled audio not yet in a chunk; starts at `emitted`
+        emitted = 0
+        try:
+            for raw in blocks:
+                if not np.isfinite(raw).all():
+                    raise AudioError(f"{self.path}: contains NaN or infinite sample values")
+                pending, emitted, out = self._full_chunks(pending, resampler.push(raw), emitted)
+                if out is not None:
+                    yield out
+        finally:
+            blocks.close()  # closes the file or stops ffmpeg also when the caller stops early
+        pending, emitted, out = self._full_chunks(pending, resampler.finish(), emitted)
+        if out is not None:
+            yield out
+        if self.num_samples == 0:
+            raise AudioError(f"{self.path}: no audio samples in the file")
+        if self.num_samples < self.chunk:  # the whole clip is in `pending`: the build's own rules apply
+            chunks, _ = choppinator(pending, self.sample_rate, self.chunk_seconds, 0.0, self.min_fraction,
+                                    self.short_clip)
+            if len(chunks) == 0:
+                raise AudioError(f"{self.path}: {self.num_samples / self.sample_rate:.2f} s is shorter than one "
+                                 f"chunk ({self.chunk_seconds} s) and audio.short_clip = {self.short_clip!r}")
+            yield chunks, np.zeros(1, dtype=np.int64)
+        elif len(pending) and len(pending) >= self.min_fraction * self.chunk:
+            tail = np.zeros((1, self.chunk), dtype=np.float32)
+            tail[0, :len(pending)] = pending
+            yield tail, np.array([emitted], dtype=np.int64)
+
+    def _full_chunks(self, pending: np.ndarray, new: np.ndarray, emitted: int
+                     ) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray] | None]:
+        self.num_samples += len(new)
+        pending = np.concatenate([pending, new]) if len(pending) else new
+        count = len(pending) // self.chunk
+        if count == 0:
+            return pending, emitted, None
+        chunks = pending[: count * self.chunk].reshape(count, self.chunk).copy()
+        starts = emitted + self.chunk * np.arange(count, dtype=np.int64)
+        return pending[count * self.chunk:].copy(), emitted + count * self.chunk, (chunks, starts)
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Prediction:
+    """One recording's prediction.
+
+    Attributes:
+        path: the recording, as given or found.
+        classes: class names, in the model's output order.
+        chunk_logits: (C, K) float32, one row per chunk.
+        starts, ends: (C,) float64 seconds of each chunk (the last one may end early: zero padding).
+        seconds: the recording's length (s).
+        source_rate: the file's own sample rate (Hz).
+    """
+
+    path: str
+    classes: list[str]
+    chunk_logits: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
+    seconds: float
+    source_rate: int
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """(K,) softmax of the mean chunk logits (the recording-level rule of `evaluate`)."""
+        return _softmax(self.chunk_logits.mean(axis=0))
+
+    @property
+    def label(self) -> str:
+        return self.classes[int(np.argmax(self.probabilities))]
+
+    @property
+    def probability(self) -> float:
+        return float(self.probabilities.max())
+
+    @property
+    def chunk_probabilities(self) -> np.ndarray:
+        """(C, K) softmax of each chunk's logits."""
+        return _softmax(self.chunk_logits)
+
+    def to_dict(self, per_chunk: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "file": self.path, "class": self.label, "probability": round(self.probability, 6),
+            "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, self.probabilities, strict=True)},
+            "chunks": len(self.starts), "seconds": round(self.seconds, 3), "source_rate": self.source_rate}
+        if per_chunk:
+            probs = self.chunk_probabilities
+            out["timeline"] = [
+                {"start": round(float(s), 3), "end": round(float(e), 3), "class": self.classes[int(p.argmax())],
+                 "probability": round(float(p.max()), 6),
+                 "probabilities": {c: round(float(v), 6) for c, v in zip(self.classes, p, strict=True)}}
+                for s, e, p in zip(self.starts, self.ends, probs, strict=True)]
+        return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """A checkpoint ready to predict: model, feature parameters, normalisation and chunking rules.
+
+    Args:
+        checkpoint: a `best_model.pt` or `last.pt` from `audioshard train`.
+        device: "auto", "cpu", "cuda" or "mps".
+        batch_size: chunks per forward pass; also the chunks' worth of audio read per block.
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", batch_size: int = 64):
+        from audioshard.distributed import pick_device
+
+        if batch_size <= 0:
+            raise PredictError(f"--batch-size must be > 0, got {batch_size}")
+        state = load_checkpoint(checkpoint)
+        try:
+            self.classes = list(state["classes"])
+            self.params = FeatureParams.from_dict(state["features"])
+            norm = state["normalization"]
+            audio = state.get("config", {}).get("audio", {})
+            defaults = AudioConfig()
+            self.min_fraction = float(audio.get("min_fraction", defaults.min_fraction))
+            self.short_clip = str(audio.get("short_clip", defaults.short_clip))
+            self.transform = BatchTransform(float(norm["mean"]), float(norm["std"]), augment=None)
+            self.device = pick_device(device)
+            self.model = model_from_checkpoint(state).to(self.device)
+        except (KeyError, TypeError) as exn:
+            raise CheckpointError(f"{checkpoint}: incomplete checkpoint ({type(exn).__name__}: {exn})") from exn
+        self.checkpoint, self.batch_size = str(checkpoint), batch_size
+
+    def chunks(self, path: str | Path) -> ChunkReader:
+        """The recording's chunks at the checkpoint's rate and length, read in blocks."""
+        return ChunkReader(path, self.params.sample_rate, self.params.chunk_seconds, self.min_fraction,
+                           self.short_clip, block_chunks=self.batch_size)
+
+    def features(self, path: str | Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (mel: (C, n_mels, frames) float16 dB, starts: (C,) seconds): what the shards hold."""
+        reader = self.chunks(path)
+        for chunks, starts in reader:
+            for i in range(0, len(chunks), self.batch_size):
+                yield log_mel(chunks[i:i + self.batch_size], self.params), starts[i:i + self.batch_size] / \
+                    self.params.sample_rate
+
+    @torch.inference_mode()
+    def logits(self, mel: np.ndarray) -> np.ndarray:
+        """(C, n_mels, frames) float16 dB -> (C, K) float32 logits (normalised as in training)."""
+        x = self.transform.normalize(torch.from_numpy(mel).unsqueeze(1).to(self.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.model(x)
+        return out.float().cpu().numpy()
+
+    def predict_file(self, path: str | Path) -> Prediction:
+        """Predict one recording, streaming it in blocks.
+
+        Raises:
+            AudioError: the file cannot be decoded, or gives no chunk (see `audio.short_clip`).
+        """
+        reader = self.chunks(path)
+        logits, starts = [], []
+        for chunks, offsets in reader:
+            for i in range(0, len(chunks), self.batch_size):
+                logits.append(self.logits(log_mel(chunks[i:i + self.batch_size], self.params)))
+            starts.append(offsets)
+        rate = self.params.sample_rate
+        start_s = np.concatenate(starts) / rate
+        seconds = reader.num_samples / rate
+        ends = np.minimum(start_s + self.params.chunk_seconds, max(seconds, 0.0))
+        return Prediction(str(path), self.classes, np.concatenate(logits), start_s, ends, seconds,
+                          int(reader.source_rate or 0))
+
+
+# --- files, output and plots -------------------------------------------------------------------
+
+
+def find_audio(inputs: Sequence[str | Path], extensions: Iterable[str]) -> list[Path]:
+    """Files named directly (any extension), plus the audio files under named folders (recursive, sorted,
+    hidden files and folders left out). Paths that do not exist are returned too and fail when read."""
+    extensions = {e.lower() for e in extensions}
+    found: list[Path] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in extensions
+                                and not any(part.startswith(".") for part in p.relative_to(item).parts)))
+        else:
+            found.append(item)
+    return found
+
+
+def plot_timeline(pred: Prediction, out: str | Path) -> Path:
+    """A PNG of each class's chunk probability over the recording (a step per chunk)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    minutes = pred.seconds > 600
+    scale = 60.0 if minutes else 1.0
+    edges = np.append(pred.starts, pred.ends[-1]) / scale
+    probs = pred.chunk_probabilities
+    fig, ax = plt.subplots(figsize=(min(20.0, 6.0 + len(pred.starts) / 60), 3.5))
+    for k, name in enumerate(pred.classes):
+        ax.stairs(probs[:, k], edges, label=name, linewidth=1.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("time (min)" if minutes else "time (s)")
+    ax.set_ylabel("probability")
+    ax.set_title(f"{Path(pred.path).name}: {pred.label} ({pred.probability:.2f}), {len(pred.starts)} chunks",
+                 fontsize=10)
+    ax.legend(loc="upper right", fontsize=8, ncol=min(len(pred.classes), 6))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _plot_paths(files: list[Path], plot: Path) -> dict[Path, Path]:
+    """One PNG per file: `plot` itself for a single file named *.png, otherwise files inside folder `plot`."""
+    if plot.suffix.lower() == ".png":
+        if len(files) > 1:
+            raise PredictError(f"--plot {plot} names one PNG, but there are {len(files)} files; give a folder")
+        return {files[0]: plot}
+    if plot.exists() and not plot.is_dir():
+        raise PredictError(f"--plot {plot}: exists and is not a folder; give a folder or a .png file")
+    out: dict[Path, Path] = {}
+    used: set[str] = set()
+    for path in files:
+        stem = "_".join(p for p in path.with_suffix("").parts if p not in ("/", ".", "..")) or "recording"
+        name, n = stem, 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        out[path] = plot / f"{name}.png"
+    return out
+
+
+@dataclass
+class PredictSummary:
+    """What `predict_files` did: predictions made, and files that failed with their reasons."""
+
+    predictions: list[Prediction] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+class _Writer:
+    """Writes results as they come (table, csv) or at the end (json)."""
+
+    def __init__(self, fmt: str, classes: list[str], per_chunk: bool, out: TextIO, name_width: int):
+        self.fmt, self.classes, self.per_chunk, self.out = fmt, classes, per_chunk, out
+        self.width = max(4, min(name_width, 60))
+        self.class_width = max(5, *(len(c) for c in classes))
+        self.csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        self.records: list[dict[str, Any]] = []
+
+    def header(self) -> None:
+        probs = [f"p_{c}" for c in self.classes]
+        if self.csv is not None:
+            self.csv.writerow(["file", "start", "end", "class", "probability", *probs] if self.per_chunk else
+                              ["file", "class", "probability", *probs, "chunks", "seconds"])
+        elif self.fmt == "table":
+            cw = self.class_width
+            cols = "  ".join(f"{c[:8]:>8}" for c in self.classes)
+            print(f"{'file':<{self.width}}  {'class':<{cw}}  {'prob':>5}  {cols}  {'chunks':>6}  {'seconds':>8}",
+                  file=self.out)
+
+    def write(self, pred: Prediction) -> None:
+        if self.fmt == "json":
+            self.records.append(pred.to_dict(self.per_chunk))
+            return
+        probs = pred.probabilities
+        if self.csv is not None:
+            if self.per_chunk:
+                for s, e, p in zip(pred.starts, pred.ends, pred.chunk_probabilities, strict=True):
+                    self.csv.writerow([pred.path, f"{s:.3f}", f"{e:.3f}", self.classes[int(p.argmax())],
+                                       f"{p.max():.6f}", *(f"{v:.6f}" for v in p)])
+            else:
+                self.csv.writerow([pred.path, pred.label, f"{pred.probability:.6f}", *(f"{v:.6f}" for v in probs),
+                                   len(pred.starts), f"{pred.seconds:.3f}"])
+            self.out.flush()
+            return
+        cw = self.class_width
+        name = pred.path if len(pred.path) <= self.width else "..." + pred.path[-(self.width - 3):]
+        cols = "  ".join(f"{v:>8.3f}" for v in probs)
+        print(f"{name:<{self.width}}  {pred.label:<{cw}}  {pred.probability:>5.2f}  {cols}  {len(pred.starts):>6}  "
+              f"{pred.seconds:>8.1f}", file=self.out)
+        if self.per_chunk:
+            print(f"    {'start':>9}  {'end':>9}  {'class':<{cw}}  {'prob':>5}", file=self.out)
+            for s, e, p in zip(pred.starts, pred.ends, pred.chunk_probabilities, strict=True):
+                print(f"    {s:>9.2f}  {e:>9.2f}  {self.classes[int(p.argmax())]:<{cw}}  {p.max():>5.2f}",
+                      file=self.out)
+        self.out.flush()
+
+    def close(self, checkpoint: str, failed: list[dict[str, str]]) -> None:
+        if self.fmt == "json":
+            json.dump({"checkpoint": checkpoint, "classes": self.classes, "files": self.records, "failed": failed},
+                      self.out, indent=1)
+            self.out.write("\n")
+
+
+def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str = "table", per_chunk: bool = False,
+                  plot: str | Path | None = None, batch_size: int = 64, device: str = "auto",
+                  extensions: Iterable[str] | None = None, out: TextIO | None = None,
+                  err: TextIO | None = None) -> PredictSummary:
+    """Predict every recording in `inputs` and write the results as they come.
+
+    Args:
+        checkpoint: a `best_model.pt` from `audioshard train`.
+        inputs: files (any extension) and folders (searched recursively for `extensions`).
+        fmt: "table" (for people), "csv" (one row per file, or per chunk with `per_chunk`) or "json" (one
+            document: {"checkpoint", "classes", "files": [...], "failed": [{"file", "reason"}]}).
+        per_chunk: add each chunk's start, end (s), class and probability.
+        plot: a .png (one file) or a folder (one PNG per file) for probability-over-time plots.
+        batch_size: chunks per forward pass and per block read.
+        device: "auto", "cpu", "cuda" or "mps".
+        extensions: audio extensions for folders (default: the config's `audio.extensions`).
+        out, err: where results and failures go (default stdout, stderr).
+
+    Returns:
+        A PredictSummary. A file that cannot be decoded is reported on `err` and counted, never fatal.
+
+    Raises:
+        PredictError: no input files, a bad format or --plot target. CheckpointError: unusable checkpoint.
+    """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    if fmt not in FORMATS:
+        raise PredictError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    files = find_audio(inputs, extensions if extensions is not None else AudioConfig().extensions)
+    if not files:
+        raise PredictError(f"no audio files in {', '.join(str(i) for i in inputs)} (extensions: "
+                           f"{', '.join(sorted(extensions if extensions is not None else AudioConfig().extensions))})")
+    plots = _plot_paths(files, Path(plot)) if plot is not None else {}
+    predictor = Predictor(checkpoint, device=device, batch_size=batch_size)
+    summary = PredictSummary()
+    writer = _Writer(fmt, predictor.classes, per_chunk, out, max(len(str(f)) for f in files))
+    writer.header()
+    for path in files:
+        try:
+            pred = predictor.predict_file(path)
+        except AudioError as exn:
+            reason = str(exn).removeprefix(f"{path}: ")
+            summary.failed.append({"file": str(path), "reason": reason})
+            print(f"audioshard predict: skipped {path}: {reason}", file=err)
+            continue
+        summary.predictions.append(pred)
+        writer.write(pred)
+        if path in plots:
+            summary.plots.append(plot_timeline(pred, plots[path]))
+    writer.close(predictor.checkpoint, summary.failed)
+    if summary.failed:
+        print(f"audioshard predict: {len(summary.predictions)} of {len(files)} files predicted, "
+              f"{len(summary.failed)} could not be read", file=err)
+    return summary
+
+
+def format_text(summary: PredictSummary) -> str:
+    """The table `predict_files` prints, as a string (for library users)."""
+    buffer = io.StringIO()
+    if summary.predictions:
+        writer = _Writer("table", summary.predictions[0].classes, False, buffer,
+                         max(len(p.path) for p in summary.predictions))
+        writer.header()
+        for pred in summary.predictions:
+            writer.write(pred)
+    return buffer.getvalue()

@@ -1,0 +1,80 @@
+"""A real HTTP server on 127.0.0.1 serving a folder, with scripted faults per path (for tests).
+
+    with ShardServer(root) as server:
+        server.faults["/train-000000.tar"] = ["500", "ok"]   # fail once, then serve
+        url = server.url  # http://127.0.0.1:PORT/
+
+Faults, consumed one per request for that path: "404", "403", "500", "truncate" (send half the
+body with a Content-Length that matches it), "reset" (drop the connection mid-body), "stall"
+(send headers then hang), "ok".
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+from collections import Counter, defaultdict
+from functools import partial
+from pathlib import Path
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    server_ref: ShardServer
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        owner = self.server.owner
+        owner.hits[self.path] += 1
+        script = owner.faults.get(self.path)
+        fault = script.pop(0) if script else "ok"
+        if fault in ("404", "403", "500"):
+            self.send_error(int(fault))
+            return
+        path = Path(self.translate_path(self.path))
+        if fault == "ok" or not path.is_file():
+            return super().do_GET()
+        body = path.read_bytes()
+        if fault == "truncate":
+            body = body[: len(body) // 2]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) if fault == "truncate" else len(body)))
+        self.end_headers()
+        if fault == "reset":
+            self.wfile.write(body[: len(body) // 3])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        if fault == "stall":
+            time.sleep(owner.stall_seconds)
+            return
+        self.wfile.write(body)
+
+
+class ShardServer:
+    """Serve `root` over HTTP on 127.0.0.1 in a background thread."""
+
+    def __init__(self, root: Path, stall_seconds: float = 30.0):
+        self.root = Path(root)
+        self.faults: dict[str, list[str]] = defaultdict(list)
+        self.hits: Counter = Counter()
+        self.stall_seconds = stall_seconds
+        handler = partial(_Handler, directory=str(self.root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+
+    def __enter__(self) -> ShardServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,110 @@
+"""Shards over HTTP from a real server on 127.0.0.1: training, retries, clear errors, cache."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import TINY_TRAIN
+from http_server import ShardServer
+
+from audioshard.config import load_config
+from audioshard.evaluate import evaluate_checkpoint
+from audioshard.info import check_pipeline, format_info
+from audioshard.manifest import ManifestError, load_manifest
+from audioshard.remote import Fetcher, SourceError
+from audioshard.stream import ShardStream
+from audioshard.train import train
+
+FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)
+
+
+def ids(manifest, split):
+    return sorted((int(s), float(t)) for b in ShardStream(manifest, split, 10_000)
+                  for s, t in zip(b.source, b.start, strict=True))
+
+
+@pytest.fixture()
+def server(real_build):
+    with ShardServer(real_build, stall_seconds=10) as srv:
+        yield srv
+
+
+def test_train_and_evaluate_from_http(server, real_build, tmp_path):
+    remote = load_manifest(server.url)
+    assert ids(remote, "train") == ids(load_manifest(real_build), "train")
+    train(server.url, tmp_path / "run", load_config(overrides=TINY_TRAIN), progress=False)
+    metrics = evaluate_checkpoint(tmp_path / "run" / "best_model.pt", server.url, "test", tmp_path / "eval")
+    local = evaluate_checkpoint(tmp_path / "run" / "best_model.pt", str(real_build), "test", tmp_path / "eval2")
+    assert metrics["chunk"] == local["chunk"]
+    assert "train chunks" in format_info(remote.data, server.url)
+    assert "label mix" in check_pipeline(server.url, "val", load_config(overrides=["train.batch_size=8"]))
+
+
+def test_404_is_a_clear_error_naming_the_url(server):
+    with pytest.raises(ManifestError, match=r"127\.0\.0\.1.*/nope/manifest.json.*HTTP 404"):
+        load_manifest(server.url + "nope/", FAST)
+    manifest = load_manifest(server.url, FAST)
+    name = "/" + manifest.shards("val")[0].file
+    server.faults[name] = ["403"]
+    started = time.time()
+    with pytest.raises(SourceError, match=r"val-000000.tar: HTTP 403"):
+        list(ShardStream(manifest, "val", 64))
+    assert time.time() - started < 2  # no retries for a permanent error
+
+
+def test_500_then_success_is_retried(server, real_build):
+    manifest = load_manifest(server.url, FAST)
+    name = "/" + manifest.shards("val")[0].file
+    server.faults[name] = ["500", "reset", "ok"]
+    assert ids(manifest, "val") == ids(load_manifest(real_build), "val")
+    assert server.hits[name] == 3
+
+
+@pytest.mark.parametrize("fault, message", [("truncate", "truncated download"), ("500", "HTTP 500"),
+                                            ("stall", "connection failed")])
+def test_persistent_faults_give_up_after_bounded_retries(server, fault, message):
+    manifest = load_manifest(server.url, FAST)
+    name = "/" + manifest.shards("val")[0].file
+    server.faults[name] = [fault] * 10
+    started = time.time()
+    with pytest.raises(SourceError, match=message) as info:
+        list(ShardStream(manifest, "val", 64))
+    assert "gave up after 3 attempts" in str(info.value) and name.lstrip("/") in str(info.value)
+    assert server.hits[name] == 3 and time.time() - started < 3 * 2.0 + 2
+
+
+def test_tampered_shard_is_never_trained_on(server, real_build, tmp_path):
+    manifest = load_manifest(server.url, FAST)
+    shard = real_build / manifest.shards("val")[0].file
+    original = shard.read_bytes()
+    try:
+        tampered = bytearray(original)
+        tampered[len(tampered) // 2] ^= 0xFF  # same size, one flipped byte
+        shard.write_bytes(bytes(tampered))
+        with pytest.raises(SourceError, match="sha256"):
+            next(iter(ShardStream(manifest, "val", 8)))
+    finally:
+        shard.write_bytes(original)
+
+
+def test_cache_is_verified_and_safe_to_fill_concurrently(server, real_build, tmp_path):
+    cache = tmp_path / "cache"
+    fetcher = Fetcher(timeout=2.0, retries=1, cache_dir=str(cache))
+    manifest = load_manifest(server.url, fetcher)
+    expected = ids(load_manifest(real_build), "train")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ids(manifest, "train"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
+    files = sorted(cache.glob("*.tar"))
+    assert [f.stem for f in files] == sorted(s.sha256 for s in manifest.shards("train"))
+    assert not list(cache.glob(".part-*"))
+    hits = sum(server.hits.values())
+    assert ids(manifest, "train") == expected and sum(server.hits.values()) == hits  # served from the cache
+    files[0].write_bytes(b"garbage")  # a corrupt cache entry is detected and fetched again
+    assert ids(manifest, "train") == expected and sum(server.hits.values()) == hits + 1
+    assert np.all([f.stat().st_size > 100 for f in files])
