@@ -264,6 +264,9 @@ def clean(out_dir: str | Path) -> list[Path]:
     removed = own_outputs(out_dir)
     for path in removed:
         path.unlink()
+    for part_dir in sorted(out_dir.glob("part-*-of-*")):  # part builds of a job array
+        if part_dir.is_dir() and ((part_dir / MANIFEST_NAME).exists() or (part_dir / MARKER_NAME).exists()):
+            removed += clean(part_dir)
     if not any(out_dir.iterdir()):
         out_dir.rmdir()
     return removed
@@ -313,13 +316,16 @@ def _results(jobs: list[tuple[Source, Config]], workers: int):
 
 
 def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, workers: int | None = None,
-                 force: bool = False, progress: bool = True) -> BuildResult:
+                 force: bool = False, progress: bool = True, part: tuple[int, int] | None = None) -> BuildResult:
     """Build train/val/test shards and `manifest.json` from a class-folder tree or CSV.
 
     Args:
         input_path: folder with one subfolder per class, or a CSV with columns path,label[,group][,split].
         out_dir: output folder (created); refused if it holds something else, unless `force`.
         workers: decoding processes (None: `shards.workers`, 0 there meaning all cores).
+        part: (I, N) builds only part I of N into `out_dir/part-I-of-N/` (for job arrays on many
+            machines); the split is still decided from the whole file list. `merge_parts(out_dir)`
+            then writes one manifest over all parts.
 
     Returns:
         BuildResult with the manifest as written (or as found, when the build was already up to date).
@@ -330,7 +336,13 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
     if not found.sources:
         raise BuildError(f"{input_path}: no usable audio files found "
                          f"({sum(found.ignored.values())} ignored, {len(found.skipped)} skipped)")
-    fingerprint = _fingerprint(found.sources, cfg)
+    fingerprint = job = _fingerprint(found.sources, cfg)
+    if part is not None:
+        index, count = part
+        if not 0 <= index < count:
+            raise BuildError(f"--part {index}/{count}: expected 0 <= I < N")
+        out_dir = out_dir / f"part-{index}-of-{count}"
+        fingerprint = f"{job}-part-{index}-of-{count}"
     if _prepare_out_dir(out_dir, fingerprint, force):
         manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
         return BuildResult(out_dir, manifest, up_to_date=True)
@@ -346,6 +358,8 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         members = [s for s in found.sources if assignment[s.rel] == split]
         ordered[split] = [members[i] for i in rng.permutation(len(members))]
     jobs = [(s, cfg) for split in SPLITS for s in ordered[split]]
+    if part is not None:
+        jobs = jobs[part[0]::part[1]]  # disjoint parts, each in the one-shot build's order
     by_rel = {s.rel: s for s in found.sources}
 
     writers = {split: SplitWriter(out_dir, split, cfg.shards.block_size, cfg.shards.chunks_per_shard)
@@ -393,11 +407,10 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
             "audio_seconds": round(seconds[split], 3),
             "sources": split_sources_list[split],
         }
-    if not total_n:
+    if not total_n and part is None:
         raise BuildError(f"{input_path}: nothing usable in the training split: all {len(skipped)} inputs were "
                          "skipped (see the reasons above) or none were assigned to train")
-    mean = total / total_n
-    std = float(np.sqrt(max(total_sq / total_n - mean * mean, 1e-12)))
+    mean, std = _mean_std(total, total_sq, total_n)
     warnings = list(found.warnings) + split_notes
     for name in classes:
         if not any(splits[s]["class_counts"][name] for s in SPLITS):
@@ -411,13 +424,80 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         "classes": classes,
         "features": params.to_dict(),
         "block_size": cfg.shards.block_size,
-        "normalization": {"mean": float(mean), "std": std},
+        "normalization": {"mean": mean, "std": std},
+        "train_stats": {"sum": total, "sum_sq": total_sq, "n": total_n},  # lets part builds be merged exactly
         "splits": splits,
         "skipped": skipped,
         "ignored": dict(found.ignored),
         "warnings": warnings,
         "config": cfg.to_dict(),
     }
+    if part is not None:
+        manifest["part"] = {"index": part[0], "count": part[1], "job": job}
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)  # the commit point: written last
     (out_dir / MARKER_NAME).unlink(missing_ok=True)
     return BuildResult(out_dir, manifest)
+
+
+def _mean_std(total: float, total_sq: float, n: int) -> tuple[float, float]:
+    if not n:
+        return 0.0, 1.0
+    mean = total / n
+    return float(mean), float(np.sqrt(max(total_sq / n - mean * mean, 1e-12)))
+
+
+def merge_parts(out_dir: str | Path) -> dict[str, Any]:
+    """Write `out_dir/manifest.json` over the part builds `out_dir/part-I-of-N/` (all N must be complete).
+
+    Shards stay where the parts wrote them (the manifest names them `part-I-of-N/train-000000.tar`);
+    each shard records the offset of its part's sources in the merged `sources` list.
+    """
+    out_dir = Path(out_dir)
+    parts = []
+    for path in sorted(out_dir.glob("part-*-of-*/" + MANIFEST_NAME)):
+        parts.append((path.parent.name, json.loads(path.read_text(encoding="utf-8"))))
+    if not parts:
+        raise BuildError(f"{out_dir}: no finished part builds (part-I-of-N/{MANIFEST_NAME}) to merge")
+    jobs = {data["part"]["job"] for _, data in parts}
+    counts = {data["part"]["count"] for _, data in parts}
+    if len(jobs) != 1 or len(counts) != 1:
+        raise BuildError(f"{out_dir}: the parts come from different inputs, settings or part counts; "
+                         "rebuild them with the same command")
+    count = counts.pop()
+    parts.sort(key=lambda item: item[1]["part"]["index"])
+    missing = sorted(set(range(count)) - {data["part"]["index"] for _, data in parts})
+    if missing:
+        raise BuildError(f"{out_dir}: parts {missing} of {count} are missing or unfinished; run "
+                         + ", ".join(f"--part {i}/{count}" for i in missing))
+    first = parts[0][1]
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        merged: dict[str, Any] = {"shards": [], "samples": 0, "class_counts": Counter(), "recordings": Counter(),
+                                  "audio_seconds": 0.0, "sources": []}
+        for folder, data in parts:
+            info = data["splits"][split]
+            for shard in info["shards"]:
+                merged["shards"].append({**shard, "file": f"{folder}/{shard['file']}",
+                                         "source_offset": len(merged["sources"])})
+            merged["samples"] += info["samples"]
+            merged["class_counts"].update(info["class_counts"])
+            merged["recordings"].update(info["recordings"])
+            merged["audio_seconds"] = round(merged["audio_seconds"] + info["audio_seconds"], 3)
+            merged["sources"] += info["sources"]
+        merged["class_counts"] = {c: merged["class_counts"][c] for c in first["classes"]}
+        merged["recordings"] = {c: merged["recordings"][c] for c in first["classes"]}
+        splits[split] = merged
+    stats = [data["train_stats"] for _, data in parts]
+    total, total_sq, n = (sum(s[k] for s in stats) for k in ("sum", "sum_sq", "n"))
+    if not n:
+        raise BuildError(f"{out_dir}: nothing usable in the training split of any part")
+    mean, std = _mean_std(total, total_sq, n)
+    manifest = {**first, "fingerprint": jobs.pop(), "splits": splits, "normalization": {"mean": mean, "std": std},
+                "train_stats": {"sum": total, "sum_sq": total_sq, "n": n},
+                "skipped": [s for _, data in parts for s in data["skipped"]],
+                "warnings": sorted({w for _, data in parts for w in data["warnings"]}),
+                "merged_from": [folder for folder, _ in parts]}
+    manifest.pop("part")
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    return manifest
+

@@ -34,12 +34,25 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from audioshard.build import build_shards
+    from audioshard.build import BuildError, build_shards, merge_parts
     from audioshard.info import format_info
 
+    if args.merge:
+        manifest = merge_parts(args.out)
+        print(format_info(manifest, str(args.out)))
+        return 0
+    if args.input is None:
+        raise BuildError("give an INPUT folder or CSV (or --merge to combine part builds in --out)")
+    part = None
+    if args.part:
+        try:
+            index, count = (int(v) for v in args.part.split("/"))
+        except ValueError as exn:
+            raise BuildError(f"--part expects I/N, e.g. --part 0/4; got {args.part!r}") from exn
+        part = (index, count)
     cfg = _config(args)
     result = build_shards(args.input, args.out, cfg, workers=args.workers, force=args.force,
-                          progress=not args.quiet)
+                          progress=not args.quiet, part=part)
     if result.up_to_date:
         print(f"{args.out}: already built from these inputs and settings; nothing to do (--force rebuilds)")
         return 0
@@ -103,6 +116,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from audioshard.manifest import MANIFEST_NAME
+    from audioshard.serve import make_server
+
+    if not (Path(args.dir) / MANIFEST_NAME).exists():
+        print(f"audioshard serve: error: {args.dir} has no {MANIFEST_NAME}; serve a folder written by "
+              "`audioshard build`", file=sys.stderr)
+        return 2
+    server = make_server(args.dir, args.host, args.port, quiet=False)
+    print(f"serving {args.dir} at http://{args.host}:{server.server_address[1]}/ (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_toml(_config(args)), end="")
     return 0
@@ -138,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Decode, resample, chunk and featurise every recording, split by recording (no leakage), and write "
             "shards. INPUT is a folder with one subfolder per class, or a CSV with columns path,label and "
             "optional group,split. Corrupt files are reported and skipped (see `audioshard info`).")
-    p.add_argument("input", type=Path, help="class-per-folder directory or CSV file")
+    p.add_argument("input", type=Path, nargs="?", help="class-per-folder directory or CSV file")
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder")
     p.add_argument("--workers", type=int, default=None, 
                    help="decoding processes (default: shards.workers, 0 = all cores)")
     p.add_argument("--force", action="store_true", help="replace what is in --out")
+    p.add_argument("--part", metavar="I/N", help="build only part I of N into OUT/part-I-of-N/ (job arrays: run "
+                   "I = 0..N-1 anywhere, then --merge)")
+    p.add_argument("--merge", action="store_true", help="write OUT/manifest.json over the finished part builds in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("info", cmd_info, "print a build's manifest as tables (class balance per split)")
@@ -177,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="build folder or http(s) URL of one")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split")
     p.add_argument("--batches", type=int, default=3, help="batches to pull")
+
+    p = add("serve", cmd_serve, "serve a build folder over HTTP (train from it with --shards http://HOST:PORT/)")
+    p.add_argument("dir", type=Path, help="build folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
 
     add("config", cmd_config, "print the resolved settings as TOML (defaults + --config + --set)")
     return parser

@@ -36,6 +36,7 @@ class ShardInfo:
     samples: int
     sha256: str
     bytes: int
+    source_offset: int = 0  # where this shard's part begins in the split's `sources` (merged part builds)
 
 
 def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:

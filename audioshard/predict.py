@@ -9,17 +9,17 @@ Everything that decides what the model sees comes from the checkpoint: feature p
 chunking rules (`config["audio"]`: `min_fraction`, `short_clip`). A recording's prediction is the
 softmax of the mean of its chunk logits, as for the recording-level figures of `evaluate`.
 
-Long recordings are streamed, never loaded whole: blocks of about `batch_size` chunks are read
+Long recordings are streamed, never loaded whole: blocks of a few chunks' worth of audio are read
 (`soundfile.SoundFile.read(frames)` for libsndfile formats, pieces of ffmpeg's stdout for the rest),
-mixed to mono and resampled by `StreamingResampler`, which gives the same samples as resampling the
-whole file at once (`audio.load`), so chunks start at the same samples and hold the same values as
-at build time. Memory is bounded by one block, whatever the recording's length.
+mixed to mono and resampled by `StreamingResampler`, which gives the samples that resampling the
+whole file at once (`audio.load`) gives, so chunks start at the same samples and hold the same values
+as at build time. Chunks are gathered into batches of `batch_size` for the model. Memory is bounded
+by one batch, whatever the recording's length (an hour of 48 kHz audio would be 690 MB as float32).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import shutil
@@ -44,6 +44,7 @@ from audioshard.features import FeatureParams, log_mel
 # torchaudio.functional.resample defaults, which `audio.resample` uses: they set the filter's reach.
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
+MAX_RESAMPLE_SAMPLES = 1 << 17  # input samples resampled per torchaudio call (bounds its working memory)
 FORMATS = ("table", "csv", "json")
 
 
@@ -78,6 +79,7 @@ class StreamingResampler:
         # torchaudio's filter half-length in input samples, plus one for rounding.
         width = math.ceil(LOWPASS_FILTER_WIDTH * self.o / (min(self.o, self.n) * ROLLOFF)) + 1
         self.context = self.o * (width // self.o + 2)  # a multiple of o, > width + o
+        self.step = self.o * max(1, MAX_RESAMPLE_SAMPLES // self.o)
         self.buffer = np.zeros(0, dtype=np.float32)  # input from `buffer_start` (a multiple of o) on
         self.buffer_start = 0
         self.next_frame = 0  # first output frame not yet emitted
@@ -85,18 +87,24 @@ class StreamingResampler:
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Add (N,) float32 input; return the output samples that are now final (possibly none)."""
-        self.length += len(samples)
         if self.o == self.n:
+            self.length += len(samples)
             return samples
-        self.buffer = np.concatenate([self.buffer, samples])
-        stop = (self.length - self.context) // self.o
-        if stop <= self.next_frame:
-            return np.zeros(0, dtype=np.float32)
-        return self._emit(stop)
+        out = []
+        # Resample at most `step` new samples per call: torch's conv1d unfolds its input (about
+        # kernel-size floats per output frame), which for a whole block would cost far more than the block.
+        for begin in range(0, len(samples), self.step):
+            piece = samples[begin:begin + self.step]
+            self.length += len(piece)
+            self.buffer = np.concatenate([self.buffer, piece])
+            stop = (self.length - self.context) // self.o
+            if stop > self.next_frame:
+                out.append(self._emit(stop))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def finish(self) -> np.ndarray:
         """Return the rest of the output, up to the length resampling the whole input would give."""
-        if self.o == self.n:
+        if self.o == self.n or self.length == 0:
             return np.zeros(0, dtype=np.float32)
         return self._emit(None)
 
@@ -196,10 +204,7 @@ def _ffmpeg_blocks(ffmpeg: str, path: Path, rate: int, frames: int) -> Iterator[
                 data = proc.stdout.read(4 * frames)
                 if not data:
                     break
-                usable = len(data) - len(data) % 4
-                if usable < len(data):  # a torn last sample can only come at the very end
-                    data += proc.stdout.read(4 - len(data) % 4)
-                    usable = len(data) - len(data) % 4
+                usable = len(data) - len(data) % 4  # read(n) returns less than n only at the end
                 got += usable
                 yield np.frombuffer(data[:usable], dtype="<f4").astype(np.float32)
             code = proc.wait()
@@ -226,13 +231,13 @@ class ChunkReader:
         sample_rate: rate the model's features are computed at (Hz).
         chunk_seconds: chunk length (s).
         min_fraction, short_clip: as `audio.min_fraction` and `audio.short_clip` of the build.
-        block_chunks: chunks' worth of audio read per block (memory: about this many chunks).
+        block_chunks: chunks' worth of audio read per block.
 
     After iteration, `num_samples` is the recording's length at `sample_rate` and `source_rate` its own rate.
     """
 
     def __init__(self, path: str | Path, sample_rate: int, chunk_seconds: float, min_fraction: float = 0.5,
-                 short_clip: str = "pad", block_chunks: int = 64):
+                 short_clip: str = "pad", block_chunks: int = 8):
         self.path, self.sample_rate, self.chunk_seconds = Path(path), int(sample_rate), float(chunk_seconds)
         self.min_fraction, self.short_clip, self.block_chunks = min_fraction, short_clip, max(1, block_chunks)
         self.chunk = int(round(chunk_seconds * sample_rate))
@@ -353,7 +358,7 @@ class Predictor:
     Args:
         checkpoint: a `best_model.pt` or `last.pt` from `audioshard train`.
         device: "auto", "cpu", "cuda" or "mps".
-        batch_size: chunks per forward pass; also the chunks' worth of audio read per block.
+        batch_size: chunks per forward pass (memory: about 1 MB per chunk of 2 s at 16 kHz, all told).
     """
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", batch_size: int = 64):
@@ -380,15 +385,28 @@ class Predictor:
     def chunks(self, path: str | Path) -> ChunkReader:
         """The recording's chunks at the checkpoint's rate and length, read in blocks."""
         return ChunkReader(path, self.params.sample_rate, self.params.chunk_seconds, self.min_fraction,
-                           self.short_clip, block_chunks=self.batch_size)
+                           self.short_clip)
+
+    def batches(self, reader: ChunkReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Regroup a reader's chunks into batches of `batch_size` (the last one smaller):
+        (chunks: (B, chunk_samples) float32, starts: (B,) seconds)."""
+        held: list[tuple[np.ndarray, np.ndarray]] = []
+        count = 0
+        for chunks, starts in reader:
+            held.append((chunks, starts))
+            count += len(chunks)
+            while count >= self.batch_size:
+                chunks, starts = np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held])
+                yield chunks[:self.batch_size], starts[:self.batch_size] / self.params.sample_rate
+                held = [(chunks[self.batch_size:], starts[self.batch_size:])]
+                count -= self.batch_size
+        if count:
+            yield np.concatenate([h[0] for h in held]), np.concatenate([h[1] for h in held]) / self.params.sample_rate
 
     def features(self, path: str | Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields (mel: (C, n_mels, frames) float16 dB, starts: (C,) seconds): what the shards hold."""
-        reader = self.chunks(path)
-        for chunks, starts in reader:
-            for i in range(0, len(chunks), self.batch_size):
-                yield log_mel(chunks[i:i + self.batch_size], self.params), starts[i:i + self.batch_size] / \
-                    self.params.sample_rate
+        """Yields (mel: (B, n_mels, frames) float16 dB, starts: (B,) seconds) per batch: what the shards hold."""
+        for chunks, starts in self.batches(self.chunks(path)):
+            yield log_mel(chunks, self.params), starts
 
     @torch.inference_mode()
     def logits(self, mel: np.ndarray) -> np.ndarray:
@@ -406,13 +424,11 @@ class Predictor:
         """
         reader = self.chunks(path)
         logits, starts = [], []
-        for chunks, offsets in reader:
-            for i in range(0, len(chunks), self.batch_size):
-                logits.append(self.logits(log_mel(chunks[i:i + self.batch_size], self.params)))
-            starts.append(offsets)
-        rate = self.params.sample_rate
-        start_s = np.concatenate(starts) / rate
-        seconds = reader.num_samples / rate
+        for chunks, batch_starts in self.batches(reader):
+            logits.append(self.logits(log_mel(chunks, self.params)))
+            starts.append(batch_starts)
+        start_s = np.concatenate(starts)
+        seconds = reader.num_samples / self.params.sample_rate
         ends = np.minimum(start_s + self.params.chunk_seconds, max(seconds, 0.0))
         return Prediction(str(path), self.classes, np.concatenate(logits), start_s, ends, seconds,
                           int(reader.source_rate or 0))
@@ -563,7 +579,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
             document: {"checkpoint", "classes", "files": [...], "failed": [{"file", "reason"}]}).
         per_chunk: add each chunk's start, end (s), class and probability.
         plot: a .png (one file) or a folder (one PNG per file) for probability-over-time plots.
-        batch_size: chunks per forward pass and per block read.
+        batch_size: chunks per forward pass.
         device: "auto", "cpu", "cuda" or "mps".
         extensions: audio extensions for folders (default: the config's `audio.extensions`).
         out, err: where results and failures go (default stdout, stderr).
@@ -605,14 +621,3 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
               f"{len(summary.failed)} could not be read", file=err)
     return summary
 
-
-def format_text(summary: PredictSummary) -> str:
-    """The table `predict_files` prints, as a string (for library users)."""
-    buffer = io.StringIO()
-    if summary.predictions:
-        writer = _Writer("table", summary.predictions[0].classes, False, buffer,
-                         max(len(p.path) for p in summary.predictions))
-        writer.header()
-        for pred in summary.predictions:
-            writer.write(pred)
-    return buffer.getvalue()

@@ -214,6 +214,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         self._bad(exn)
                         continue
                     read += len(block["y"])
+                    if task.shard.source_offset:
+                        block["source"] = block["source"] + task.shard.source_offset
                     yield block
             except (tarfile.TarError, ValueError, OSError) as exn:  # unreadable tar structure
                 if isinstance(exn, ShardDataError):

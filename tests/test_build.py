@@ -9,7 +9,7 @@ import webdataset as wds
 from conftest import DCS, SMALL_BUILD, link_tree
 
 from audioshard.audio import chunk_starts
-from audioshard.build import BuildError, build_shards, clean
+from audioshard.build import BuildError, build_shards, clean, merge_parts
 from audioshard.config import load_config
 from audioshard.manifest import load_manifest, sha256_file
 from audioshard.split import SPLITS, Source, split_sources
@@ -206,3 +206,33 @@ def test_manifest_records_what_is_needed(real_build):
     data = json.loads((real_build / "manifest.json").read_text())
     assert data["format_version"] == 1 and data["features"]["n_mels"] == 64
     assert data["normalization"]["std"] > 0 and data["config"]["audio"]["sample_rate"] == 16000
+
+
+def chunk_table(build):
+    """Every chunk of a build as (split, source path, start, label, features bytes), sorted."""
+    manifest = load_manifest(build)
+    rows = []
+    for split in SPLITS:
+        for batch in ShardStream(manifest, split, 1000):
+            for x, y, s, t in zip(batch.x, batch.y, batch.source, batch.start, strict=True):
+                rows.append((split, manifest.sources(split)[int(s)], float(t), int(y), x.numpy().tobytes()))
+    return sorted(rows)
+
+
+def test_parts_and_merge_equal_a_one_shot_build(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 6, "car": 5, "speech": 6})
+    cfg = load_config(overrides=SMALL_BUILD)
+    whole = build_shards(raw, tmp_path / "whole", cfg, workers=1, progress=False).manifest
+    build_shards(raw, tmp_path / "parts", cfg, workers=1, progress=False, part=(1, 2))
+    with pytest.raises(BuildError, match=r"parts \[0\] of 2 are missing"):
+        merge_parts(tmp_path / "parts")
+    build_shards(raw, tmp_path / "parts", cfg, workers=1, progress=False, part=(0, 2))
+    merged = merge_parts(tmp_path / "parts")
+    assert chunk_table(tmp_path / "parts") == chunk_table(tmp_path / "whole")
+    assert merged["normalization"]["mean"] == pytest.approx(whole["normalization"]["mean"], rel=1e-9)
+    assert merged["normalization"]["std"] == pytest.approx(whole["normalization"]["std"], rel=1e-9)
+    for split in SPLITS:
+        assert merged["splits"][split]["class_counts"] == whole["splits"][split]["class_counts"]
+        assert sorted(merged["splits"][split]["sources"]) == sorted(whole["splits"][split]["sources"])
+    clean(tmp_path / "parts")
+    assert not (tmp_path / "parts").exists()

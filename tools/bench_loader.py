@@ -1,0 +1,290 @@
+"""Benchmark data loading: audioshard's stream against the original and the plain-webdataset ways.
+
+What it measures, on the same chunks (the drone_car_speech build, tiled to >= 200,000 chunks of
+(64, 63) float16 log-mel), batch size 256, with the same augmentation semantics everywhere
+(normalise, Gaussian noise std 0.1, two SpecAugment time masks of up to 8 frames per sample):
+
+    npz         the original system: one compressed `.npz` file per chunk, a map-style Dataset that
+                loads, normalises and augments one chunk at a time, DataLoader(batch_size=256, shuffle)
+    plain_wds   a plain webdataset pipeline, one chunk per tar member:
+                WebDataset(urls).shuffle(1000).decode().to_tuple().map(augment).batched(256)
+    audioshard  audioshard.stream.open_shards(...): 64 chunks per tar member, shuffle buffer of
+                blocks, whole-batch normalise + augment in the loader worker
+    raw         sequential reads of audioshard's shard files, nothing decoded: the I/O ceiling
+
+Each (method, workers) runs in a fresh subprocess, so each gets its own peak RSS (main process +
+the largest loader worker, from getrusage). Throughput is samples per second over at most
+`--seconds` of steady-state iteration after the first batch (start-up excluded). It also measures
+audioshard reading the same shards from a real HTTP server on 127.0.0.1 (vs local disk), and
+audioshard's peak RSS on 10x fewer shards (does memory grow with the data set?).
+
+Commands (from the repository root; the first run writes ~4 GB of test data to --work, later
+runs reuse it):
+
+    .venv/bin/python tools/bench_loader.py                     # table
+    .venv/bin/python tools/bench_loader.py --json              # one JSON object on stdout
+    .venv/bin/python tools/bench_loader.py --workers 1 --seconds 5
+
+How to read it: `ratios.N.vs_plain_wds` is audioshard's samples/s over plain webdataset's with N
+loader workers (target >= 5), `vs_npz` over the original way (target >= 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 256
+NOISE_STD, TIME_MASKS, TIME_MASK_WIDTH = 0.1, 2, 8
+METHODS = ("npz", "plain_wds", "audioshard", "raw")
+
+
+# --- data preparation (once, cached in --work) ----------------------------------------------------
+
+
+def prepare(work: Path, source: Path, target: int) -> dict:
+    """Build the real data once, then tile its chunks into the three layouts; returns a description."""
+    import numpy as np
+    import webdataset as wds
+
+    from audioshard.build import SplitWriter, build_shards
+    from audioshard.config import load_config
+    from audioshard.manifest import load_manifest, write_json_atomic
+    from audioshard.stream import ShardStream
+
+    done = work / "prepared.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "base"
+    build_shards(source, base, load_config(), progress=False)
+    manifest = load_manifest(base)
+    chunks = [b for split in ("train", "val", "test") for b in ShardStream(manifest, split, 4096)]
+    x = np.concatenate([b.x.numpy()[:, 0] for b in chunks])
+    y = np.concatenate([b.y.numpy() for b in chunks])
+    repeats = -(-target // len(y))
+    total = repeats * len(y)
+    print(f"tiling {len(y)} real chunks x {repeats} = {total} chunks", file=sys.stderr)
+
+    def tiled(limit: int):
+        for r in range(repeats):
+            for i in range(len(y)):
+                n = r * len(y) + i
+                if n >= limit:
+                    return
+                yield n, x[i], int(y[i])
+
+    for name, count in (("audioshard", total), ("audioshard_small", total // 10)):
+        out = work / name
+        out.mkdir(exist_ok=True)
+        writer = SplitWriter(out, "train", manifest.block_size, 1024)
+        for n, mel, label in tiled(count):
+            writer.add(mel[None], label, n % 1000, np.array([0.0], np.float32))
+        shards = writer.close()
+        data = dict(manifest.data)
+        data["splits"] = {"train": {"shards": shards, "samples": count, "class_counts": {}, "recordings": {},
+                                    "audio_seconds": 0, "sources": [str(i) for i in range(1000)]}}
+        write_json_atomic(out / "manifest.json", data)
+
+    plain = work / "plain"
+    plain.mkdir(exist_ok=True)
+    with wds.ShardWriter(str(plain / "plain-%06d.tar"), maxcount=1024, verbose=0) as sink:
+        for n, mel, label in tiled(total):
+            sink.write({"__key__": f"{n:09d}", "mel.npy": mel, "cls": label})
+
+    npz = work / "npz"
+    npz.mkdir(exist_ok=True)
+    for n, mel, label in tiled(total):
+        np.savez_compressed(npz / f"{n:09d}.npz", mel=mel, label=label)
+    info = {"chunks": total, "real_chunks": len(y), "mean": manifest.mean, "std": manifest.std}
+    done.write_text(json.dumps(info))
+    return info
+
+
+# --- the four pipelines (each runs in its own subprocess) -----------------------------------------
+
+
+def augment_one(mel, rng, mean: float, std: float):
+    """Per-sample augmentation, the way the original system and a plain pipeline do it."""
+    import numpy as np
+
+    x = (mel.astype(np.float32) - mean) / std
+    x += NOISE_STD * rng.standard_normal(x.shape, dtype=np.float32)
+    frames = x.shape[-1]
+    for _ in range(TIME_MASKS):
+        width = rng.integers(0, TIME_MASK_WIDTH + 1)
+        start = rng.integers(0, frames - width + 1)
+        x[..., start:start + width] = 0.0
+    return x
+
+
+def loader_npz(work: Path, info: dict, workers: int):
+    import numpy as np
+    import torch
+
+    files = sorted((work / "npz").glob("*.npz"))
+
+    class NpzChunks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, index):
+            with np.load(files[index], allow_pickle=False) as data:
+                mel, label = data["mel"], int(data["label"])
+            rng = np.random.default_rng(index)
+            return torch.from_numpy(augment_one(mel, rng, info["mean"], info["std"])[None]), label
+
+    return torch.utils.data.DataLoader(NpzChunks(), batch_size=BATCH, shuffle=True, num_workers=workers)
+
+
+def loader_plain_wds(work: Path, info: dict, workers: int):
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted((work / "plain").glob("*.tar"))]
+    rng = np.random.default_rng(0)
+
+    def aug(sample):
+        mel, label = sample
+        return torch.from_numpy(augment_one(mel, rng, info["mean"], info["std"])[None]), label
+
+    dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node)
+               .shuffle(1000).decode().to_tuple("mel.npy", "cls").map(aug).batched(BATCH))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+
+
+def loader_audioshard(work: Path, info: dict, workers: int, source: str | None = None):
+    from audioshard.config import AugmentConfig
+    from audioshard.stream import open_shards
+
+    augment = AugmentConfig(noise_std=NOISE_STD, time_masks=TIME_MASKS, time_mask_width=TIME_MASK_WIDTH,
+                            freq_masks=0)
+    return open_shards(source or str(work / "audioshard"), "train", batch_size=BATCH, num_workers=workers,
+                       augment_config=augment)
+
+
+def measure_raw(work: Path, workers: int, seconds: float) -> tuple[float, int]:
+    """Sequential reads of the shard files, split over `workers` processes; chunks per second."""
+    files = sorted((work / "audioshard").glob("*.tar"))
+    info = json.loads((work / "prepared.json").read_text())
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", (
+        "import sys\nfor f in sys.argv[1:]:\n    s=open(f,'rb',buffering=0)\n    while s.read(1<<22): pass\n")]
+        + [str(f) for f in files[w::workers]]) for w in range(workers)]
+    for proc in procs:
+        proc.wait()
+    elapsed = time.perf_counter() - started
+    return info["chunks"] / elapsed, info["chunks"]
+
+
+def run_one(work: Path, method: str, workers: int, seconds: float, source: str | None) -> dict:
+    """Iterate one pipeline for up to `seconds` (after the first batch) and report samples/s and RSS."""
+    import torch
+
+    torch.set_num_threads(1)
+    info = json.loads((work / "prepared.json").read_text())
+    if method == "raw":
+        rate, _ = measure_raw(work, max(1, workers), seconds)
+    else:
+        loader = {"npz": loader_npz, "plain_wds": loader_plain_wds, "audioshard": loader_audioshard,
+                  "audioshard_small": loader_audioshard}[method]
+        if method == "audioshard_small":
+            loader = loader_audioshard(work, info, workers, str(work / "audioshard_small"))
+        elif method == "audioshard" and source:
+            loader = loader_audioshard(work, info, workers, source)
+        else:
+            loader = loader(work, info, workers)
+        iterator = iter(loader)
+        next(iterator)  # start-up (worker launch, first shard) is not throughput
+        count, started = 0, time.perf_counter()
+        for batch in iterator:
+            count += len(batch[1])
+            if time.perf_counter() - started > seconds:
+                break
+        rate = count / (time.perf_counter() - started)
+        del iterator
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"samples_per_s": rate, "peak_rss_mb": round(own + child, 1)}
+
+
+def spawn(work: Path, method: str, workers: int, seconds: float, source: str | None = None) -> dict:
+    command = [sys.executable, __file__, "--work", str(work), "--one", method, str(workers), "--seconds", str(seconds)]
+    if source:
+        command += ["--source", source]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ,
+                                                                                      OMP_NUM_THREADS="1"))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, default=ROOT.parent / "shared" / "data" / "drone_car_speech")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/audioshard-bench-loader"))
+    parser.add_argument("--chunks", type=int, default=200_000, help="tile the real chunks to at least this many")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seconds", type=float, default=15.0, help="max seconds of iteration per measurement")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--prepare-only", action="store_true", help="write the test data to --work and stop")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.work, args.one[0], int(args.one[1]), args.seconds, args.source)))
+        return
+
+    info = prepare(args.work, args.input, args.chunks)
+    if args.prepare_only:
+        return
+    result: dict = {"chunks": info["chunks"], "batch_size": BATCH, "samples_per_s": {}, "ratios": {},
+                    "peak_rss_mb": {}, "cpu_cores": os.cpu_count()}
+    for workers in args.workers:
+        key = str(workers)
+        result["samples_per_s"][key], result["peak_rss_mb"][key] = {}, {}
+        for method in METHODS:
+            one = spawn(args.work, method, workers, args.seconds)
+            result["samples_per_s"][key][method] = round(one["samples_per_s"])
+            result["peak_rss_mb"][key][method] = one["peak_rss_mb"]
+        rates = result["samples_per_s"][key]
+        result["ratios"][key] = {"vs_plain_wds": round(rates["audioshard"] / rates["plain_wds"], 2),
+                                 "vs_npz": round(rates["audioshard"] / rates["npz"], 2)}
+
+    # Memory vs data set size, and HTTP vs local disk (audioshard, the most workers asked for).
+    workers = max(args.workers)
+    small = spawn(args.work, "audioshard_small", workers, args.seconds)
+    result["rss_scaling"] = {"chunks_small": info["chunks"] // 10, "chunks_large": info["chunks"],
+                             "peak_rss_mb_small": small["peak_rss_mb"],
+                             "peak_rss_mb_large": result["peak_rss_mb"][str(workers)]["audioshard"]}
+    result["rss_scaling"]["ratio"] = round(result["rss_scaling"]["peak_rss_mb_large"] / small["peak_rss_mb"], 3)
+    from audioshard.serve import serving
+
+    with serving(args.work / "audioshard") as url:
+        remote = spawn(args.work, "audioshard", workers, args.seconds, source=url)
+    local = result["samples_per_s"][str(workers)]["audioshard"]
+    result["http"] = {"workers": workers, "local": local, "http": round(remote["samples_per_s"]),
+                      "ratio": round(remote["samples_per_s"] / local, 3)}
+
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"loader benchmark: {info['chunks']} chunks of (64, 63) float16, batch {BATCH}, {os.cpu_count()} cores")
+    print(f"{'workers':<8} {'npz':>10} {'plain_wds':>10} {'audioshard':>11} {'raw':>11}   vs plain_wds   vs npz")
+    for key, rates in result["samples_per_s"].items():
+        ratios = result["ratios"][key]
+        print(f"{key:<8} {rates['npz']:>10} {rates['plain_wds']:>10} {rates['audioshard']:>11} {rates['raw']:>11}"
+              f"   {ratios['vs_plain_wds']:>11}x  {ratios['vs_npz']:>6}x")
+    print("peak RSS (MB):", json.dumps(result["peak_rss_mb"]))
+    print("RSS, 10x more shards:", json.dumps(result["rss_scaling"]))
+    print("HTTP (127.0.0.1) vs local disk:", json.dumps(result["http"]))
+
+
+if __name__ == "__main__":
+    main()
