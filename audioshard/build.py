@@ -31,6 +31,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from audioshard import __version__
+from audioshard.acquire.common import provenance_rows
 from audioshard.audio import AudioError, choppinator, load
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
@@ -432,6 +433,8 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         "warnings": warnings,
         "config": cfg.to_dict(),
     }
+    # Where each input came from (RAW/sources.csv, written by `audioshard fetch`); same in every part.
+    manifest["provenance"] = provenance_rows(input_path, (s.rel for s in found.sources))
     if part is not None:
         manifest["part"] = {"index": part[0], "count": part[1], "job": job}
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)  # the commit point: written last

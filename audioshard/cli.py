@@ -5,6 +5,8 @@
     audioshard info demo/shards                         # class balance per split
     audioshard train --shards demo/shards --out demo/run
     audioshard evaluate --checkpoint demo/run/best_model.pt --shards demo/shards --split test --out demo/eval
+    audioshard predict --checkpoint demo/run/best_model.pt demo/raw/drone --per-chunk
+    audioshard export --checkpoint demo/run/best_model.pt --format onnx --out demo/model.onnx
 
 Every command takes --config FILE and repeated --set section.key=value (see config.toml).
 """
@@ -91,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     metrics = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.out, device_name=cfg.train.device,
                                   batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-                                  fetcher=cfg.fetcher())
+                                  fetcher=cfg.fetcher(), strict=cfg.shards.strict)
     print(f"{args.split} split of {args.shards}:")
     for line in iter_metrics_lines(metrics):
         print("  " + line)
@@ -133,6 +135,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from audioshard.predict import predict_files
+
+    cfg = _config(args)
+    summary = predict_files(args.checkpoint, args.inputs, fmt=args.format, per_chunk=args.per_chunk, plot=args.plot,
+                            batch_size=args.batch_size, device=cfg.train.device, extensions=cfg.audio.extensions)
+    if summary.plots:
+        print(f"wrote {len(summary.plots)} timeline plot(s): {summary.plots[0]}"
+              f"{' ...' if len(summary.plots) > 1 else ''}", file=sys.stderr)
+    return 0 if summary.predictions else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from audioshard.export import export_model, sidecar_path
+
+    info = export_model(args.checkpoint, args.format, args.out)
+    print(f"wrote {args.out} ({args.format}; input mel (batch, 1, {info['input']['shape'][2]}, "
+          f"{info['input']['shape'][3]}) -> logits over {', '.join(info['classes'])}; max difference from PyTorch "
+          f"{info['parity_max_abs_diff']:.1e}) and {sidecar_path(args.out)}")
+    return 0
+
+
+def cmd_fetch_youtube(args: argparse.Namespace) -> int:
+    from audioshard.acquire.youtube import collect_links, fetch_youtube
+
+    _config(args)  # validates --config/--set like every command
+    links = collect_links(args.urls, args.label, args.links)
+    summary = fetch_youtube(links, args.out, max_items=args.max_items, audio_format=args.audio_format,
+                            retries=args.retries, timeout=args.timeout, log=print)
+    print(summary.format())
+    return summary.exit_code
+
+
+def cmd_fetch_drive(args: argparse.Namespace) -> int:
+    from audioshard.acquire.drive import fetch_drive
+
+    cfg = _config(args)
+    summary = fetch_drive(args.folders, args.label, args.out, extensions=cfg.audio.extensions, retries=args.retries,
+                          timeout=args.timeout, log=print)
+    print(summary.format())
+    return summary.exit_code
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_toml(_config(args)), end="")
     return 0
@@ -142,6 +187,50 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML settings file (see config.toml); defaults otherwise")
     parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.lr=3e-4 (repeatable)")
+
+
+class _ExamplesHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, and keeps description/epilog line breaks (file formats, examples)."""
+
+
+FETCH_YOUTUBE_HELP = """\
+Download the best audio-only format of each video with yt-dlp (YouTube videos, playlists and
+channels, any other site yt-dlp supports, direct links to audio files, podcast RSS feeds), extract
+it to WAV or FLAC with ffmpeg, and write RAW/<label>/<id>[_<start>-<end>].wav plus one provenance
+row in RAW/sources.csv (URL, video id, title, uploader, duration, segment, licence, download time),
+which `audioshard build` copies into the manifest. sources.csv is also the download archive: a
+re-run fetches only what is new. Private, removed, age-restricted and geo-blocked videos are
+reported and skipped; transient errors are retried with backoff. The exit status is 1 only when
+nothing could be fetched.
+
+Link file (header required; start/end optional, seconds or [hh:]mm:ss; lines starting with # are
+skipped; an empty label takes --label):
+  url,label,start,end
+  https://www.youtube.com/watch?v=VIDEO_ID,drone,0:30,1:45
+  https://www.youtube.com/playlist?list=PLAYLIST_ID,car,,
+  https://example.org/recordings/street.flac,car,,
+
+Without ffmpeg, segments are refused and whole recordings are kept in their container (.webm,
+.m4a), which `audioshard build` then also needs ffmpeg to decode."""
+
+FETCH_YOUTUBE_EXAMPLES = """\
+examples:
+  audioshard fetch youtube --label drone --out raw/ https://www.youtube.com/watch?v=VIDEO_ID
+  audioshard fetch youtube --links links.csv --out raw/ --max-items 20
+  audioshard build raw/ --out shards/"""
+
+FETCH_DRIVE_HELP = """\
+Download the audio files (audio.extensions) of Google Drive folders, recursively, with gdown.
+The folder must be shared as "Anyone with the link". Files keep their names and subfolders under
+RAW/<label>/ (made safe; a taken name gets -2), each with a provenance row in RAW/sources.csv;
+a re-run fetches only files not fetched before. A file over its download quota or without access
+is reported with the reason and the rest still come. gdown < 6 lists at most 50 files per folder:
+that is detected and reported with what to do."""
+
+FETCH_DRIVE_EXAMPLES = """\
+examples:
+  audioshard fetch drive --label speech --out raw/ https://drive.google.com/drive/folders/FOLDER_ID
+  audioshard fetch drive --label speech --out raw/ FOLDER_ID OTHER_FOLDER_ID"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,15 +305,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
 
+    p = add("predict", cmd_predict, "predict the class of new recordings (any format, rate and length)",
+            "Predict each recording's class with a trained checkpoint: the softmax of the mean of its chunks' "
+            "logits, computed with exactly the training features (parameters, normalisation and chunking come "
+            "from the checkpoint). Long recordings are streamed in blocks, never loaded whole. Folders are "
+            "searched recursively for audio.extensions. A file that cannot be decoded is reported and counted; "
+            "the exit status is 1 only when no file could be predicted. Example: audioshard predict --checkpoint "
+            "runs/first/best_model.pt field/ night.flac --per-chunk --format csv > predictions.csv")
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="recordings, or folders of them")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt from `audioshard train`")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"],
+                   help="table for people; csv (one row per file, or per chunk with --per-chunk); json")
+    p.add_argument("--per-chunk", action="store_true", help="add a timeline: each chunk's start, end, class, "
+                   "probability")
+    p.add_argument("--plot", type=Path, metavar="OUT.png|DIR", help="write a probability-over-time PNG: a .png "
+                   "for one file, a folder for many")
+    p.add_argument("--batch-size", type=int, default=64, help="chunks per forward pass (bounds memory)")
+
+    p = add("export", cmd_export, "export a checkpoint's model to ONNX or TorchScript (+ a JSON sidecar)",
+            "Export the model for use without audioshard. Input: normalised log-mel (batch, 1, n_mels, frames) "
+            "float32, any batch size; output: logits (batch, classes). OUT.json beside it holds the classes, "
+            "feature parameters, chunking and normalisation. The export is loaded back and checked against "
+            "PyTorch before it is kept. ONNX needs: pip install 'audioshard[export]'. Example: audioshard export "
+            "--checkpoint runs/first/best_model.pt --format onnx --out model.onnx")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt from `audioshard train`")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="export format")
+    p.add_argument("--out", type=Path, required=True, help="file to write (the sidecar is OUT.json)")
+
+    p = sub.add_parser("fetch", help="download labelled audio (YouTube and other yt-dlp sites, Google Drive) "
+                       "into RAW/<label>/ with provenance", description="Build a class-per-folder RAW tree from "
+                       "the web: `audioshard fetch youtube --help`, `audioshard fetch drive --help`.")
+    fetch = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    p = fetch.add_parser("youtube", help="yt-dlp: videos, playlists, channels, direct audio links",
+                         description=FETCH_YOUTUBE_HELP, epilog=FETCH_YOUTUBE_EXAMPLES,
+                         formatter_class=_ExamplesHelpFormatter)
+    p.set_defaults(handler=cmd_fetch_youtube)
+    _add_config_args(p)
+    p.add_argument("urls", nargs="*", metavar="URL", help="video, playlist or channel URLs (need --label)")
+    p.add_argument("--label", help="class folder for the URLs (and for link-file rows without a label)")
+    p.add_argument("--links", type=Path, metavar="FILE", help="CSV with columns url,label[,start,end]")
+    p.add_argument("--out", type=Path, default=Path("raw"), help="RAW folder: files go into OUT/<label>/")
+    p.add_argument("--max-items", type=int, metavar="N", help="at most N videos from each playlist or channel "
+                   "(None: all)")
+    p.add_argument("--audio-format", default="wav", choices=["wav", "flac"], help="what ffmpeg extracts to")
+    p.add_argument("--retries", type=int, default=3, help="further attempts after a transient error (backoff 2, 4, "
+                   "8 s...)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent connection is dropped")
+
+    p = fetch.add_parser("drive", help="gdown: shared Google Drive folders, recursively",
+                         description=FETCH_DRIVE_HELP, epilog=FETCH_DRIVE_EXAMPLES,
+                         formatter_class=_ExamplesHelpFormatter)
+    p.set_defaults(handler=cmd_fetch_drive)
+    _add_config_args(p)
+    p.add_argument("folders", nargs="+", metavar="FOLDER_ID_OR_URL", help="Drive folder URLs or ids")
+    p.add_argument("--label", required=True, help="class folder the files go into")
+    p.add_argument("--out", type=Path, default=Path("raw"), help="RAW folder: files go into OUT/<label>/")
+    p.add_argument("--retries", type=int, default=3, help="further attempts after a network error (backoff 2, 4, "
+                   "8 s...)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds gdown waits for the server (gdown >= 6)")
+
     add("config", cmd_config, "print the resolved settings as TOML (defaults + --config + --set)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from audioshard.acquire.common import AcquireError
     from audioshard.audio import AudioError
     from audioshard.build import BuildError
     from audioshard.checkpoint import CheckpointError
+    from audioshard.export import ExportError
     from audioshard.manifest import ManifestError
+    from audioshard.predict import PredictError
     from audioshard.remote import SourceError
     from audioshard.stream import ShardDataError
     from audioshard.train import TrainingError
@@ -233,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, BuildError, ManifestError, CheckpointError, SourceError, TrainingError, AudioError,
-            ShardDataError) as exn:
+            ShardDataError, PredictError, ExportError, AcquireError) as exn:
         print(f"audioshard {args.command}: error: {exn}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,6 +66,8 @@ class ShardsConfig:
     http_timeout: float = 30.0
     http_retries: int = 4
     cache_dir: str = ""
+    verify_local: bool = True
+    strict: bool = False
 
 
 @dataclass
@@ -124,7 +126,7 @@ class Config:
         from audioshard.remote import Fetcher
 
         return Fetcher(timeout=self.shards.http_timeout, retries=self.shards.http_retries,
-                       cache_dir=self.shards.cache_dir)
+                       cache_dir=self.shards.cache_dir, verify_local=self.shards.verify_local)
 
 
 # Allowed values for the string settings that pick one behaviour among several.

@@ -25,15 +25,16 @@ from audioshard.stream import ShardStream, make_loader
 
 @torch.inference_mode()
 def predict_split(model: torch.nn.Module, manifest: Manifest, split: str, device: torch.device,
-                  batch_size: int = 256, num_workers: int = 0) -> dict[str, np.ndarray]:
+                  batch_size: int = 256, num_workers: int = 0, strict: bool = False) -> dict[str, Any]:
     """Logits for every chunk of a split (this rank's part under DDP, gathered to all ranks).
 
     Returns:
         {"logits": (N, C) float32, "y": (N,), "source": (N,), "start": (N,)}, sorted by (source, start)
-        so that the order does not depend on workers or ranks.
+        so that the order does not depend on workers or ranks, and "skipped_blocks" (int, all ranks).
     """
     transform = BatchTransform(manifest.mean, manifest.std, augment=None)
-    loader = make_loader(ShardStream(manifest, split, batch_size), num_workers=num_workers)
+    stream = ShardStream(manifest, split, batch_size, strict=strict)
+    loader = make_loader(stream, num_workers=num_workers)
     was_training = model.training
     model.eval()
     parts: dict[str, list[np.ndarray]] = {"logits": [], "y": [], "source": [], "start": []}
@@ -47,12 +48,14 @@ def predict_split(model: torch.nn.Module, manifest: Manifest, split: str, device
     model.train(was_training)
     classes = len(manifest.classes)
     out = {k: np.concatenate(v) if v else np.zeros((0, classes) if k == "logits" else 0) for k, v in parts.items()}
+    skipped = stream.skipped_blocks
     if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         gathered: list[Any] = [None] * torch_dist.get_world_size()
-        torch_dist.all_gather_object(gathered, out)
-        out = {k: np.concatenate([g[k] for g in gathered]) for k in out}
+        torch_dist.all_gather_object(gathered, (out, skipped))
+        out = {k: np.concatenate([g[0][k] for g in gathered]) for k in out}
+        skipped = sum(g[1] for g in gathered)
     order = np.lexsort((out["start"], out["source"]))
-    return {k: v[order] for k, v in out.items()}
+    return {**{k: v[order] for k, v in out.items()}, "skipped_blocks": skipped}
 
 
 def clip_level(logits: np.ndarray, y: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,7 +89,7 @@ def summarize(pred: dict[str, np.ndarray], classes: list[str], loss: float | Non
     chunk = scores(y, logits.argmax(1) if len(y) else y, len(classes))
     clip_logits, clip_y, _ = clip_level(logits, y, pred["source"])
     clip = scores(clip_y, clip_logits.argmax(1) if len(clip_y) else clip_y, len(classes))
-    result = {"chunk": chunk, "clip": clip}
+    result = {"chunk": chunk, "clip": clip, "skipped_blocks": int(pred.get("skipped_blocks", 0))}
     if loss is not None:
         result["loss"] = loss
     return result
@@ -152,7 +155,7 @@ def write_json(path: Path, data: Any) -> None:
 
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir: str | Path,
                         device_name: str = "auto", batch_size: int = 256, num_workers: int = 0,
-                        fetcher=None) -> dict[str, Any]:
+                        fetcher=None, strict: bool = False) -> dict[str, Any]:
     """Evaluate a saved checkpoint on one split of a build; writes reports into `out_dir`."""
     from audioshard.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
     from audioshard.distributed import pick_device
@@ -163,7 +166,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
     manifest = load_manifest(shards, fetcher) if fetcher else load_manifest(shards)
     check_compatible(ckpt, manifest, str(checkpoint))
     model = model_from_checkpoint(ckpt).to(device)
-    pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers)
+    pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers,
+                         strict=strict)
     out_dir = Path(out_dir)
     metrics = write_reports(out_dir, split, pred, manifest.classes)
     metrics.update({"split": split, "checkpoint": str(checkpoint), "shards": str(shards)})

@@ -45,8 +45,16 @@ def join(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
+class IntegrityError(SourceError):
+    """A shard's bytes do not match the manifest (size or sha256): truncated, corrupt or tampered."""
+
+
 class _Retry(Exception):
     """A transient failure worth another attempt."""
+
+    def __init__(self, message: str, integrity: bool = False):
+        super().__init__(message)
+        self.integrity = integrity
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,14 @@ class Fetcher:
         retries: further attempts after a transient failure (with backoff 0.5 s, 1 s, 2 s, ...).
         cache_dir: keep verified copies of remote shards here ("" = no cache); safe to share
             between processes (files appear atomically under their sha256).
+        verify_local: check the sha256 of local shards too before reading them (remote shards
+            are always checked); without it only their size is.
     """
 
     timeout: float = 30.0
     retries: int = 4
     cache_dir: str = ""
+    verify_local: bool = True
     backoff: float = 0.5
 
     def read(self, location: str) -> bytes:
@@ -87,8 +98,11 @@ class Fetcher:
             except OSError as exn:
                 raise SourceError(f"{location}: {exn.strerror}") from exn
             if size is not None and actual != size:
-                raise SourceError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated or "
-                                  "was changed after the build (`audioshard verify` checks every shard)")
+                raise IntegrityError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated "
+                                     "or was changed after the build (`audioshard verify` checks every shard)")
+            if self.verify_local and sha256 and _sha256_file(Path(location)) != sha256:
+                raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
+                                     "changed after the build")
             return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
         if self.cache_dir and sha256:
             return self._cached(location, size, sha256)
@@ -125,7 +139,8 @@ class Fetcher:
                 return
             except _Retry as exn:
                 if attempt == self.retries:
-                    raise SourceError(f"{location}: {exn} (gave up after {self.retries + 1} attempts)") from exn
+                    error = IntegrityError if exn.integrity else SourceError
+                    raise error(f"{location}: {exn} (gave up after {self.retries + 1} attempts)") from exn
             time.sleep(delay)
             delay *= 2
 
@@ -146,9 +161,10 @@ class Fetcher:
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exn:
             raise _Retry(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
         if size is not None and received != size:
-            raise _Retry(f"received {received} bytes, the manifest says {size} (truncated download)")
+            raise _Retry(f"received {received} bytes, the manifest says {size} (truncated download)", integrity=True)
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)")
+            raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)",
+                         integrity=True)
 
 
 def _refuse_other_schemes(location: str) -> None:

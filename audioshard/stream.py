@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import math
+import multiprocessing as mp
 import random
 import sys
 import tarfile
@@ -32,6 +33,9 @@ import torch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
+from audioshard.remote import IntegrityError
+
+MAX_REPORTS = 20  # bad-data lines printed per stream before only counting
 
 
 class ShardDataError(ValueError):
@@ -176,7 +180,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shards = manifest.shards(split)
         self.epoch = 0
         self.num_workers = 1  # set by `loader()` so that batch counts can be computed up front
-        self.skipped_blocks = 0
+        # Shared with loader workers (passed to them at process creation), so the trainer can report it.
+        self._skipped = mp.Value("l", 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -201,7 +206,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             location = self.manifest.shard_location(task.shard)
             expected = task_samples(task, self.manifest.block_size)
             read = 0
-            stream = self.manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
+            try:
+                stream = self.manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
+            except IntegrityError as exn:  # never read a shard that is not what the manifest promised
+                self._bad(ShardDataError(str(exn)))
+                continue
             try:
                 files = tar_file_expander([{"url": location, "stream": stream}],
                                           select_files=lambda name: name.split(".", 1)[-1] in BLOCK_MEMBERS)
@@ -228,11 +237,21 @@ class ShardStream(torch.utils.data.IterableDataset):
                                          "(truncated or altered shard)"))
 
     def _bad(self, exn: ShardDataError) -> None:
-        """Skip and count a bad block (or stop, under `strict`); never silently."""
+        """Skip and count a bad block or shard (or stop, under `strict`); never silently, never slowly."""
         if self.strict:
             raise exn
-        self.skipped_blocks += 1
-        print(f"audioshard: skipping: {exn}", file=sys.stderr)
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+            reported = self._skipped.value
+        if reported <= MAX_REPORTS:
+            print(f"audioshard: skipping: {exn}", file=sys.stderr)
+        elif reported == MAX_REPORTS + 1:
+            print("audioshard: more bad data skipped; the total is counted in the run's metrics", file=sys.stderr)
+
+    @property
+    def skipped_blocks(self) -> int:
+        """Bad blocks and shards skipped so far, in this process and its loader workers."""
+        return self._skipped.value
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()

@@ -203,7 +203,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
 
     train_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True,
                              shuffle_blocks=cfg.train.shuffle_blocks, seed=cfg.train.seed,
-                             rank=dist.rank, world_size=dist.world_size)
+                             rank=dist.rank, world_size=dist.world_size, strict=cfg.shards.strict)
     pin = cfg.train.pin_memory and device.type == "cuda"
     train_loader = make_loader(train_data, cfg.train.num_workers, pin_memory=pin,
                                prefetch_factor=cfg.train.prefetch_factor)
@@ -286,12 +286,13 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             bar.close()
             if TRACE_DIR:
                 _trace(epoch, dist.rank, steps, seen)
-            loss_sum, correct, count = _all_reduce_sum(sums.tolist(), device)
+            loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), train_data.skipped_blocks], device)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / count,
                                       "train_accuracy": correct / count, "lr": scheduler.get_last_lr()[0],
-                                      "steps": steps}
+                                      "steps": steps, "skipped_blocks_train": int(bad)}
             if has_val:
-                pred = predict_split(model, manifest, "val", device, cfg.train.batch_size, cfg.train.num_workers)
+                pred = predict_split(model, manifest, "val", device, cfg.train.batch_size, cfg.train.num_workers,
+                                     cfg.shards.strict)
                 val_loss = F.cross_entropy(torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()).item()
                 metrics = summarize(pred, manifest.classes, loss=val_loss)
             else:  # no val split: select on the training loss
@@ -348,7 +349,8 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
     for split in ("val", "test"):
         if manifest.samples(split) == 0:
             continue
-        pred = predict_split(model, manifest, split, device, cfg.train.batch_size, cfg.train.num_workers)
+        pred = predict_split(model, manifest, split, device, cfg.train.batch_size, cfg.train.num_workers,
+                             cfg.shards.strict)
         if dist.is_main:
             results[split] = write_reports(run_dir, split, pred, manifest.classes,
                                            label_prefix="" if split == "val" else "test_")
@@ -358,6 +360,8 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
     if dist.is_main:
         if "val" in results:
             results["majority_baseline"] = results["val"]["chunk"]["majority_baseline"]
+        # Bad blocks or shards skipped while training (cumulative over this run's epochs) and evaluating.
+        results["skipped_blocks_train"] = history[-1].get("skipped_blocks_train", 0) if history else 0
         write_json(run_dir / "metrics.json", results)
         if history:
             _plot_curves(history, run_dir / "training_curves.png")

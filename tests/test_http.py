@@ -13,7 +13,7 @@ from audioshard.evaluate import evaluate_checkpoint
 from audioshard.info import check_pipeline, format_info
 from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher, SourceError
-from audioshard.stream import ShardStream
+from audioshard.stream import ShardDataError, ShardStream
 from audioshard.train import train
 
 FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)
@@ -61,8 +61,7 @@ def test_500_then_success_is_retried(server, real_build):
     assert server.hits[name] == 3
 
 
-@pytest.mark.parametrize("fault, message", [("truncate", "truncated download"), ("500", "HTTP 500"),
-                                            ("stall", "connection failed")])
+@pytest.mark.parametrize("fault, message", [("500", "HTTP 500"), ("stall", "connection failed")])
 def test_persistent_faults_give_up_after_bounded_retries(server, fault, message):
     manifest = load_manifest(server.url, FAST)
     name = "/" + manifest.shards("val")[0].file
@@ -74,7 +73,21 @@ def test_persistent_faults_give_up_after_bounded_retries(server, fault, message)
     assert server.hits[name] == 3 and time.time() - started < 3 * 2.0 + 2
 
 
-def test_tampered_shard_is_never_trained_on(server, real_build, tmp_path):
+def test_truncated_download_is_retried_then_skipped_and_counted(server, capsys):
+    manifest = load_manifest(server.url, FAST)
+    name = "/" + manifest.shards("val")[0].file
+    server.faults[name] = ["truncate"] * 3
+    stream = ShardStream(manifest, "val", 64)
+    read = sum(len(b.y) for b in stream)
+    assert read == manifest.samples("val") - manifest.shards("val")[0].samples  # nothing from it was used
+    assert stream.skipped_blocks == 1
+    assert "truncated download" in capsys.readouterr().err and server.hits[name] == 3
+    server.faults[name] = ["truncate"] * 3
+    with pytest.raises(ShardDataError, match="truncated download"):
+        list(ShardStream(manifest, "val", 64, strict=True))
+
+
+def test_tampered_shard_is_never_trained_on(server, real_build):
     manifest = load_manifest(server.url, FAST)
     shard = real_build / manifest.shards("val")[0].file
     original = shard.read_bytes()
@@ -82,8 +95,11 @@ def test_tampered_shard_is_never_trained_on(server, real_build, tmp_path):
         tampered = bytearray(original)
         tampered[len(tampered) // 2] ^= 0xFF  # same size, one flipped byte
         shard.write_bytes(bytes(tampered))
-        with pytest.raises(SourceError, match="sha256"):
-            next(iter(ShardStream(manifest, "val", 8)))
+        stream = ShardStream(manifest, "val", 8)
+        read = sum(len(b.y) for b in stream)
+        assert read == manifest.samples("val") - manifest.shards("val")[0].samples and stream.skipped_blocks == 1
+        with pytest.raises(ShardDataError, match="sha256"):
+            list(ShardStream(load_manifest(real_build), "val", 8, strict=True))  # local shards are checked too
     finally:
         shard.write_bytes(original)
 

@@ -1,0 +1,267 @@
+"""Predict and export: the features are the shards' features, long files stream, exports match PyTorch."""
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import matplotlib.image
+import numpy as np
+import onnxruntime
+import pytest
+import soundfile as sf
+import torch
+from conftest import DCS, TINY_TRAIN
+
+from audioshard.audio import AudioError, choppinator, load, resample
+from audioshard.checkpoint import load_checkpoint, model_from_checkpoint
+from audioshard.cli import main
+from audioshard.config import load_config
+from audioshard.evaluate import predict_split
+from audioshard.export import export_model, sidecar_path
+from audioshard.features import FeatureParams, log_mel
+from audioshard.manifest import load_manifest
+from audioshard.predict import ChunkReader, PredictError, Predictor, StreamingResampler, predict_files
+from audioshard.stream import ShardStream
+from audioshard.train import train
+
+F16_STEP = 0.0625  # float16 spacing for |dB| in [64, 128): the most two float16 roundings can differ by
+
+
+@pytest.fixture(scope="module")
+def checkpoint(real_build, tmp_path_factory):
+    run = tmp_path_factory.mktemp("predict_run")
+    train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "train.epochs=5", "train.sanity_steps=0"]),
+          progress=False)
+    return run / "best_model.pt"
+
+
+def assert_same_features(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal, or (when float32 sums differ in the last bit) at most one float16 step apart, rarely."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.float16
+    diff = np.abs(got.astype(np.float32) - want.astype(np.float32))
+    assert diff.max() <= F16_STEP and (diff == 0).mean() > 0.999, (diff.max(), (diff == 0).mean())
+
+
+# --- streaming building blocks -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rates", [(44100, 16000), (8000, 16000), (48000, 16000), (22050, 16000), (11025, 16000)])
+def test_streaming_resampler_equals_whole_file_resampling(rates):
+    rng = np.random.default_rng(sum(rates))
+    x = rng.standard_normal(200_003).astype(np.float32)
+    resampler = StreamingResampler(*rates)
+    parts, pos = [], 0
+    while pos < len(x):  # ragged pieces, some shorter than the filter
+        step = int(rng.integers(1, 30_000))
+        parts.append(resampler.push(x[pos:pos + step]))
+        pos += step
+    got = np.concatenate([*parts, resampler.finish()])
+    want = resample(x, *rates)
+    assert len(got) == len(want)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("seconds,short_clip", [(0.3, "pad"), (0.3, "repeat"), (0.3, "drop"), (0.5, "pad"),
+                                                 (1.2, "pad"), (1.3, "pad"), (3.0, "pad"), (3.37, "pad")])
+@pytest.mark.parametrize("rate", [8000, 22050])
+def test_chunk_reader_cuts_what_choppinator_cuts(tmp_path, seconds, short_clip, rate):
+    """Blocks of 2 chunks of 0.5 s at 8 kHz: full chunks, the kept or dropped tail, short clips -- as at build time."""
+    path = tmp_path / "clip.wav"
+    rng = np.random.default_rng(rate)
+    sf.write(path, (0.1 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32), rate, subtype="FLOAT")
+    want, want_starts = choppinator(load(path, 8000), 8000, 0.5, 0.0, 0.5, short_clip)
+    reader = ChunkReader(path, 8000, 0.5, min_fraction=0.5, short_clip=short_clip, block_chunks=2)
+    if len(want) == 0:
+        with pytest.raises(AudioError, match="shorter than one chunk"):
+            list(reader)
+        return
+    parts = list(reader)
+    got = np.concatenate([c for c, _ in parts])
+    starts = np.concatenate([s for _, s in parts]) / 8000
+    np.testing.assert_array_equal(starts, want_starts)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)  # exact at 8 kHz; resampling sums differ in last bit
+    assert reader.num_samples == len(load(path, 8000)) and reader.source_rate == rate
+
+
+# --- prediction with a trained checkpoint ------------------------------------------------------
+
+
+def test_predict_features_are_the_shards_features(checkpoint, real_build, real_raw):
+    """The chunks predict computes for a file are the ones stored in the shards for it: same starts, same values."""
+    manifest = load_manifest(real_build)
+    stored: dict[int, list[tuple[float, np.ndarray]]] = {}
+    for batch in ShardStream(manifest, "test", batch_size=64):
+        for x, source, start in zip(batch.x.numpy()[:, 0], batch.source.tolist(), batch.start.tolist(), strict=True):
+            stored.setdefault(source, []).append((start, x))
+    predictor = Predictor(checkpoint, device="cpu", batch_size=2)  # several batches per file
+    assert predictor.params == manifest.features
+    sources = manifest.sources("test")
+    assert {path.split("/")[0] for path in sources} == {"car", "drone", "speech"}  # 8 kHz speech: resampled
+    for index, rel in enumerate(sources):
+        parts = list(predictor.features(real_raw / rel))
+        mel = np.concatenate([m for m, _ in parts])
+        starts = np.concatenate([s for _, s in parts])
+        want = sorted(stored[index], key=lambda item: item[0])
+        np.testing.assert_allclose(starts, [s for s, _ in want], atol=1e-6)
+        assert_same_features(mel, np.stack([x for _, x in want]))
+
+
+def test_predict_agrees_with_evaluate_and_is_mostly_right(checkpoint, real_build, real_raw):
+    manifest = load_manifest(real_build)
+    sources = manifest.sources("test")
+    summary = predict_files(checkpoint, [real_raw / rel for rel in sources], device="cpu", out=io.StringIO())
+    assert not summary.failed and len(summary.predictions) == len(sources)
+    # Recording-level logits equal the mean of evaluate's chunk logits on the shards.
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    split = predict_split(model, manifest, "test", torch.device("cpu"))
+    for index, pred in enumerate(summary.predictions):
+        mean = split["logits"][split["source"] == index].mean(axis=0)
+        np.testing.assert_allclose(pred.chunk_logits.mean(axis=0), mean, atol=1e-4)
+        np.testing.assert_allclose(pred.probabilities.sum(), 1.0, atol=1e-6)
+    right = [pred.label == rel.split("/")[0] for pred, rel in zip(summary.predictions, sources, strict=True)]
+    assert sum(right) > len(right) / 2, right
+
+
+def test_other_formats_rates_and_channels_match_the_build_path(checkpoint, tmp_path):
+    """ffmpeg formats (streamed from ffmpeg's stdout) and a 44.1 kHz stereo FLAC give what `audio.load` gives."""
+    params = FeatureParams.from_dict(load_checkpoint(checkpoint)["features"])
+    rng = np.random.default_rng(1)
+    t = np.arange(int(7.3 * 44100)) / 44100
+    stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.05 * rng.standard_normal(len(t))], axis=1)
+    sf.write(tmp_path / "stereo.flac", stereo.astype(np.float32), 44100)
+    source = sorted((DCS / "drone").glob("*.wav"))[0]
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(source), "-ar", "22050", "-c:a", "aac",
+                    str(tmp_path / "drone.m4a")], check=True)
+    predictor = Predictor(checkpoint, device="cpu", batch_size=3)
+    for name in ("stereo.flac", "drone.m4a"):
+        chunks, _ = choppinator(load(tmp_path / name, params.sample_rate), params.sample_rate, params.chunk_seconds)
+        got = np.concatenate([m for m, _ in predictor.features(tmp_path / name)])
+        assert_same_features(got, log_mel(chunks, params))
+        assert predictor.predict_file(tmp_path / name).source_rate in (44100, 22050)
+
+
+def test_cli_formats_plots_and_failures(checkpoint, tmp_path, capsys):
+    data = tmp_path / "in"
+    (data / "sub").mkdir(parents=True)
+    good = sorted((DCS / "speech").glob("*.wav"))[:2]
+    for path in good:
+        shutil.copy(path, data / "sub" / path.name)
+    (data / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file" * 10)
+    (data / "notes.txt").write_text("not audio, not counted")
+
+    assert main(["predict", "--checkpoint", str(checkpoint), str(data), "--format", "csv", "--per-chunk",
+                 "--plot", str(tmp_path / "plots")]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows and set(rows[0]) == {"file", "start", "end", "class", "probability", "p_car", "p_drone", "p_speech"}
+    assert {row["file"] for row in rows} == {str(data / "sub" / p.name) for p in good}
+    assert all(abs(sum(float(row[f"p_{c}"]) for c in ("car", "drone", "speech")) - 1) < 1e-4 for row in rows)
+    assert "skipped" in err and "broken.wav" in err and "corrupt or not audio" in err and "notes.txt" not in err
+    pngs = sorted((tmp_path / "plots").glob("*.png"))
+    assert len(pngs) == 2 and matplotlib.image.imread(pngs[0]).ndim == 3
+
+    assert main(["predict", "--checkpoint", str(checkpoint), *map(str, good), str(data / "broken.wav"),
+                 "--format", "json", "--per-chunk"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["classes"] == ["car", "drone", "speech"] and len(doc["files"]) == 2
+    assert doc["failed"][0]["file"] == str(data / "broken.wav") and doc["failed"][0]["reason"]
+    first = doc["files"][0]
+    assert first["class"] in doc["classes"] and len(first["timeline"]) == first["chunks"] > 0
+    assert [c["start"] for c in first["timeline"]] == [2.0 * i for i in range(first["chunks"])]
+    assert all(c["end"] == min(c["start"] + 2.0, first["seconds"]) for c in first["timeline"])
+
+    assert main(["predict", "--checkpoint", str(checkpoint), str(good[0]), "--plot", str(tmp_path / "one.png")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["file", "class", "prob"] and len(table) == 2
+    assert (tmp_path / "one.png").stat().st_size > 0
+
+    assert main(["predict", "--checkpoint", str(checkpoint), str(data / "broken.wav")]) == 1  # none predicted
+    assert "broken.wav" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "empty")]) == 2
+    assert "no audio files" in capsys.readouterr().err
+    with pytest.raises(PredictError, match="give a folder"):
+        predict_files(checkpoint, good, plot=tmp_path / "x.png")
+
+
+LONG_FILE_SCRIPT = textwrap.dedent("""
+    import io, json, resource, sys
+    from audioshard.predict import predict_files
+
+    checkpoint, tiny, warm, long = sys.argv[1:5]
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
+    predict_files(checkpoint, [tiny], fmt="csv", device="cpu", out=io.StringIO())  # imports, first allocations
+    start = peak()
+    predict_files(checkpoint, [warm], fmt="csv", device="cpu", out=io.StringIO())  # full batches of 64 chunks
+    warmed = peak()
+    out = io.StringIO()
+    predict_files(checkpoint, [long], fmt="csv", per_chunk=True, device="cpu", out=out)
+    print(json.dumps({"start": start, "warmed": warmed, "end": peak(), "csv": out.getvalue()}))
+""")
+
+
+def test_half_an_hour_streams_in_bounded_memory(checkpoint, tmp_path):
+    """30 min at 32 kHz: 57.6M samples, 230 MB as float32 (and as much again resampled) -- never held at once."""
+    rate = 32000
+    piece = (0.1 * np.random.default_rng(0).standard_normal(60 * rate) * 32767).astype(np.int16)
+    with sf.SoundFile(tmp_path / "long.wav", "w", samplerate=rate, channels=1, subtype="PCM_16") as out:
+        for _ in range(30):
+            out.write(piece)
+    sf.write(tmp_path / "warm.wav", np.tile(piece, 3), rate, subtype="PCM_16")  # 3 min: 90 chunks
+    sf.write(tmp_path / "tiny.wav", piece[: 3 * rate], rate, subtype="PCM_16")
+    files = [str(tmp_path / name) for name in ("tiny.wav", "warm.wav", "long.wav")]
+    proc = subprocess.run([sys.executable, "-c", LONG_FILE_SCRIPT, str(checkpoint), *files], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    # All working memory (reading, resampling, a batch of 64 chunks through log-mel and the model) ...
+    assert result["end"] - result["start"] < 200, result
+    # ... is reached within the first few minutes: ten times more audio costs next to nothing more.
+    assert result["end"] - result["warmed"] < 40, result
+    rows = list(csv.DictReader(io.StringIO(result["csv"])))
+    assert len(rows) == 900
+    np.testing.assert_allclose([float(r["start"]) for r in rows], np.arange(900) * 2.0)
+    assert float(rows[-1]["end"]) == 1800.0
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_gives_pytorch_outputs(checkpoint, real_build, real_raw, tmp_path, fmt):
+    out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    info = export_model(checkpoint, fmt, out)
+    side = json.loads(sidecar_path(out).read_text())
+    assert side == json.loads(json.dumps(info)) and side["classes"] == ["car", "drone", "speech"]
+    assert side["features"] == load_manifest(real_build).features.to_dict()
+    assert side["normalization"] == load_checkpoint(checkpoint)["normalization"]
+    assert side["input"]["shape"] == ["batch", 1, 64, 63] and side["parity_max_abs_diff"] <= 1e-4
+
+    # Real input, made only from what the sidecar says, at two batch sizes (the batch axis is dynamic).
+    predictor = Predictor(checkpoint, device="cpu")
+    mel = np.concatenate([m for m, _ in predictor.features(real_raw / load_manifest(real_build).sources("test")[0])])
+    x = ((mel.astype(np.float32) - side["normalization"]["mean"]) / side["normalization"]["std"])[:, None]
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        run = lambda batch: session.run(None, {"mel": batch})[0]  # noqa: E731
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": still what loads it
+            loaded = torch.jit.load(str(out))
+        run = lambda batch: loaded(torch.from_numpy(batch)).detach().numpy()  # noqa: E731
+    for batch in (x, x[:1]):
+        np.testing.assert_allclose(run(batch), predictor.logits(mel[: len(batch)]), rtol=1e-4, atol=1e-4)
+
+
+def test_export_cli(checkpoint, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+                 "--out", str(tmp_path / "m.pt")]) == 0
+    assert "m.pt.json" in capsys.readouterr().out and (tmp_path / "m.pt.json").is_file()
+    assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "onnx",
+                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
