@@ -18,6 +18,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -39,6 +40,7 @@ from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_fi
 from audioshard.split import SPLITS, Source, group_of, split_sources
 
 MARKER_NAME = ".audioshard-build"
+STAGING_NAME = ".staging"  # a build writes here first; shards move into place only when all are written
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 
 
@@ -219,6 +221,19 @@ class SplitWriter:
             shard["sha256"] = sha256_file(path)
             shard["bytes"] = path.stat().st_size
 
+    def abort(self) -> None:
+        """Close after a failure (e.g. disk full) without raising again; the files are discarded."""
+        if self.writer is None:
+            return
+        for close in (self.writer.tarstream.close, getattr(self.writer.own_fileobj, "close", None)):
+            try:
+                if close is not None:
+                    close()
+            except Exception:  # noqa: S110 - the original error is being raised already
+                pass
+        self.writer.own_fileobj = None
+        self.writer = None
+
     def close(self) -> list[dict[str, Any]]:
         if self.pending_count:
             self._write_block(self.pending_count)
@@ -289,9 +304,7 @@ def _prepare_out_dir(out_dir: Path, fingerprint: str, force: bool) -> bool:
         if not force and not marker.exists():
             raise BuildError(f"{out_dir} is not empty and is not an audioshard build; choose an empty or new "
                              "folder, or pass --force to write into it anyway")
-        # --force, or an interrupted build (marker, no manifest): start over from nothing.
-        for path in own_outputs(out_dir):
-            path.unlink()
+        # --force, or an interrupted build (marker, no manifest): build anew; old outputs go at commit.
     out_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}), encoding="utf-8")
     return False
@@ -332,7 +345,6 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         BuildResult with the manifest as written (or as found, when the build was already up to date).
     """
     out_dir = Path(out_dir)
-    params = FeatureParams.from_config(cfg)
     found = discover(input_path, cfg)
     if not found.sources:
         raise BuildError(f"{input_path}: no usable audio files found "
@@ -348,6 +360,27 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
         return BuildResult(out_dir, manifest, up_to_date=True)
 
+    staging = out_dir / STAGING_NAME
+    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
+    staging.mkdir()
+    try:
+        manifest = _build_into(staging, input_path, found, cfg, workers, progress, part, fingerprint, job)
+    except BaseException as exn:  # the previous build (if any) stays intact
+        shutil.rmtree(staging, ignore_errors=True)
+        (out_dir / MARKER_NAME).unlink(missing_ok=True)
+        if not isinstance(exn, OSError):
+            raise
+        where = f" ({exn.filename})" if exn.filename else ""
+        raise BuildError(f"writing the build failed{where}: {exn.strerror or exn}; nothing in {out_dir} was "
+                         "replaced. Free some space (or fix the permission) and run the same command again") from exn
+    _commit(out_dir, staging, manifest)
+    return BuildResult(out_dir, manifest)
+
+
+def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Config, workers: int | None,
+                progress: bool, part: tuple[int, int] | None, fingerprint: str, job: str) -> dict[str, Any]:
+    """Decode, featurise and write every shard into `staging`; returns the manifest to commit."""
+    params = FeatureParams.from_config(cfg)
     assignment, split_notes = split_sources(found.sources, cfg.split.val_fraction, cfg.split.test_fraction,
                                             cfg.split.seed)
     classes = sorted({s.label for s in found.sources})
@@ -363,7 +396,7 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         jobs = jobs[part[0]::part[1]]  # disjoint parts, each in the one-shot build's order
     by_rel = {s.rel: s for s in found.sources}
 
-    writers = {split: SplitWriter(out_dir, split, cfg.shards.block_size, cfg.shards.chunks_per_shard)
+    writers = {split: SplitWriter(staging, split, cfg.shards.block_size, cfg.shards.chunks_per_shard)
                for split in SPLITS}
     split_sources_list: dict[str, list[str]] = {split: [] for split in SPLITS}
     class_counts = {split: Counter() for split in SPLITS}
@@ -374,32 +407,41 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
     workers = workers if workers is not None else cfg.shards.workers
     workers = max(1, workers or os.cpu_count() or 1)
     audio_hours = 0.0
+    longest = 0.0
     bar = tqdm(total=len(jobs), desc="build", unit="file", disable=not progress, dynamic_ncols=True)
-    for result in _results(jobs, workers):
-        bar.update(1)
-        audio_hours += result.seconds / 3600
-        bar.set_postfix_str(f"{audio_hours:.2f} h audio, {len(skipped)} skipped", refresh=False)
-        source = by_rel[result.rel]
-        if result.error:
-            skipped.append({"path": result.rel, "reason": result.error})
-            continue
-        split = assignment[result.rel]
-        index = len(split_sources_list[split])
-        split_sources_list[split].append(result.rel)
-        writers[split].add(result.mel, class_index[source.label], index, result.starts)
-        class_counts[split][source.label] += len(result.mel)
-        recording_counts[split][source.label] += 1
-        seconds[split] += result.seconds
-        if split == "train":
-            values = result.mel.astype(np.float64)
-            total += values.sum()
-            total_sq += np.square(values).sum()
-            total_n += values.size
-    bar.close()
+    try:
+        for result in _results(jobs, workers):
+            bar.update(1)
+            audio_hours += result.seconds / 3600
+            longest = max(longest, result.seconds if not result.error else 0.0)
+            bar.set_postfix_str(f"{audio_hours:.2f} h audio, {len(skipped)} skipped", refresh=False)
+            source = by_rel[result.rel]
+            if result.error:
+                skipped.append({"path": result.rel, "reason": result.error})
+                continue
+            split = assignment[result.rel]
+            index = len(split_sources_list[split])
+            split_sources_list[split].append(result.rel)
+            writers[split].add(result.mel, class_index[source.label], index, result.starts)
+            class_counts[split][source.label] += len(result.mel)
+            recording_counts[split][source.label] += 1
+            seconds[split] += result.seconds
+            if split == "train":
+                values = result.mel.astype(np.float64)
+                total += values.sum()
+                total_sq += np.square(values).sum()
+                total_n += values.size
+        bar.close()
+        shards_of = {split: writers[split].close() for split in SPLITS}
+    except BaseException:
+        bar.close()
+        for writer in writers.values():
+            writer.abort()  # close half-written tars quietly; the caller discards the staging folder
+        raise
 
     splits = {}
     for split in SPLITS:
-        shards = writers[split].close()
+        shards = shards_of[split]
         splits[split] = {
             "shards": shards,
             "samples": sum(s["samples"] for s in shards),
@@ -413,6 +455,10 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
                          "skipped (see the reasons above) or none were assigned to train")
     mean, std = _mean_std(total, total_sq, total_n)
     warnings = list(found.warnings) + split_notes
+    if 0 < longest < cfg.audio.chunk_seconds:
+        warnings.append(f"audio.chunk_seconds = {cfg.audio.chunk_seconds} is longer than every clip (the longest is "
+                        f"{longest:.2f} s): each clip became one chunk, padded per audio.short_clip = "
+                        f"{cfg.audio.short_clip!r}; a shorter chunk may suit this data better")
     for name in classes:
         if not any(splits[s]["class_counts"][name] for s in SPLITS):
             warnings.append(f"class {name!r} has no usable chunks at all: every file was skipped")
@@ -437,9 +483,20 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
     manifest["provenance"] = provenance_rows(input_path, (s.rel for s in found.sources))
     if part is not None:
         manifest["part"] = {"index": part[0], "count": part[1], "job": job}
+    return manifest
+
+
+def _commit(out_dir: Path, staging: Path, manifest: dict[str, Any]) -> None:
+    """Swap the staged shards in: old manifest out first, new shards in, new manifest last."""
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # from here on no manifest can describe mixed files
+    for path in own_outputs(out_dir):
+        if path.name != MARKER_NAME:
+            path.unlink()
+    for path in sorted(staging.iterdir()):
+        os.replace(path, out_dir / path.name)
+    staging.rmdir()
     write_json_atomic(out_dir / MANIFEST_NAME, manifest)  # the commit point: written last
     (out_dir / MARKER_NAME).unlink(missing_ok=True)
-    return BuildResult(out_dir, manifest)
 
 
 def _mean_std(total: float, total_sq: float, n: int) -> tuple[float, float]:

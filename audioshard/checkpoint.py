@@ -37,8 +37,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             os.fsync(stream.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exn:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exn, OSError):  # disk full, quota: say so, and that the previous file is still good
+            raise CheckpointError(f"writing {path} failed ({exn.strerror or exn}); the previous {path.name} (if any) "
+                                  "is intact. Free some space and continue with --resume") from exn
         raise
 
 

@@ -1,6 +1,7 @@
 """The `audioshard` command: one subcommand per stage, each a thin shell over a library function.
 
     audioshard demo-data demo/raw                       # synthetic 3-class audio, offline
+    audioshard fetch youtube --links links.csv --out raw  # or: fetch drive --label speech --out raw FOLDER_URL
     audioshard build demo/raw --out demo/shards         # raw audio -> shards + manifest.json
     audioshard info demo/shards                         # class balance per split
     audioshard train --shards demo/shards --out demo/run
@@ -69,6 +70,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.source)
     print(format_info(manifest.data, args.source, verbose=args.verbose))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from audioshard.info import verify_build
+
+    good, report = verify_build(args.source, _config(args).fetcher())
+    print(report)
+    return 0 if good else 1
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -270,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "print a build's manifest as tables (class balance per split)")
     p.add_argument("source", help="build folder or http(s) URL of one")
     p.add_argument("--verbose", "-v", action="store_true", help="list every skipped file and shard")
+
+    p = add("verify", cmd_verify, "check every shard against the manifest (size, sha256, blocks, counts)",
+            "Read every shard of a build (folder or URL) and check it against manifest.json. Exit status 1 "
+            "when anything is wrong, with each bad shard named.")
+    p.add_argument("source", help="build folder or http(s) URL of one")
 
     p = add("clean", cmd_clean, "remove what a build wrote (refuses folders that are not builds)")
     p.add_argument("dir", type=Path, help="build folder")

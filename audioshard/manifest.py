@@ -81,7 +81,10 @@ class Manifest:
                                 f"audioshard (reads version {FORMAT_VERSION}); rebuild the shards or upgrade")
         for split, info in self.data["splits"].items():
             for shard in info["shards"]:
-                join(self.root, shard["file"])  # raises on names escaping the root
+                try:
+                    join(self.root, shard["file"])  # refuses names escaping the root
+                except SourceError as exn:
+                    raise ManifestError(f"{self.location}: {exn}") from exn
                 if not isinstance(shard.get("samples"), int):
                     raise ManifestError(f"{self.location}: shard entry {shard!r} of split {split} has no sample count")
 

@@ -6,8 +6,10 @@
 
 Everything that decides what the model sees comes from the checkpoint: feature parameters
 (`features`, the build's), normalisation (`normalization`, the train split's mean/std) and the
-chunking rules (`config["audio"]`: `min_fraction`, `short_clip`). A recording's prediction is the
-softmax of the mean of its chunk logits, as for the recording-level figures of `evaluate`.
+chunking rules (`config["audio"]`: `min_fraction`, `short_clip`). Chunks are cut back to back
+(hop = chunk, so the timeline has no overlaps; a build with `audio.hop_seconds` > 0 stored overlapping
+chunks in addition to these). A recording's prediction is the softmax of the mean of its chunk logits,
+as for the recording-level figures of `evaluate`.
 
 Long recordings are streamed, never loaded whole: blocks of a few chunks' worth of audio are read
 (`soundfile.SoundFile.read(frames)` for libsndfile formats, pieces of ffmpeg's stdout for the rest),
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -65,7 +68,8 @@ class StreamingResampler:
     and emits only frames whose whole filter reach lies inside the segment, so no emitted sample
     sees the zero padding that torchaudio adds at segment edges -- except at the true start and end
     of the recording, where resampling the whole file sees the same zeros. The `context` samples
-    before and after are resampled twice (a few hundred samples per block).
+    (a few hundred) around each segment are resampled twice. Output lengths equal torchaudio's for
+    the whole input; values agree to float32 rounding (~1e-7: conv1d sums in another order).
 
     Args:
         orig_rate: sample rate of the pushed audio (Hz).
@@ -467,7 +471,7 @@ def plot_timeline(pred: Prediction, out: str | Path) -> Path:
     probs = pred.chunk_probabilities
     fig, ax = plt.subplots(figsize=(min(20.0, 6.0 + len(pred.starts) / 60), 3.5))
     for k, name in enumerate(pred.classes):
-        ax.stairs(probs[:, k], edges, label=name, linewidth=1.2)
+        ax.stairs(probs[:, k], edges, baseline=None, label=name, linewidth=1.2)
     ax.set_ylim(0, 1.02)
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("time (min)" if minutes else "time (s)")
@@ -491,8 +495,10 @@ def _plot_paths(files: list[Path], plot: Path) -> dict[Path, Path]:
         raise PredictError(f"--plot {plot}: exists and is not a folder; give a folder or a .png file")
     out: dict[Path, Path] = {}
     used: set[str] = set()
-    for path in files:
-        stem = "_".join(p for p in path.with_suffix("").parts if p not in ("/", ".", "..")) or "recording"
+    absolute = [Path(os.path.abspath(path)) for path in files]  # no resolve(): links stay named as given
+    common = Path(os.path.commonpath([path.parent for path in absolute]))
+    for path, full in zip(files, absolute, strict=True):
+        stem = "_".join(full.relative_to(common).with_suffix("").parts) or "recording"
         name, n = stem, 1
         while name in used:
             n += 1

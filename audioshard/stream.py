@@ -204,8 +204,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _blocks(self, tasks: list[ReadTask]) -> Iterator[dict[str, np.ndarray]]:
         for task in tasks:
             location = self.manifest.shard_location(task.shard)
-            expected = task_samples(task, self.manifest.block_size)
-            read = 0
+            sizes = block_sizes(task.shard, self.manifest.block_size)[task.offset::task.stride]
+            expected, blocks, read, bad = sum(sizes), 0, 0, 0
             try:
                 stream = self.manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
             except IntegrityError as exn:  # never read a shard that is not what the manifest promised
@@ -217,9 +217,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 for index, sample in enumerate(group_by_keys(files)):
                     if index % task.stride != task.offset:
                         continue
+                    blocks += 1
                     try:
                         block = decode_block(sample, self.manifest)
                     except ShardDataError as exn:
+                        bad += 1
                         self._bad(exn)
                         continue
                     read += len(block["y"])
@@ -232,9 +234,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self._bad(ShardDataError(f"{location}: not a readable tar shard ({exn})"))
             finally:
                 stream.close()
-            if read != expected:
-                self._bad(ShardDataError(f"{location}: read {read} chunks, the manifest promises {expected} "
-                                         "(truncated or altered shard)"))
+            if blocks != len(sizes) or (not bad and read != expected):
+                self._bad(ShardDataError(f"{location}: read {blocks} blocks ({read} chunks) where the manifest "
+                                         f"promises {len(sizes)} ({expected} chunks): truncated or altered shard"))
 
     def _bad(self, exn: ShardDataError) -> None:
         """Skip and count a bad block or shard (or stop, under `strict`); never silently, never slowly."""

@@ -230,8 +230,9 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
         torch.set_rng_state(state["rng"]["torch"])
         print0(f"resuming from {run_dir / 'last.pt'} after epoch {start_epoch} of {cfg.train.epochs}")
     elif cfg.train.sanity_steps:
-        train_data.set_epoch(0)
-        first_batch = next(iter(make_loader(train_data, 0)))
+        probe_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                 rank=dist.rank, world_size=dist.world_size)
+        first_batch = next(iter(probe_data))
         first, last = sanity_check(model, first_batch, plain_transform, device, cfg.train.sanity_steps, cfg.train.lr)
         print0(f"sanity check: overfitting one batch of {len(first_batch.y)} for {cfg.train.sanity_steps} steps, "
                f"loss {first:.4f} -> {last:.4f}")
@@ -246,6 +247,10 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
         with open(run_dir / "history.jsonl", "w", encoding="utf-8") as stream:
             stream.writelines(json.dumps(h) + "\n" for h in history)
 
+    # The checkpoint's [audio] section is the build's (chunking rules), so `predict` cuts new recordings
+    # exactly as the shards were cut, whatever the training command's own [audio] said.
+    saved_config = cfg.to_dict()
+    saved_config["audio"] = dict(manifest.data.get("config", {}).get("audio", saved_config["audio"]))
     has_val = manifest.samples("val") > 0
     interrupted = False
     try:
@@ -257,13 +262,16 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             ddp_model.train()
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
             batches = iter(train_loader)
+            bad_before, bad_first_pass = train_data.skipped_blocks, None
             seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
                        disable=not (progress and dist.is_main), dynamic_ncols=True)
             for _ in range(steps):
                 try:
                     batch = next(batches)
-                except StopIteration:
+                except StopIteration:  # this rank has fewer batches than another: wrap around (equal steps)
+                    if bad_first_pass is None:
+                        bad_first_pass = train_data.skipped_blocks - bad_before
                     batches = iter(train_loader)
                     batch = next(batches)
                 if TRACE_DIR:
@@ -286,7 +294,9 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             bar.close()
             if TRACE_DIR:
                 _trace(epoch, dist.rank, steps, seen)
-            loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), train_data.skipped_blocks], device)
+            if bad_first_pass is None:
+                bad_first_pass = train_data.skipped_blocks - bad_before
+            loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), bad_first_pass], device)
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / count,
                                       "train_accuracy": correct / count, "lr": scheduler.get_last_lr()[0],
                                       "steps": steps, "skipped_blocks_train": int(bad)}
@@ -311,7 +321,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                 ckpt = {"model": model.state_dict(), "model_args": args, "classes": manifest.classes,
                         "features": manifest.features.to_dict(),
                         "normalization": {"mean": manifest.mean, "std": manifest.std},
-                        "config": cfg.to_dict(), "epoch": epoch, "metrics": record,
+                        "config": saved_config, "epoch": epoch, "metrics": record,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "history": history, "best_score": list(best), "best_epoch": best_epoch,
                         "rng": {"torch": torch.get_rng_state()}}
@@ -360,8 +370,9 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
     if dist.is_main:
         if "val" in results:
             results["majority_baseline"] = results["val"]["chunk"]["majority_baseline"]
-        # Bad blocks or shards skipped while training (cumulative over this run's epochs) and evaluating.
-        results["skipped_blocks_train"] = history[-1].get("skipped_blocks_train", 0) if history else 0
+        # Bad blocks or shards skipped: while training (each epoch's pass, summed) and in the final evaluation.
+        results["skipped_blocks"] = {"train": sum(h.get("skipped_blocks_train", 0) for h in history),
+                                     **{s: results[s]["skipped_blocks"] for s in ("val", "test") if s in results}}
         write_json(run_dir / "metrics.json", results)
         if history:
             _plot_curves(history, run_dir / "training_curves.png")

@@ -231,7 +231,7 @@ def test_fetch_links_then_rerun_then_build_with_provenance(server, tmp_path):
     lines: list[str] = []
     summary = fetch_youtube(collect_links(links_file=links), raw, max_items=3, retries=0, timeout=10, log=lines.append)
     assert (summary.count("fetched"), summary.count("skipped"), summary.count("failed")) == (9, 1, 0), summary.format()
-    assert summary.exit_code == 0
+    assert summary.exit_code == 0 and summary.notes == []  # ffmpeg is there; yt-dlp's per-item chatter is not
     skipped = next(o for o in summary.outcomes if o.status == "skipped")
     assert skipped.item.endswith("/drone/missing.wav") and "not found" in skipped.reason and "404" in skipped.reason
     assert any(line.startswith("skipped") and "missing.wav" in line for line in lines)
@@ -459,6 +459,11 @@ def test_drive_listing_problems_are_explained(drive, tmp_path, monkeypatch):
     summary = fetch_drive([FOLDER_ID], "speech", tmp_path / "raw", retries=0)
     assert any("exactly 50 files" in note and "gdown>=6" in note for note in summary.notes)
 
+    # gdown 5.0 had no skip_download: it would download everything while "listing"; refused up front
+    monkeypatch.setattr(gdown, "download_folder", lambda url=None, id=None, output=None, quiet=False: [])
+    with pytest.raises(AcquireError, match="upgrade it"):
+        fetch_drive([FOLDER_ID], "speech", tmp_path / "raw")
+
 
 def test_cli_fetch_drive_and_folder_ids(drive, tmp_path, capsys):
     raw = tmp_path / "raw"
@@ -490,3 +495,15 @@ def test_build_ignores_acquire_files_and_copies_only_used_provenance(tmp_path):
     shutil.rmtree(tmp_path / "shards")
     (raw / "sources.csv").unlink()
     assert build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False).manifest["provenance"] == []
+
+
+def test_documented_group_regex_keeps_segments_of_one_video_together():
+    from audioshard.split import group_of
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"split.group_regex={common.SEGMENT_GROUP_REGEX}" in readme
+    regex = load_config(overrides=[f"split.group_regex={common.SEGMENT_GROUP_REGEX}"]).split.group_regex
+    groups = {rel: group_of(rel, regex) for rel in ["drone/dQw4w9WgXcQ_15-220.wav", "drone/dQw4w9WgXcQ_300-end.flac",
+                                                     "drone/a_b-c_1.5-2.wav", "car/c4.wav", "speech/spk_2/b_u.wav"]}
+    assert groups == {"drone/dQw4w9WgXcQ_15-220.wav": "dQw4w9WgXcQ", "drone/dQw4w9WgXcQ_300-end.flac": "dQw4w9WgXcQ",
+                      "drone/a_b-c_1.5-2.wav": "a_b-c", "car/c4.wav": "c4", "speech/spk_2/b_u.wav": "b_u"}

@@ -20,14 +20,17 @@ What it measures
     worker" really is one core for both methods.
 
 What is timed
-    `time.perf_counter()` around the whole build, including pool start-up (and, for the seed, the
-    pool initializer that re-runs the librosa warm-up in each worker: cheap, since forked workers
-    inherit the parent's already-compiled state). Not timed: imports, listing the files, reading the
-    total duration, and a warm-up of each method in the main process before any timing (librosa's
-    first calls trigger numba JIT compilation and lazy imports; torchaudio builds its mel filters).
-    Each configuration writes into a fresh folder under a `tempfile.TemporaryDirectory`, removed
-    after timing. The audio duration (the numerator) is read once with `soundfile.info` over the
-    benchmarked files and used for both methods. With `--repeat N` the fastest of N runs is reported.
+    Every run (one method, one worker count) is a fresh Python process (this script with an internal
+    `--child` flag), so no run inherits another's caches: the first build in a process pays one-off
+    costs (oneDNN compiles a conv1d kernel per new input length in torchaudio's resampler, the heap
+    grows) that a real `audioshard build` pays too. In that process, not timed: imports, listing the
+    files, and a warm-up of the method on a tiny input (librosa's lazy imports and numba JIT; the
+    torchaudio mel filter bank). Timed with `time.perf_counter()`: the whole build, including pool
+    start-up (and, for the seed, the pool initializer that re-runs the warm-up in each worker, cheap
+    since forked workers inherit the warmed-up parent), writing into a fresh folder under a
+    `tempfile.TemporaryDirectory`. The audio duration (the numerator) is read once with
+    `soundfile.info` over the benchmarked files and used for both methods. With `--repeat N` all
+    configurations run N times, interleaved, and the fastest run of each is reported.
 
 Commands (from the repository root)
     .venv/bin/python tools/bench_build.py                       # whole data set, 1 and 2 workers
@@ -56,7 +59,7 @@ import io
 import json
 import multiprocessing as mp
 import os
-import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -259,54 +262,72 @@ def audioshard_build(input_dir: Path, out_dir: Path, cfg: Config, workers: int) 
 # Timing and report
 
 
-def time_runs(build: Callable[[Path], int], scratch: Path, repeat: int) -> tuple[float, list[float], int]:
-    """Time `build(out_dir)` `repeat` times, each into a fresh folder under `scratch` (removed after).
+def time_one(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
+    """Warm up, then time one build of `method` on every recording under `input_dir` (runs in a fresh process).
 
     Returns:
-        (fastest wall seconds, all wall seconds, chunks written by the last run)
+        {"wall_s": seconds around the whole build, "chunks": chunks written}
     """
-    walls, chunks = [], 0
-    for _ in range(repeat):
-        out_dir = Path(tempfile.mkdtemp(dir=scratch))
-        start = time.perf_counter()
-        chunks = build(out_dir)
-        walls.append(time.perf_counter() - start)
-        shutil.rmtree(out_dir)
-    return min(walls), walls, chunks
+    cfg = load_config(overrides=[f"shards.workers={workers}"])
+    with tempfile.TemporaryDirectory(prefix="bench_build_out_") as tmp:
+        out_dir = Path(tmp) / "out"
+        if method == "seed":
+            recordings = list_recordings(input_dir, cfg.audio.extensions, None)
+            seed_warmup()
+            start = time.perf_counter()
+            chunks = seed_build(recordings, out_dir, workers)
+        else:
+            audioshard_warmup(cfg)
+            start = time.perf_counter()
+            chunks = audioshard_build(input_dir, out_dir, cfg, workers)
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "chunks": chunks}
+
+
+def time_in_subprocess(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
+    """`time_one` in a fresh Python process, so no run inherits another's caches, heap or compiled kernels."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--input", str(input_dir), "--workers", str(workers),
+           "--child", method]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} with {workers} workers failed:\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: int | None,
                   log: Callable[[str], None]) -> dict[str, Any]:
-    """Time both methods for each worker count on the same files.
+    """Time both methods for each worker count on the same files, each run in a fresh process.
+
+    Repeats are interleaved (all configurations once, then again) so that a slow spell of the machine
+    does not land on one configuration only; the fastest run of each is kept.
 
     Returns:
         The report as a JSON-ready dict (see `format_table` for its reading).
     """
-    cfg = load_config(overrides=["shards.workers=1"])
-    recordings = list_recordings(input_dir, cfg.audio.extensions, limit)
+    recordings = list_recordings(input_dir, load_config().audio.extensions, limit)
     if not recordings:
         raise SystemExit(f"{input_dir}: no audio files in class subfolders")
     audio_seconds = total_seconds(recordings)
-    log(f"{len(recordings)} files, {audio_seconds:.1f} s of audio; warming up librosa (numba JIT) and torchaudio")
-    seed_warmup()
-    audioshard_warmup(cfg)
+    log(f"{len(recordings)} files, {audio_seconds:.1f} s of audio; each run in a fresh process, warmed up first")
 
-    results: dict[str, dict[str, dict[str, Any]]] = {method: {} for method in METHODS}
+    walls: dict[str, dict[str, list[float]]] = {m: {str(w): [] for w in workers_list} for m in METHODS}
+    chunks: dict[str, dict[str, int]] = {m: {} for m in METHODS}
     with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
-        scratch = Path(tmp)
-        source_dir = input_dir if limit is None else link_subset(recordings, scratch / "input")
-        builds: dict[str, Callable[[Path, int], int]] = {
-            "seed": lambda out, w: seed_build(recordings, out, w),
-            "audioshard": lambda out, w: audioshard_build(source_dir, out, cfg, w),
-        }
-        for workers in workers_list:
-            for method in METHODS:
-                log(f"{LABELS[method]}, {workers} worker{'s' if workers > 1 else ''} ...")
-                wall, walls, chunks = time_runs(lambda out, m=method, w=workers: builds[m](out, w), scratch, repeat)
-                results[method][str(workers)] = {"wall_s": wall, "audio_s_per_s": audio_seconds / wall,
-                                                 "chunks": chunks, "all_wall_s": walls}
-                log(f"  {wall:.2f} s wall, {audio_seconds / wall:.1f} audio s / s, {chunks} chunks")
+        source_dir = input_dir if limit is None else link_subset(recordings, Path(tmp) / "input")
+        for rep in range(repeat):
+            for workers in workers_list:
+                for method in METHODS:
+                    run = time_in_subprocess(method, source_dir, workers)
+                    walls[method][str(workers)].append(run["wall_s"])
+                    chunks[method][str(workers)] = run["chunks"]
+                    log(f"run {rep + 1}/{repeat}  {LABELS[method]:<11} {workers} worker{'s' if workers > 1 else ''}: "
+                        f"{run['wall_s']:.2f} s wall, {audio_seconds / run['wall_s']:.1f} audio s / s, "
+                        f"{run['chunks']} chunks")
 
+    results: dict[str, dict[str, dict[str, Any]]] = {
+        m: {k: {"wall_s": min(v), "audio_s_per_s": audio_seconds / min(v), "chunks": chunks[m][k], "all_wall_s": v}
+            for k, v in walls[m].items()}
+        for m in METHODS}
     keys = [str(w) for w in workers_list]
     ratio = {k: results["audioshard"][k]["audio_s_per_s"] / results["seed"][k]["audio_s_per_s"] for k in keys}
     report: dict[str, Any] = {
@@ -358,8 +379,9 @@ def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
     names = {"ratio_1_worker": "audioshard / seed, 1 worker", "audioshard_speedup_1_to_2": "audioshard 1 -> 2 workers"}
     for name, t in report["targets"].items():
         lines.append(f"target {names[name]} >= {t['target']}x: {'met' if t['met'] else 'NOT met'} ({t['value']:.2f}x)")
-    lines.append("(timed: whole build incl. pool start-up; not timed: imports, warm-up of librosa's numba JIT and "
-                 "torchaudio in the main process; 1 worker runs in-process, more in a fork pool)")
+    lines.append("(each run in a fresh process; timed: the whole build incl. pool start-up; not timed: imports and a "
+                 "warm-up on a tiny input (librosa lazy imports/numba JIT, torchaudio mel filters); 1 worker runs "
+                 "in-process, more in a fork pool)")
     return "\n".join(lines)
 
 
@@ -372,7 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest is reported")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N files of each class")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: one timed run
     args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(time_one(args.child, args.input, args.workers[0])))
+        return
     if args.repeat < 1 or any(w < 1 for w in args.workers) or (args.limit is not None and args.limit < 1):
         parser.error("--repeat, --workers and --limit must be >= 1")
     if not args.input.is_dir():

@@ -197,6 +197,9 @@ def fetch_drive(folders: Sequence[str], label: str, out: str | Path, *, extensio
     from audioshard.config import load_config
 
     label = check_label(label)
+    if not _supported(gdown.download_folder, skip_download=True):
+        raise AcquireError(f"gdown {gdown.__version__} cannot list a folder without downloading it; "
+                           "upgrade it: pip install -U 'gdown>=6'")
     ids = [parse_folder_id(f) for f in folders]
     if not ids:
         raise AcquireError("nothing to fetch: give one or more Drive folder URLs or ids")

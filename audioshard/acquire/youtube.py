@@ -71,7 +71,10 @@ _SKIP_REASONS = [
 _TRANSIENT = re.compile(r"timed? ?out|temporar|connection (reset|refused|aborted)|remote end closed|broken pipe|"
                         r"network is unreachable|name resolution|incomplete ?read|http error (408|429|5\d\d)|"
                         r"too many requests|ssl|eof occurred", re.IGNORECASE)
-_NOISE = ("falling back on generic information extractor", "could be a direct video link")
+# Warnings worth passing on are about the setup (e.g. "No supported JavaScript runtime"); these are
+# about single items, whose errors are reported anyway, or are expected for direct links.
+_NOISE = ("falling back on generic information extractor", "could be a direct video link", "retrying",
+          "unable to download", "giving up", "caused by")
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,7 @@ def classify_error(exn: Exception) -> tuple[str, str]:
     """
     if not isinstance(exn, yt_dlp.utils.YoutubeDLError):
         raise exn
-    message = re.sub(r"\s*\(caused by .*\)\s*$", "", one_line(str(exn)))
+    message = one_line(str(exn).split(" (caused by ")[0])  # the cause repeats the message
     lower = message.lower()
     for pattern, reason in _SKIP_REASONS:
         if re.search(pattern, lower):

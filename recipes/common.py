@@ -1,0 +1,70 @@
+"""Shared by the recipes: build once per split seed, train each model, collect one results table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+from audioshard.build import build_shards
+from audioshard.config import load_config
+from audioshard.train import train
+
+FIELDS = ["data", "model", "split_seed", "level", "accuracy", "macro_f1", "balanced_accuracy", "n", "best_epoch",
+          "train_minutes"]
+
+
+def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[str]], build_overrides: list[str],
+               split_seeds: list[int], results_csv: Path) -> list[dict]:
+    """For each split seed: build the shards, train every model on them, evaluate on test; write results_csv."""
+    rows: list[dict] = []
+    for seed in split_seeds:
+        shards = work / f"shards-seed{seed}"
+        build_shards(input_path, shards, load_config(overrides=[*build_overrides, f"split.seed={seed}"]),
+                     progress=False)
+        for model, overrides in models.items():
+            run_dir = work / f"run-{model}-seed{seed}"
+            started = time.time()
+            if (run_dir / "metrics.json").exists():  # finished earlier: re-use (delete the run folder to redo)
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                minutes = sum(json.loads(line)["seconds"] for line in open(run_dir / "history.jsonl")) / 60
+            else:
+                metrics = train(str(shards), run_dir, load_config(overrides=overrides), progress=False)
+                minutes = (time.time() - started) / 60
+            for level in ("clip", "chunk"):
+                m = metrics["test"][level]
+                rows.append({"data": name, "model": model, "split_seed": seed,
+                             "level": "recording" if level == "clip" else "chunk",
+                             "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
+                             "balanced_accuracy": round(m["balanced_accuracy"], 4), "n": m["n"],
+                             "best_epoch": metrics["best_epoch"], "train_minutes": round(minutes, 2)})
+            write_rows(results_csv, rows)
+    return rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean over split seeds per model and level, as Markdown table rows."""
+    lines = ["| model | level | accuracy (mean) | macro-F1 (mean) | per seed (acc / F1) |", "|---|---|---|---|---|"]
+    keys = sorted({(r["model"], r["level"]) for r in rows}, key=lambda k: (k[0], k[1] != "recording"))
+    for model, level in keys:
+        sel = [r for r in rows if r["model"] == model and r["level"] == level]
+        per_seed = ", ".join(f"s{r['split_seed']}: {r['accuracy']:.3f} / {r['macro_f1']:.3f}" for r in sel)
+        lines.append(f"| {model} | {level} | {statistics.mean(r['accuracy'] for r in sel):.3f} | "
+                     f"{statistics.mean(r['macro_f1'] for r in sel):.3f} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def dump_summary(rows: list[dict], path: Path) -> None:
+    path.write_text(summary(rows) + "\n")
+    print(summary(rows))
+    print(json.dumps({"rows": len(rows)}))
