@@ -42,10 +42,10 @@ demo: install $(DEMO)/raw
 	@echo "test eval:  $(DEMO)/eval/ (test_report.txt, test_confusion_matrix.png, metrics.json)"
 
 lint: install
-	$(BIN)/ruff check audioshard tests tools
+	$(BIN)/ruff check audioshard tests tools recipes
 
 test: install
-	$(BIN)/ruff check audioshard tests tools
+	$(BIN)/ruff check audioshard tests tools recipes
 	$(BIN)/python -m pytest -q
 
 clean-demo:

@@ -80,6 +80,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
     class_weights: bool = True
     num_workers: int = 2
     shuffle_blocks: int = 16
@@ -148,7 +149,7 @@ FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", 
              "train.label_smoothing"}
 NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
                 "shards.workers", "shards.http_timeout", "shards.http_retries",
-                "train.weight_decay", "train.warmup_epochs", "train.num_workers",
+                "train.weight_decay", "train.mixup_alpha", "train.warmup_epochs", "train.num_workers",
                 "train.sanity_steps", "augment.noise_std", "augment.time_masks", "augment.time_mask_width",
                 "augment.freq_masks", "augment.freq_mask_width"}
 

@@ -126,6 +126,13 @@ def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: i
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
 
 
+def _finite_float16(values: np.ndarray) -> bool:
+    """np.isfinite for float16, ~5x faster: NaN and inf are exactly the values with all exponent bits set."""
+    if values.dtype != np.float16:
+        return bool(np.isfinite(values).all())
+    return not np.any((values.view(np.uint16) & 0x7C00) == 0x7C00)
+
+
 def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.ndarray]:
     """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key."""
     where = f"{sample.get('__url__')} key {sample.get('__key__')}"
@@ -142,7 +149,7 @@ def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.nda
         raise ShardDataError(f"{where}: members disagree on the number of chunks")
     if label.min() < 0 or label.max() >= len(manifest.classes):
         raise ShardDataError(f"{where}: label out of range 0..{len(manifest.classes) - 1}")
-    if not np.isfinite(mel).all():
+    if not _finite_float16(mel):
         raise ShardDataError(f"{where}: NaN or infinite values in mel.npy")
     return {"x": mel, "y": label, "source": source, "start": start}
 
@@ -261,12 +268,25 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         if self.transform is not None and hasattr(self.transform, "reseed"):
             self.transform.reseed(self.seed, self.epoch, self.rank, worker)
-        for batch in self._batches(self._blocks(self._tasks(worker, workers)), rng):
-            yield self.transform(batch) if self.transform is not None else batch
+        batches = self._batches(self._blocks(self._tasks(worker, workers)), rng)
+        if self.transform is not None:
+            batches = map(self.transform, batches)
+        if info is None:
+            yield from batches
+            return
+        # In a loader worker: hand batches over PACK_BATCHES at a time (unpacked by the loader wrapper).
+        group: list[Batch] = []
+        for batch in batches:
+            group.append(batch)
+            if len(group) == PACK_BATCHES:
+                yield _pack(group)
+                group = []
+        if group:
+            yield _pack(group)
 
     def _batches(self, blocks: Iterator[dict[str, np.ndarray]], rng: np.random.Generator) -> Iterator[Batch]:
-        """Shuffle buffer over blocks: when `shuffle_blocks` blocks are in, permute all held samples and
-        emit whole batches from half of them, keeping the rest to mix with the blocks that come next."""
+        """Shuffle buffer over blocks: when `shuffle_blocks` blocks are in, draw whole batches at random
+        from half of the held chunks, and keep the other half to mix with the blocks that come next."""
         capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
         held: list[dict[str, np.ndarray]] = []
         count = 0
@@ -277,30 +297,48 @@ class ShardStream(torch.utils.data.IterableDataset):
                 keep = capacity // 2 if self.shuffle else 0
                 n_emit = (count - keep) // self.batch_size * self.batch_size
                 if n_emit:
-                    merged = _merge(held, rng if self.shuffle else None)
-                    yield from self._emit(merged, 0, n_emit)
-                    held = [{k: v[n_emit:] for k, v in merged.items()}]
+                    merged = {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+                    order = rng.permutation(count) if self.shuffle else np.arange(count)
+                    yield from self._emit(merged, order[:n_emit])
+                    held = [{k: v[order[n_emit:]] for k, v in merged.items()}]
                     count -= n_emit
         if count:
-            merged = _merge(held, rng if self.shuffle else None)
-            yield from self._emit(merged, 0, count)
+            merged = {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+            yield from self._emit(merged, rng.permutation(count) if self.shuffle else np.arange(count))
 
-    def _emit(self, merged: dict[str, np.ndarray], begin: int, end: int) -> Iterator[Batch]:
-        for i in range(begin, end, self.batch_size):
-            j = min(i + self.batch_size, end)
-            yield Batch(torch.from_numpy(merged["x"][i:j]).unsqueeze(1),
-                        torch.from_numpy(merged["y"][i:j].astype(np.int64)),
-                        torch.from_numpy(merged["source"][i:j].astype(np.int64)),
-                        torch.from_numpy(merged["start"][i:j].copy()))
+    def _emit(self, merged: dict[str, np.ndarray], order: np.ndarray) -> Iterator[Batch]:
+        """Batches of `merged` taken in `order` (one gather per batch, no full permuted copy)."""
+        for i in range(0, len(order), self.batch_size):
+            take = order[i:i + self.batch_size]
+            yield Batch(torch.from_numpy(merged["x"][take]).unsqueeze(1),
+                        torch.from_numpy(merged["y"][take].astype(np.int64)),
+                        torch.from_numpy(merged["source"][take].astype(np.int64)),
+                        torch.from_numpy(merged["start"][take]))
 
 
-def _merge(held: list[dict[str, np.ndarray]], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-    """Concatenate held blocks (a fresh, writable copy), permuted when `rng` is given."""
-    merged = {k: np.concatenate([b[k] for b in held]) for k in held[0]}
-    if rng is not None:
-        perm = rng.permutation(len(merged["y"]))
-        merged = {k: v[perm] for k, v in merged.items()}
-    return merged
+# Batches a loader worker sends to the main process in one transfer. Each transfer moves every tensor
+# through shared memory at a fixed cost (~0.4 ms per tensor here); packing 4 batches into 2 tensors
+# cuts that per-sample cost about 8x, which decides throughput when the work per sample is small.
+PACK_BATCHES = 4
+
+
+class Packed(NamedTuple):
+    """Several batches in one worker-to-main transfer: x stacked, and (y, source, start) as float64."""
+
+    x: torch.Tensor
+    meta: torch.Tensor
+    sizes: torch.Tensor
+
+
+def _pack(batches: list[Batch]) -> Packed:
+    meta = torch.cat([torch.stack([b.y.double(), b.source.double(), b.start.double()], dim=1) for b in batches])
+    return Packed(torch.cat([b.x for b in batches]), meta, torch.tensor([len(b.y) for b in batches]))
+
+
+def _unpack(packed: Packed) -> Iterator[Batch]:
+    sizes = packed.sizes.tolist()
+    for x, meta in zip(packed.x.split(sizes), packed.meta.split(sizes), strict=True):
+        yield Batch(x, meta[:, 0].long(), meta[:, 1].long(), meta[:, 2].float())
 
 
 class _SizedLoader:
@@ -309,8 +347,12 @@ class _SizedLoader:
     def __init__(self, loader: torch.utils.data.DataLoader, dataset: ShardStream):
         self.loader, self.dataset = loader, dataset
 
-    def __iter__(self):
-        return iter(self.loader)
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self.loader:
+            if isinstance(item, Packed):
+                yield from _unpack(item)
+            else:
+                yield item
 
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch()
@@ -320,12 +362,15 @@ class _SizedLoader:
 
 
 def make_loader(dataset: ShardStream, num_workers: int = 0, pin_memory: bool = False,
-                prefetch_factor: int = 2) -> _SizedLoader:
+                prefetch_factor: int = 2, persistent_workers: bool = False) -> _SizedLoader:
     """Wrap a ShardStream in a DataLoader (batches are formed in the dataset, so batch_size=None)."""
     dataset.num_workers = max(1, num_workers)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor
+        # Persistent workers keep their copy of the dataset, so they do not see set_epoch(): every epoch
+        # then reads in the same order. Only for measurements that want long-lived workers.
+        kwargs["persistent_workers"] = persistent_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                          **kwargs)
     return _SizedLoader(loader, dataset)

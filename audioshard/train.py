@@ -84,6 +84,20 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
     return factor
 
 
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix each example with another of the batch (Zhang et al. 2018): lam ~ Beta(alpha, alpha) per batch.
+
+    Returns (mixed x, the partner labels, lam); the loss is lam * CE(y) + (1 - lam) * CE(partner).
+    """
+    if alpha <= 0 or len(y) < 2:
+        return x, y, 1.0
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1 - lam)  # keep the first label dominant, so accuracy on `y` stays meaningful
+    perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
 def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, device: torch.device, steps: int,
                  lr: float) -> tuple[float, float]:
     """Overfit one batch on a copy of the model (the original system's check); returns (first, last) loss."""
@@ -259,6 +273,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             steps = steps_in(epoch)
             train_transform.reseed(cfg.train.seed, epoch, dist.rank)
             torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
+            mix_rng = np.random.default_rng([cfg.train.seed, epoch, dist.rank, 7])
             ddp_model.train()
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
             batches = iter(train_loader)
@@ -279,10 +294,13 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                 x = batch.x.to(device, non_blocking=pin)
                 y = batch.y.to(device, non_blocking=pin)
                 x = train_transform(batch._replace(x=x)).x
+                x, y_mix, lam = mixup(x, y, cfg.train.mixup_alpha, mix_rng)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = ddp_model(x)
-                    loss = F.cross_entropy(logits.float(), y, weight=weight,
-                                           label_smoothing=cfg.train.label_smoothing)
+                    loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.train.label_smoothing)
+                    if lam < 1.0:
+                        loss = lam * loss + (1 - lam) * F.cross_entropy(
+                            logits.float(), y_mix, weight=weight, label_smoothing=cfg.train.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

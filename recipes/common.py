@@ -29,7 +29,8 @@ def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[s
             started = time.time()
             if (run_dir / "metrics.json").exists():  # finished earlier: re-use (delete the run folder to redo)
                 metrics = json.loads((run_dir / "metrics.json").read_text())
-                minutes = sum(json.loads(line)["seconds"] for line in open(run_dir / "history.jsonl")) / 60
+                lines = (run_dir / "history.jsonl").read_text().splitlines()
+                minutes = sum(json.loads(line)["seconds"] for line in lines) / 60
             else:
                 metrics = train(str(shards), run_dir, load_config(overrides=overrides), progress=False)
                 minutes = (time.time() - started) / 60

@@ -87,6 +87,7 @@ from audioshard.features import FeatureParams, log_mel
 DEFAULT_INPUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "drone_car_speech"
 TARGET_RATIO_1_WORKER = 5.0
 TARGET_SPEEDUP_1_TO_2 = 1.7
+BUSY_CORES = 0.1  # other programs' average load during a run above which the table warns that it is noisy
 
 # The seed's fixed settings.
 SEED_SAMPLE_RATE = 16000
@@ -262,11 +263,30 @@ def audioshard_build(input_dir: Path, out_dir: Path, cfg: Config, workers: int) 
 # Timing and report
 
 
+def _machine_busy_s() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (Linux /proc/stat), None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stream:
+            fields = [int(v) for v in stream.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its reaped children (pool workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def time_one(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
     """Warm up, then time one build of `method` on every recording under `input_dir` (runs in a fresh process).
 
     Returns:
-        {"wall_s": seconds around the whole build, "chunks": chunks written}
+        {"wall_s": seconds around the whole build, "cpu_s": CPU seconds it used (all its processes),
+        "others_cores": cores other programs kept busy meanwhile on average (None off Linux),
+        "chunks": chunks written}
     """
     cfg = load_config(overrides=[f"shards.workers={workers}"])
     with tempfile.TemporaryDirectory(prefix="bench_build_out_") as tmp:
@@ -274,14 +294,16 @@ def time_one(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
         if method == "seed":
             recordings = list_recordings(input_dir, cfg.audio.extensions, None)
             seed_warmup()
-            start = time.perf_counter()
-            chunks = seed_build(recordings, out_dir, workers)
         else:
             audioshard_warmup(cfg)
-            start = time.perf_counter()
+        busy0, cpu0, start = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+        if method == "seed":
+            chunks = seed_build(recordings, out_dir, workers)
+        else:
             chunks = audioshard_build(input_dir, out_dir, cfg, workers)
-        wall = time.perf_counter() - start
-    return {"wall_s": wall, "chunks": chunks}
+        wall, cpu, busy1 = time.perf_counter() - start, _own_cpu_s() - cpu0, _machine_busy_s()
+    others = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0 - cpu) / wall)
+    return {"wall_s": wall, "cpu_s": cpu, "others_cores": others, "chunks": chunks}
 
 
 def time_in_subprocess(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
@@ -310,24 +332,26 @@ def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: 
     audio_seconds = total_seconds(recordings)
     log(f"{len(recordings)} files, {audio_seconds:.1f} s of audio; each run in a fresh process, warmed up first")
 
-    walls: dict[str, dict[str, list[float]]] = {m: {str(w): [] for w in workers_list} for m in METHODS}
-    chunks: dict[str, dict[str, int]] = {m: {} for m in METHODS}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {str(w): [] for w in workers_list} for m in METHODS}
     with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
         source_dir = input_dir if limit is None else link_subset(recordings, Path(tmp) / "input")
         for rep in range(repeat):
             for workers in workers_list:
                 for method in METHODS:
                     run = time_in_subprocess(method, source_dir, workers)
-                    walls[method][str(workers)].append(run["wall_s"])
-                    chunks[method][str(workers)] = run["chunks"]
+                    runs[method][str(workers)].append(run)
+                    others = "" if run["others_cores"] is None else f", other programs {run['others_cores']:.2f} cores"
                     log(f"run {rep + 1}/{repeat}  {LABELS[method]:<11} {workers} worker{'s' if workers > 1 else ''}: "
                         f"{run['wall_s']:.2f} s wall, {audio_seconds / run['wall_s']:.1f} audio s / s, "
-                        f"{run['chunks']} chunks")
+                        f"{run['cpu_s']:.2f} CPU s, {run['chunks']} chunks{others}")
 
-    results: dict[str, dict[str, dict[str, Any]]] = {
-        m: {k: {"wall_s": min(v), "audio_s_per_s": audio_seconds / min(v), "chunks": chunks[m][k], "all_wall_s": v}
-            for k, v in walls[m].items()}
-        for m in METHODS}
+    results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in METHODS}
+    for method in METHODS:
+        for k, tries in runs[method].items():
+            best = min(tries, key=lambda r: r["wall_s"])
+            results[method][k] = {"wall_s": best["wall_s"], "audio_s_per_s": audio_seconds / best["wall_s"],
+                                  "cpu_s": best["cpu_s"], "others_cores": best["others_cores"],
+                                  "chunks": best["chunks"], "all_wall_s": [r["wall_s"] for r in tries]}
     keys = [str(w) for w in workers_list]
     ratio = {k: results["audioshard"][k]["audio_s_per_s"] / results["seed"][k]["audio_s_per_s"] for k in keys}
     report: dict[str, Any] = {
@@ -365,11 +389,13 @@ def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
     best = f", fastest of {report['repeat']} runs" if report["repeat"] > 1 else ""
     lines = [f"build benchmark: {report['files']} files, {report['audio_seconds']:.1f} s of audio ({source}), "
              f"{report['cores']}-core machine{best}",
-             f"{'method':<12} {'workers':<9} {'wall s':<8} audio s / wall s"]
+             f"{'method':<12} {'workers':<9} {'wall s':<8} {'audio s / wall s':<18} {'CPU s':<7} others (cores)"]
     for k in keys:
         for method in METHODS:
             r = report["results"][method][k]
-            lines.append(f"{LABELS[method]:<12} {k:<9} {r['wall_s']:<8.2f} {r['audio_s_per_s']:.1f}")
+            others = "?" if r["others_cores"] is None else f"{r['others_cores']:.2f}"
+            lines.append(f"{LABELS[method]:<12} {k:<9} {r['wall_s']:<8.2f} {r['audio_s_per_s']:<18.1f} "
+                         f"{r['cpu_s']:<7.2f} {others}")
     lines.append("ratio audioshard / seed:  "
                  + "   ".join(f"{k} worker{'s' if k != '1' else ''}: {report['ratio_vs_seed'][k]:.1f}x" for k in keys))
     for k in keys[1:]:
@@ -379,6 +405,10 @@ def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
     names = {"ratio_1_worker": "audioshard / seed, 1 worker", "audioshard_speedup_1_to_2": "audioshard 1 -> 2 workers"}
     for name, t in report["targets"].items():
         lines.append(f"target {names[name]} >= {t['target']}x: {'met' if t['met'] else 'NOT met'} ({t['value']:.2f}x)")
+    busiest = max((r["others_cores"] or 0.0) for m in METHODS for r in report["results"][m].values())
+    if busiest > BUSY_CORES:
+        lines.append(f"warning: other programs kept up to {busiest:.2f} cores busy during a reported run: the numbers "
+                     "are noisy; rerun on a quiet machine, or with --repeat 3")
     lines.append("(each run in a fresh process; timed: the whole build incl. pool start-up; not timed: imports and a "
                  "warm-up on a tiny input (librosa lazy imports/numba JIT, torchaudio mel filters); 1 worker runs "
                  "in-process, more in a fork pool)")

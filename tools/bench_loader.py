@@ -8,8 +8,11 @@ What it measures, on the same chunks (the drone_car_speech build, tiled to >= 20
                 loads, normalises and augments one chunk at a time, DataLoader(batch_size=256, shuffle)
     plain_wds   a plain webdataset pipeline, one chunk per tar member:
                 WebDataset(urls).shuffle(1000).decode().to_tuple().map(augment).batched(256)
-    audioshard  audioshard.stream.open_shards(...): 64 chunks per tar member, shuffle buffer of
-                blocks, whole-batch normalise + augment in the loader worker
+    audioshard  what `audioshard train` runs: 64 chunks per tar member, shuffle buffer of blocks,
+                float16 batches from the workers, whole-batch normalise + augment in the consumer (the
+                main process's CPU here; the GPU in a GPU run)
+    audioshard_worker_aug  the library path `open_shards(...)`: the same, but normalise + augment
+                run inside the loader worker
     raw         sequential reads of audioshard's shard files, nothing decoded: the I/O ceiling
 
 Each (method, workers) runs in a fresh subprocess, so each gets its own peak RSS (main process +
@@ -43,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 256
 NOISE_STD, TIME_MASKS, TIME_MASK_WIDTH = 0.1, 2, 8
-METHODS = ("npz", "plain_wds", "audioshard", "raw")
+METHODS = ("npz", "plain_wds", "audioshard", "audioshard_worker_aug", "raw")
 
 
 # --- data preparation (once, cached in --work) ----------------------------------------------------
@@ -95,7 +98,8 @@ def prepare(work: Path, source: Path, target: int) -> dict:
 
     plain = work / "plain"
     plain.mkdir(exist_ok=True)
-    with wds.ShardWriter(str(plain / "plain-%06d.tar"), maxcount=1024, verbose=0) as sink:
+    # mtime fixed as in audioshard's own shards: a float mtime would add a PAX header to every member.
+    with wds.ShardWriter(str(plain / "plain-%06d.tar"), maxcount=1024, verbose=0, mtime=0) as sink:
         for n, mel, label in tiled(total):
             sink.write({"__key__": f"{n:09d}", "mel.npy": mel, "cls": label})
 
@@ -111,16 +115,17 @@ def prepare(work: Path, source: Path, target: int) -> dict:
 # --- the four pipelines (each runs in its own subprocess) -----------------------------------------
 
 
-def augment_one(mel, rng, mean: float, std: float):
-    """Per-sample augmentation, the way the original system and a plain pipeline do it."""
-    import numpy as np
+def augment_one(mel, generator, mean: float, std: float):
+    """Per-sample augmentation, the way the original system and a plain pipeline do it (torch ops,
+    which are faster than numpy's normal generator here)."""
+    import torch
 
-    x = (mel.astype(np.float32) - mean) / std
-    x += NOISE_STD * rng.standard_normal(x.shape, dtype=np.float32)
+    x = (torch.from_numpy(mel).float() - mean) / std
+    x += NOISE_STD * torch.randn(x.shape, generator=generator)
     frames = x.shape[-1]
     for _ in range(TIME_MASKS):
-        width = rng.integers(0, TIME_MASK_WIDTH + 1)
-        start = rng.integers(0, frames - width + 1)
+        width = int(torch.randint(0, TIME_MASK_WIDTH + 1, (1,), generator=generator))
+        start = int(torch.randint(0, frames - width + 1, (1,), generator=generator))
         x[..., start:start + width] = 0.0
     return x
 
@@ -130,6 +135,7 @@ def loader_npz(work: Path, info: dict, workers: int):
     import torch
 
     files = sorted((work / "npz").glob("*.npz"))
+    generator = torch.Generator().manual_seed(0)
 
     class NpzChunks(torch.utils.data.Dataset):
         def __len__(self):
@@ -138,37 +144,64 @@ def loader_npz(work: Path, info: dict, workers: int):
         def __getitem__(self, index):
             with np.load(files[index], allow_pickle=False) as data:
                 mel, label = data["mel"], int(data["label"])
-            rng = np.random.default_rng(index)
-            return torch.from_numpy(augment_one(mel, rng, info["mean"], info["std"])[None]), label
+            return augment_one(mel, generator, info["mean"], info["std"])[None], label
 
     return torch.utils.data.DataLoader(NpzChunks(), batch_size=BATCH, shuffle=True, num_workers=workers)
 
 
 def loader_plain_wds(work: Path, info: dict, workers: int):
-    import numpy as np
     import torch
     import webdataset as wds
 
     urls = [str(p) for p in sorted((work / "plain").glob("*.tar"))]
-    rng = np.random.default_rng(0)
+    generator = torch.Generator().manual_seed(0)
 
     def aug(sample):
         mel, label = sample
-        return torch.from_numpy(augment_one(mel, rng, info["mean"], info["std"])[None]), label
+        return augment_one(mel, generator, info["mean"], info["std"])[None], label
 
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node)
                .shuffle(1000).decode().to_tuple("mel.npy", "cls").map(aug).batched(BATCH))
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
 
 
-def loader_audioshard(work: Path, info: dict, workers: int, source: str | None = None):
+def _augment_config():
     from audioshard.config import AugmentConfig
+
+    return AugmentConfig(noise_std=NOISE_STD, time_masks=TIME_MASKS, time_mask_width=TIME_MASK_WIDTH, freq_masks=0)
+
+
+def loader_audioshard_worker_aug(work: Path, info: dict, workers: int, source: str | None = None):
+    """The library path (`open_shards`): normalise + augment each batch inside the loader worker."""
     from audioshard.stream import open_shards
 
-    augment = AugmentConfig(noise_std=NOISE_STD, time_masks=TIME_MASKS, time_mask_width=TIME_MASK_WIDTH,
-                            freq_masks=0)
     return open_shards(source or str(work / "audioshard"), "train", batch_size=BATCH, num_workers=workers,
-                       augment_config=augment)
+                       augment_config=_augment_config())
+
+
+def loader_audioshard_stream(work: Path, info: dict, workers: int, source: str | None = None,
+                             persistent: bool = False):
+    """Streaming alone (read, check, shuffle, batch float16), no normalisation or augmentation."""
+    from audioshard.manifest import load_manifest
+    from audioshard.stream import ShardStream, make_loader
+
+    manifest = load_manifest(source or str(work / "audioshard"))
+    return make_loader(ShardStream(manifest, "train", BATCH, shuffle=True), num_workers=workers,
+                       persistent_workers=persistent and workers > 0)
+
+
+def loader_audioshard(work: Path, info: dict, workers: int, source: str | None = None):
+    """The `audioshard train` path: workers read and shuffle float16 batches; the consumer normalises
+    and augments each whole batch where it trains (here the main process's CPU; a GPU in real runs)."""
+    from audioshard.augment import BatchTransform
+    from audioshard.manifest import load_manifest
+    from audioshard.stream import ShardStream, make_loader
+
+    manifest = load_manifest(source or str(work / "audioshard"))
+    transform = BatchTransform.from_manifest(manifest, _augment_config())
+    transform.reseed(0, 0)
+    loader = make_loader(ShardStream(manifest, "train", BATCH, shuffle=True), num_workers=workers)
+    return (transform(batch) for batch in loader)
 
 
 def measure_raw(work: Path, workers: int, seconds: float) -> tuple[float, int]:
@@ -194,23 +227,28 @@ def run_one(work: Path, method: str, workers: int, seconds: float, source: str |
     if method == "raw":
         rate, _ = measure_raw(work, max(1, workers), seconds)
     else:
-        loader = {"npz": loader_npz, "plain_wds": loader_plain_wds, "audioshard": loader_audioshard,
-                  "audioshard_small": loader_audioshard}[method]
-        if method == "audioshard_small":
-            loader = loader_audioshard(work, info, workers, str(work / "audioshard_small"))
-        elif method == "audioshard" and source:
-            loader = loader_audioshard(work, info, workers, source)
+        make = {"npz": loader_npz, "plain_wds": loader_plain_wds, "audioshard": loader_audioshard,
+                "audioshard_worker_aug": loader_audioshard_worker_aug, "audioshard_stream": loader_audioshard_stream,
+                "audioshard_small": loader_audioshard_stream, "audioshard_large": loader_audioshard_stream}[method]
+        if method in ("audioshard_small", "audioshard_large"):  # long-lived workers, epochs until time is up
+            name = "audioshard_small" if method == "audioshard_small" else "audioshard"
+            loader = make(work, info, workers, str(work / name), persistent=True)
         else:
-            loader = loader(work, info, workers)
-        iterator = iter(loader)
-        next(iterator)  # start-up (worker launch, first shard) is not throughput
-        count, started = 0, time.perf_counter()
-        for batch in iterator:
-            count += len(batch[1])
-            if time.perf_counter() - started > seconds:
+            loader = make(work, info, workers, source) if source else make(work, info, workers)
+        # Whole epochs until `seconds` have passed (the small set is read several times), so every
+        # configuration does the same amount of work per second of measurement.
+        count, started, first = 0, None, True
+        while started is None or time.perf_counter() - started <= seconds:
+            for batch in loader:
+                if first:  # start-up (worker launch, first shard) is not throughput
+                    first, started = False, time.perf_counter()
+                    continue
+                count += len(batch[1])
+                if time.perf_counter() - started > seconds:
+                    break
+            if method not in ("audioshard_small", "audioshard_large"):
                 break
         rate = count / (time.perf_counter() - started)
-        del iterator
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"samples_per_s": rate, "peak_rss_mb": round(own + child, 1)}
@@ -255,32 +293,38 @@ def main() -> None:
             result["peak_rss_mb"][key][method] = one["peak_rss_mb"]
         rates = result["samples_per_s"][key]
         result["ratios"][key] = {"vs_plain_wds": round(rates["audioshard"] / rates["plain_wds"], 2),
-                                 "vs_npz": round(rates["audioshard"] / rates["npz"], 2)}
+                                 "vs_npz": round(rates["audioshard"] / rates["npz"], 2),
+                                 "worker_aug_vs_plain_wds": round(rates["audioshard_worker_aug"] / rates["plain_wds"],
+                                                                  2)}
 
-    # Memory vs data set size, and HTTP vs local disk (audioshard, the most workers asked for).
-    workers = max(args.workers)
+    # Memory vs data set size, and HTTP vs local disk: audioshard with one loader worker (with more,
+    # this 2-core machine's cores are all taken and the in-process HTTP server would compete for them).
+    workers = min(args.workers)
     small = spawn(args.work, "audioshard_small", workers, args.seconds)
+    large = spawn(args.work, "audioshard_large", workers, args.seconds)
     result["rss_scaling"] = {"chunks_small": info["chunks"] // 10, "chunks_large": info["chunks"],
-                             "peak_rss_mb_small": small["peak_rss_mb"],
-                             "peak_rss_mb_large": result["peak_rss_mb"][str(workers)]["audioshard"]}
-    result["rss_scaling"]["ratio"] = round(result["rss_scaling"]["peak_rss_mb_large"] / small["peak_rss_mb"], 3)
+                             "peak_rss_mb_small": small["peak_rss_mb"], "peak_rss_mb_large": large["peak_rss_mb"],
+                             "ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)}
     from audioshard.serve import serving
 
-    with serving(args.work / "audioshard") as url:
-        remote = spawn(args.work, "audioshard", workers, args.seconds, source=url)
-    local = result["samples_per_s"][str(workers)]["audioshard"]
-    result["http"] = {"workers": workers, "local": local, "http": round(remote["samples_per_s"]),
-                      "ratio": round(remote["samples_per_s"] / local, 3)}
+    result["http"] = {"workers": workers}
+    for method in ("audioshard_stream", "audioshard"):  # streaming alone, then with consumer-side augmentation
+        local = spawn(args.work, method, workers, args.seconds)["samples_per_s"]
+        with serving(args.work / "audioshard") as url:
+            remote = spawn(args.work, method, workers, args.seconds, source=url)["samples_per_s"]
+        result["http"][method] = {"local": round(local), "http": round(remote), "ratio": round(remote / local, 3)}
 
     if args.json:
         print(json.dumps(result, indent=1))
         return
     print(f"loader benchmark: {info['chunks']} chunks of (64, 63) float16, batch {BATCH}, {os.cpu_count()} cores")
-    print(f"{'workers':<8} {'npz':>10} {'plain_wds':>10} {'audioshard':>11} {'raw':>11}   vs plain_wds   vs npz")
+    print(f"{'workers':<8} {'npz':>8} {'plain_wds':>10} {'audioshard':>11} {'(aug in worker)':>16} {'raw':>9}"
+          "   vs plain_wds   vs npz")
     for key, rates in result["samples_per_s"].items():
         ratios = result["ratios"][key]
-        print(f"{key:<8} {rates['npz']:>10} {rates['plain_wds']:>10} {rates['audioshard']:>11} {rates['raw']:>11}"
-              f"   {ratios['vs_plain_wds']:>11}x  {ratios['vs_npz']:>6}x")
+        print(f"{key:<8} {rates['npz']:>8} {rates['plain_wds']:>10} {rates['audioshard']:>11} "
+              f"{rates['audioshard_worker_aug']:>16} {rates['raw']:>9}   {ratios['vs_plain_wds']:>11}x  "
+              f"{ratios['vs_npz']:>6}x")
     print("peak RSS (MB):", json.dumps(result["peak_rss_mb"]))
     print("RSS, 10x more shards:", json.dumps(result["rss_scaling"]))
     print("HTTP (127.0.0.1) vs local disk:", json.dumps(result["http"]))
