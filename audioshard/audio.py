@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import torchaudio
 
 # Formats libsndfile reads itself; everything else is handed to ffmpeg.
 SOUNDFILE_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf"}
@@ -92,8 +93,13 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32."""
     if orig_rate == new_rate:
         return samples
-    out = AF.resample(torch.from_numpy(samples), orig_rate, new_rate)
-    return out.numpy()
+    return _resampler(orig_rate, new_rate)(torch.from_numpy(samples)).numpy()
+
+
+@lru_cache(maxsize=16)
+def _resampler(orig_rate: int, new_rate: int) -> torch.nn.Module:
+    # The transform builds its sinc kernel once; the functional form rebuilds it on every call.
+    return torchaudio.transforms.Resample(orig_rate, new_rate)
 
 
 def load(path: str | Path, sample_rate: int) -> np.ndarray:

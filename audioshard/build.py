@@ -326,7 +326,7 @@ def _results(jobs: list[tuple[Source, Config]], workers: int):
         return
     method = "fork" if sys.platform.startswith("linux") else "spawn"
     with mp.get_context(method).Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(process_file, jobs, chunksize=1)
+        yield from pool.imap(process_file, jobs, chunksize=4)  # fewer round trips; order is kept
 
 
 def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, workers: int | None = None,

@@ -44,12 +44,16 @@ Commands (from the repository root)
     --json        print one JSON object on stdout instead of the table
 
 How to read it
-    `audio s / wall s` is the throughput (higher is better). `ratio audioshard / seed` is how many
-    times faster audioshard is than the seed's way with the same worker count (target: >= 5x with 1
-    worker). `speed-up 1 -> 2 workers` is each method's own throughput with 2 workers over 1 worker
-    (target for audioshard: >= 1.7x; the ceiling is the number of free cores, so close other heavy
-    programs, and expect less than 2x on a 2-core machine where the main process also works). The
-    targets are reported, never asserted. Numbers from a busy machine are noisy: use `--repeat`.
+    `audio s / wall s` is the throughput (higher is better). `CPU s` is the CPU time the build used in
+    all its processes (more than `wall s` x 1 with 1 worker means overhead outside the work itself;
+    with N workers, CPU s above the 1-worker figure is the price of parallelism). `others (cores)` is
+    how many cores other programs kept busy meanwhile, on average (from /proc/stat): above 0.1 the
+    run was disturbed, and the table says so. `ratio audioshard / seed` is how many times faster
+    audioshard is than the seed's way with the same worker count (target: >= 5x with 1 worker).
+    `speed-up 1 -> 2 workers` is each method's throughput with 2 workers over its own with 1
+    (target for audioshard: >= 1.7x; the ceiling is the number of free cores, and the main process,
+    which writes the output, needs CPU too). Targets are reported, never asserted. On a busy
+    machine, use `--repeat 3`: configurations are interleaved and the fastest run of each is kept.
 """
 
 from __future__ import annotations
