@@ -13,6 +13,7 @@ files stay standard tars that webdataset reads. Output is byte-identical for any
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -101,7 +102,21 @@ def discover(input_path: str | Path, cfg: Config) -> Discovery:
         if count == 0:
             found.warnings.append(f"class folder {class_dir} has no audio files (extensions: "
                                   f"{', '.join(sorted(extensions))}); class {class_dir.name!r} is left out")
+    if not cfg.split.group_regex:
+        found.sources = _group_by_origin(input_path, found.sources)
     return found
+
+
+def _group_by_origin(input_path: Path, sources: list[Source]) -> list[Source]:
+    """Files fetched from one video (several segments of it) form one group, per RAW/sources.csv,
+    so that no recording straddles two splits."""
+    listing = input_path / "sources.csv"
+    if not listing.is_file():
+        return sources
+    with open(listing, newline="", encoding="utf-8-sig") as stream:
+        origin = {row["path"]: f"{row.get('extractor', '')}:{row['id']}" for row in csv.DictReader(stream)
+                  if row.get("path") and row.get("id")}
+    return [dataclasses.replace(s, group=origin[s.rel]) if s.rel in origin else s for s in sources]
 
 
 def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:

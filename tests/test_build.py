@@ -236,3 +236,14 @@ def test_parts_and_merge_equal_a_one_shot_build(tmp_path):
         assert sorted(merged["splits"][split]["sources"]) == sorted(whole["splits"][split]["sources"])
     clean(tmp_path / "parts")
     assert not (tmp_path / "parts").exists()
+
+
+def test_segments_of_one_fetched_video_share_a_split(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 8, "car": 8})
+    drones = sorted((raw / "drone").iterdir())
+    rows = ["path,label,url,link,extractor,id"]
+    rows += [f"drone/{p.name},drone,u,l,youtube,VIDEO1" for p in drones[:5]]  # five segments of one video
+    (raw / "sources.csv").write_text("\n".join(rows) + "\n")
+    manifest = build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False).manifest
+    where = {rel: split for split, info in manifest["splits"].items() for rel in info["sources"]}
+    assert len({where[f"drone/{p.name}"] for p in drones[:5]}) == 1
