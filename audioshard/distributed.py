@@ -56,7 +56,13 @@ def setup_distributed(device_name: str = "auto") -> Dist:
         torch.cuda.set_device(device)  # before init_process_group, so NCCL binds the right GPU
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # torchrun's store outlives a restart (--max-restarts): without a per-attempt key prefix, restarted
+        # ranks can read their peers' addresses from the failed attempt and fail to connect.
+        store, _, _ = next(torch_dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        torch_dist.init_process_group(backend=backend, store=torch_dist.PrefixStore(f"attempt-{attempt}", store),
+                                      rank=rank, world_size=world_size,
+                                      device_id=device if device.type == "cuda" else None)
     return Dist(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
