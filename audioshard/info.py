@@ -148,8 +148,7 @@ def verify_build(source: str, fetcher=None) -> tuple[bool, str]:
                 continue
             # Read its blocks through the real decoder: one shard as a "split" of its own.
             single = ShardStream(manifest, split, batch_size=max(block_sizes(shard, manifest.block_size) or [1]),
-                                 strict=True)
-            single.shards = [shard]
+                                 strict=True, shards=[shard])
             try:
                 for _ in single:
                     pass

@@ -170,11 +170,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         rank, world_size: the DDP process and how many there are (defaults: from torch.distributed).
         transform: optional callable on each Batch, run in the loader worker (e.g. BatchTransform).
         strict: raise on a malformed block instead of skipping it (and counting).
+        shards: read only these shards of the split (default: all of them).
     """
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, shuffle: bool = False,
                  shuffle_blocks: int = 16, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 transform=None, strict: bool = False):
+                 transform=None, strict: bool = False, shards: list[ShardInfo] | None = None):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
@@ -184,7 +185,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
         self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
         self.transform, self.strict = transform, strict
-        self.shards = manifest.shards(split)
+        self.shards = manifest.shards(split) if shards is None else shards
         self.epoch = 0
         self.num_workers = 1  # set by `loader()` so that batch counts can be computed up front
         # Shared with loader workers (passed to them at process creation), so the trainer can report it.
