@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -93,7 +94,12 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32."""
     if orig_rate == new_rate:
         return samples
-    return _resampler(orig_rate, new_rate)(torch.from_numpy(samples)).numpy()
+    # oneDNN prepares a new convolution kernel for every input length (each file's), which costs more
+    # than the convolution itself on a CPU; the plain kernel has no such set-up.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TF32.*")  # torch notes Intel-GPU TF32 when flags change
+        with torch.backends.mkldnn.flags(enabled=False):
+            return _resampler(orig_rate, new_rate)(torch.from_numpy(samples)).numpy()
 
 
 @lru_cache(maxsize=16)

@@ -496,14 +496,3 @@ def test_build_ignores_acquire_files_and_copies_only_used_provenance(tmp_path):
     (raw / "sources.csv").unlink()
     assert build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False).manifest["provenance"] == []
 
-
-def test_documented_group_regex_keeps_segments_of_one_video_together():
-    from audioshard.split import group_of
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert f"split.group_regex={common.SEGMENT_GROUP_REGEX}" in readme
-    regex = load_config(overrides=[f"split.group_regex={common.SEGMENT_GROUP_REGEX}"]).split.group_regex
-    groups = {rel: group_of(rel, regex) for rel in ["drone/dQw4w9WgXcQ_15-220.wav", "drone/dQw4w9WgXcQ_300-end.flac",
-                                                     "drone/a_b-c_1.5-2.wav", "car/c4.wav", "speech/spk_2/b_u.wav"]}
-    assert groups == {"drone/dQw4w9WgXcQ_15-220.wav": "dQw4w9WgXcQ", "drone/dQw4w9WgXcQ_300-end.flac": "dQw4w9WgXcQ",
-                      "drone/a_b-c_1.5-2.wav": "a_b-c", "car/c4.wav": "c4", "speech/spk_2/b_u.wav": "b_u"}

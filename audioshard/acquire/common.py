@@ -34,9 +34,6 @@ SOURCE_COLUMNS = ["path", "label", "url", "link", "extractor", "id", "title", "u
                   "license", "fetched_at", "tool"]
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 MAX_BACKOFF_S = 60.0
-# split.group_regex that keeps all segments of one video (`<id>_<start>-<end>.wav`) in one split:
-# without it, two segments of one recording can land in train and test and leak.
-SEGMENT_GROUP_REGEX = r"([^/]+?)(?:_[0-9.]+-(?:[0-9.]+|end))?\.\w+$"
 
 T = TypeVar("T")
 
