@@ -396,6 +396,8 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
             _plot_curves(history, run_dir / "training_curves.png")
         print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
                "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png")
+    if dist.enabled:
+        torch_dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
     return results
 
 
