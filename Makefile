@@ -28,12 +28,12 @@ system-deps:
 install: $(STAMP) system-deps
 
 $(DEMO)/raw:
-	$(BIN)/audioshard demo-data $(DEMO)/raw
+	$(BIN)/audioshard demo-data $(DEMO)/raw --seconds 240
 
 demo: install $(DEMO)/raw
 	$(BIN)/audioshard build $(DEMO)/raw --out $(DEMO)/shards --quiet
 	$(BIN)/audioshard info $(DEMO)/shards
-	$(BIN)/audioshard train --shards $(DEMO)/shards --out $(DEMO)/run --set train.epochs=8 --quiet
+	$(BIN)/audioshard train --shards $(DEMO)/shards --out $(DEMO)/run --set train.epochs=12 --quiet
 	$(BIN)/audioshard evaluate --checkpoint $(DEMO)/run/best_model.pt --shards $(DEMO)/shards --split test --out $(DEMO)/eval
 	@echo ""
 	@echo "demo data:  $(DEMO)/raw/ (synthetic)"
