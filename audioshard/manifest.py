@@ -8,7 +8,6 @@ written last and atomically, so a folder with a manifest always holds a complete
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -17,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from audioshard.features import FeatureParams
-from audioshard.remote import DEFAULT_FETCHER, Fetcher, SourceError, is_url, join
+from audioshard.remote import (
+    DEFAULT_FETCHER,
+    Fetcher,
+    SourceError,
+    is_url,
+    join,
+    sha256_file,  # noqa: F401 - re-exported: the checksum the manifest records
+)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "audioshard-blocks"
@@ -37,14 +43,6 @@ class ShardInfo:
     sha256: str
     bytes: int
     source_offset: int = 0  # where this shard's part begins in the split's `sources` (merged part builds)
-
-
-def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while block := stream.read(bufsize):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

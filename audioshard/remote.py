@@ -100,7 +100,7 @@ class Fetcher:
             if size is not None and actual != size:
                 raise IntegrityError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated "
                                      "or was changed after the build (`audioshard verify` checks every shard)")
-            if self.verify_local and sha256 and _sha256_file(Path(location)) != sha256:
+            if self.verify_local and sha256 and sha256_file(Path(location)) != sha256:
                 raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
                                      "changed after the build")
             return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
@@ -116,7 +116,7 @@ class Fetcher:
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / f"{sha256}.tar"
         if path.exists():
-            if _sha256_file(path) == sha256:
+            if sha256_file(path) == sha256:
                 return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
             path.unlink(missing_ok=True)  # corrupt cache entry: fetch again
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".tar")
@@ -173,10 +173,10 @@ def _refuse_other_schemes(location: str) -> None:
                           "(pipe: and other schemes are never run from a shard list)")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
-        while block := stream.read(1 << 20):
+        while block := stream.read(bufsize):
             digest.update(block)
     return digest.hexdigest()
 

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -400,5 +399,3 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         torch_dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
     return results
 
-
-__all__ = ["train", "TrainingError", "replace"]
