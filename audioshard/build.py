@@ -156,11 +156,13 @@ class FileResult:
     starts: np.ndarray | None = None  # (C,) seconds
     seconds: float = 0.0
     error: str | None = None
+    stats: tuple[float, float, int] = (0.0, 0.0, 0)  # sum, sum of squares, count of the mel values (train only)
 
 
-def process_file(job: tuple[Source, Config]) -> FileResult:
-    """Decode, resample, chunk and featurise one file (runs in a worker process)."""
-    source, cfg = job
+def process_file(job: tuple[Source, Config, bool]) -> FileResult:
+    """Decode, resample, chunk and featurise one file (runs in a worker process); `job[2]` asks for
+    the sums behind the train split's mean/std, computed here so the main process stays light."""
+    source, cfg, want_stats = job
     params = FeatureParams.from_config(cfg)
     try:
         samples = load(source.path, params.sample_rate)
@@ -179,7 +181,12 @@ def process_file(job: tuple[Source, Config]) -> FileResult:
         return FileResult(source.rel, seconds=seconds,
                           error=f"{source.rel}: {seconds:.2f} s is shorter than one chunk "
                                 f"({cfg.audio.chunk_seconds} s) and audio.short_clip = {cfg.audio.short_clip!r}")
-    return FileResult(source.rel, log_mel(chunks, params), starts.astype(np.float32), seconds)
+    mel = log_mel(chunks, params)
+    result = FileResult(source.rel, mel, starts.astype(np.float32), seconds)
+    if want_stats:
+        values = mel.astype(np.float64).ravel()
+        result.stats = (float(values.sum()), float(np.dot(values, values)), values.size)
+    return result
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -329,7 +336,7 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
 
 
-def _results(jobs: list[tuple[Source, Config]], workers: int):
+def _results(jobs: list[tuple[Source, Config, bool]], workers: int):
     """`process_file` over jobs, in job order (so output does not depend on the worker count)."""
     if workers <= 1:
         threads = torch.get_num_threads()
@@ -408,7 +415,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     for split in SPLITS:
         members = [s for s in found.sources if assignment[s.rel] == split]
         ordered[split] = [members[i] for i in rng.permutation(len(members))]
-    jobs = [(s, cfg) for split in SPLITS for s in ordered[split]]
+    jobs = [(s, cfg, split == "train") for split in SPLITS for s in ordered[split]]
     if part is not None:
         jobs = jobs[part[0]::part[1]]  # disjoint parts, each in the one-shot build's order
     by_rel = {s.rel: s for s in found.sources}
@@ -443,11 +450,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
             class_counts[split][source.label] += len(result.mel)
             recording_counts[split][source.label] += 1
             seconds[split] += result.seconds
-            if split == "train":
-                values = result.mel.astype(np.float64)
-                total += values.sum()
-                total_sq += np.square(values).sum()
-                total_n += values.size
+            total, total_sq, total_n = total + result.stats[0], total_sq + result.stats[1], total_n + result.stats[2]
         bar.close()
         shards_of = {split: writers[split].close() for split in SPLITS}
     except BaseException:
