@@ -16,14 +16,22 @@ from functools import partial
 from pathlib import Path
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile) -> None:
+        # The kernel copies file to socket (sendfile): far less server CPU than Python's read/write
+        # loop, which on a small machine competes with the training processes it is feeding.
+        # (socket.sendfile falls back to plain sends by itself where sendfile is unavailable.)
+        self.connection.sendfile(source)
+
+
+class _QuietHandler(_Handler):
     def log_message(self, *args) -> None:
         pass
 
 
 def make_server(root: str | Path, host: str = "127.0.0.1", port: int = 0,
                 quiet: bool = True) -> http.server.ThreadingHTTPServer:
-    handler_cls = _QuietHandler if quiet else http.server.SimpleHTTPRequestHandler
+    handler_cls = _QuietHandler if quiet else _Handler
     server = http.server.ThreadingHTTPServer((host, port), partial(handler_cls, directory=str(root)))
     server.daemon_threads = True
     return server

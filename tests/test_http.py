@@ -13,6 +13,7 @@ from audioshard.evaluate import evaluate_checkpoint
 from audioshard.info import check_pipeline, format_info
 from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher, SourceError
+from audioshard.serve import serving
 from audioshard.stream import ShardDataError, ShardStream
 from audioshard.train import train
 
@@ -39,6 +40,17 @@ def test_train_and_evaluate_from_http(server, real_build, tmp_path):
     assert metrics["chunk"] == local["chunk"]
     assert "train chunks" in format_info(remote.data, server.url)
     assert "label mix" in check_pipeline(server.url, "val", load_config(overrides=["train.batch_size=8"]))
+
+
+def test_audioshard_serve_delivers_every_shard_byte_for_byte(real_build):
+    """The shipped server (`audioshard serve`, kernel sendfile) gives the same samples as local disk."""
+    local = load_manifest(real_build)
+    with serving(real_build) as url:
+        remote = load_manifest(url, FAST)
+        for split in ("train", "val", "test"):
+            assert ids(remote, split) == ids(local, split)
+        assert [b.x.numpy().tobytes() for b in ShardStream(remote, "val", 64)] == \
+            [b.x.numpy().tobytes() for b in ShardStream(local, "val", 64)]
 
 
 def test_404_is_a_clear_error_naming_the_url(server):
