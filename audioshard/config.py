@@ -89,7 +89,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     sanity_steps: int = 30
-    select_metric: str = "clip_macro_f1"
+    select_metric: str = "last"
 
 
 @dataclass
@@ -136,7 +136,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adam", "adamw"),
     "train.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
-    "train.select_metric": ("clip_macro_f1", "macro_f1", "accuracy", "loss"),
+    "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss"),
     "model.name": ("seed_cnn", "cnn6"),
 }
 

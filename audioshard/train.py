@@ -330,7 +330,10 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                            "val_clip_macro_f1": metrics["clip"]["macro_f1"],
                            "seconds": round(time.time() - started, 2)})
             history.append(record)
-            score = _score(metrics, cfg.train.select_metric if has_val else "loss")
+            if cfg.train.select_metric == "last":  # the end of the schedule, whatever val says
+                score = (float(epoch), 0.0)
+            else:
+                score = _score(metrics, cfg.train.select_metric if has_val else "loss")
             improved = score > best
             if improved:
                 best, best_epoch = score, epoch

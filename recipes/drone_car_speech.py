@@ -24,9 +24,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/audioshard-dcs"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["cnn6", "seed_cnn"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra training setting for every model (to try a change against the default)")
+    parser.add_argument("--out", type=Path, default=ROOT / "recipes" / "results" / "drone_car_speech.csv",
+                        help="results CSV (a Markdown summary is written beside it)")
     args = parser.parse_args()
-    models = {name: [f"model.name={name}"] for name in args.models}
-    out = ROOT / "recipes" / "results" / "drone_car_speech.csv"
+    models = {name: [f"model.name={name}", *args.overrides] for name in args.models}
+    out = args.out
     rows = run_recipe("drone_car_speech", args.data, args.work, models, [], args.seeds, out)
     dump_summary(rows, out.with_suffix(".md"))
 

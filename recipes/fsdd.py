@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import time
 from pathlib import Path
 
 from common import write_rows
@@ -48,12 +49,14 @@ def main() -> None:
                 writer.writerow([str(f), digit, speaker, split])
         shards = args.work / f"shards-{test}"
         build_shards(listing, shards, load_config(overrides=SETTINGS), progress=False)
+        started = time.time()
         metrics = train(str(shards), args.work / f"run-{test}", load_config(overrides=SETTINGS), progress=False)
         m = metrics["test"]["clip"]  # one chunk per clip: recording level = chunk level
         rows.append({"data": "fsdd", "model": "cnn6", "split_seed": f"test={test},val={val}", "level": "recording",
                      "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
                      "balanced_accuracy": round(m["balanced_accuracy"], 4), "n": m["n"],
-                     "best_epoch": metrics["best_epoch"], "train_minutes": ""})
+                     "best_epoch": metrics["best_epoch"],
+                     "train_minutes": round((time.time() - started) / 60, 2)})
         out = ROOT / "recipes" / "results" / "fsdd.csv"
         write_rows(out, rows)
         print(f"test speaker {test}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}", flush=True)

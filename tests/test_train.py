@@ -64,10 +64,16 @@ def test_checkpoint_is_self_describing_and_safe_to_load(full_run, real_build):
 def test_same_seed_same_history_and_resume_matches(real_build, full_run, tmp_path):
     run, _ = full_run
     cfg = load_config(overrides=TINY_TRAIN)
-    again = tmp_path / "again"
-    train(str(real_build), again, cfg, progress=False)
+    again = tmp_path / "again"  # selection differs (val loss), training must not
+    train(str(real_build), again, load_config(overrides=[*TINY_TRAIN, "train.select_metric=loss"]), progress=False)
     for a, b in zip(history(run), history(again), strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_loss"] == b["val_loss"]
+    # select_metric "last" (the default): best_model.pt is the final epoch; "loss": the lowest val loss.
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best_model.pt", "last.pt"))
+    assert best["epoch"] == last["epoch"] == 2
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    lowest = min(range(3), key=lambda e: history(again)[e]["val_loss"])
+    assert torch.load(again / "best_model.pt", weights_only=True)["epoch"] == lowest
 
     resumed = tmp_path / "resumed"
     assert train(str(real_build), resumed, cfg, progress=False, stop_after_epoch=1) == {}
