@@ -71,12 +71,25 @@ def _mel_parts(params: FeatureParams) -> tuple[torch.Tensor, torch.Tensor]:
     return window, fbank
 
 
+def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """(C, N) -> (C, N + 2 pad), mirrored at both ends without repeating the edge sample: what
+    `torch.stft(center=True, pad_mode="reflect")` does, with plain copies (~4x faster on a CPU)."""
+    chunks, n = x.shape
+    if pad >= n:  # reflection needs more samples than pad; let torch raise its usual error
+        return torch.nn.functional.pad(x.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
+    out = torch.empty(chunks, n + 2 * pad, dtype=x.dtype)
+    out[:, pad:pad + n] = x
+    out[:, :pad] = x[:, 1:pad + 1].flip(1)
+    out[:, pad + n:] = x[:, n - pad - 1:n - 1].flip(1)
+    return out
+
+
 def _mel_power(x: torch.Tensor, params: FeatureParams) -> torch.Tensor:
     """torchaudio's MelSpectrogram(power=2, centred, reflect padding, slaney), computed as re² + im²:
     the same values without the square root and re-squaring of `abs().pow(2)`, ~1.3x faster here."""
     window, fbank = _mel_parts(params)
-    spec = torch.stft(x, params.n_fft, params.hop_length, window=window, center=True, pad_mode="reflect",
-                      return_complex=True)
+    spec = torch.stft(_reflect_pad(x, params.n_fft // 2), params.n_fft, params.hop_length, window=window,
+                      center=False, return_complex=True)
     power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # re² + im²: (C, freqs, frames)
     return torch.matmul(power.transpose(1, 2), fbank).transpose(1, 2)  # (C, n_mels, frames)
 
