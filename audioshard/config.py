@@ -107,6 +107,8 @@ class ModelConfig:
     name: str = "cnn6"
     width: int = 32
     dropout: float = 0.2
+    init_checkpoint: str = ""
+    freeze_backbone: bool = False
 
 
 @dataclass
@@ -208,6 +210,9 @@ def validate(cfg: Config) -> Config:
     if cfg.features.f_max and cfg.features.f_max > cfg.audio.sample_rate / 2:
         raise ConfigError(f"features.f_max = {cfg.features.f_max} is above the Nyquist frequency "
                           f"{cfg.audio.sample_rate / 2} of audio.sample_rate; use 0 for sample_rate/2")
+    if cfg.model.freeze_backbone and not cfg.model.init_checkpoint:
+        raise ConfigError("model.freeze_backbone = true needs model.init_checkpoint (a trained checkpoint to keep "
+                          "the backbone of); a frozen random backbone learns almost nothing")
     if cfg.features.n_fft > cfg.audio.chunk_seconds * cfg.audio.sample_rate:
         raise ConfigError("features.n_fft is longer than one chunk (audio.chunk_seconds * audio.sample_rate)")
     return cfg

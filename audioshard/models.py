@@ -76,3 +76,28 @@ def build_model(args: dict[str, Any]) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name](**args)
+
+
+def is_head(name: str) -> bool:
+    """The classifier layer (named `head` in every model): what a new set of classes replaces."""
+    return name == "head" or name.startswith("head.")
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Train only the head: every other parameter stops learning and the backbone's BatchNorm layers
+    stay in eval mode, keeping the pretrained running statistics (dropout still acts). Call it again
+    after every `model.train()`."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_head(name))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_head(name):
+            module.eval()
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Copy every tensor of `state` whose name and shape match `model`'s; the rest of `model` (typically
+    the head, for other classes) keeps its fresh initialisation. Returns (loaded, kept fresh) names."""
+    own = model.state_dict()
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(matching, strict=False)
+    return sorted(matching), sorted(set(own) - set(matching))

@@ -8,10 +8,10 @@
 What happens, top to bottom: load the manifest; build the model, optimizer and schedule; overfit
 one batch as a sanity check (fail loudly if the loss does not drop); then per epoch stream the
 train split, normalise and augment each batch on the device, step, evaluate the val split
-(chunk- and recording-level), write `history.jsonl`, `last.pt` and, on improvement,
-`best_model.pt`. At the end the best model is evaluated on val and test and the seed's
-artifacts are written. Every random draw is seeded per epoch, so `--resume` reaches the same
-weights as an uninterrupted run.
+(chunk- and recording-level), write `history.jsonl`, `last.pt` and, when `train.select_metric`
+picks the epoch (by default the last: the end of the schedule), `best_model.pt`. At the end
+the best model is evaluated on val and test and the seed's artifacts are written. Every random
+draw is seeded per epoch, so `--resume` reaches the same weights as an uninterrupted run.
 
 Under DDP `train.batch_size` is per rank: the global batch is batch_size x world size, and the
 learning rate is used as given (scale it yourself if you scale the global batch).
@@ -39,7 +39,7 @@ from audioshard.config import Config, ConfigError, dump_toml, from_dict, validat
 from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
 from audioshard.manifest import Manifest, load_manifest
-from audioshard.models import build_model, model_args
+from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
 from audioshard.stream import ShardStream, make_loader
 
 # Debugging aid: when set, every rank saves the (source, start) of each chunk it trained on per epoch,
@@ -98,10 +98,15 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
 
 
 def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, device: torch.device, steps: int,
-                 lr: float) -> tuple[float, float]:
+                 lr: float, frozen: bool = False) -> tuple[float, float]:
     """Overfit one batch on a copy of the model (the original system's check); returns (first, last) loss."""
     probe = copy.deepcopy(model).to(device).train()
-    optimizer = torch.optim.Adam(probe.parameters(), lr=max(lr, 1e-3))
+    if frozen:
+        freeze_backbone(probe)
+    # A head alone on fixed features is a convex problem: a 10x larger step is safe and lets it show
+    # in the same few steps whether the labels can be learned.
+    optimizer = torch.optim.Adam([p for p in probe.parameters() if p.requires_grad],
+                                 lr=max(lr, 1e-2 if frozen else 1e-3))
     x = transform(batch._replace(x=batch.x.to(device))).x
     y = batch.y.to(device)
     losses = []
@@ -112,6 +117,25 @@ def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, devic
         optimizer.step()
         losses.append(loss.item())
     return losses[0], min(losses[-3:])
+
+
+def _init_from_checkpoint(model: torch.nn.Module, args: dict[str, Any], manifest: Manifest, path: str) -> None:
+    """Start from the user's own checkpoint: same architecture and features; the head is fresh where
+    the classes differ. Read with weights_only (never unpickled); nothing is downloaded."""
+    state = load_checkpoint(path)
+    theirs = {k: state["model_args"].get(k) for k in ("name", "width")}
+    ours = {k: args[k] for k in ("name", "width")}
+    if theirs != ours:
+        raise ConfigError(f"model.init_checkpoint {path} holds model {theirs}, but this run builds {ours}: set "
+                          f"model.name and model.width to match it")
+    differ = sorted(k for k, v in manifest.features.to_dict().items()
+                    if k != "chunk_seconds" and state["features"].get(k) != v)  # a CNN pools over any length
+    if differ:
+        raise ConfigError(f"model.init_checkpoint {path} was trained on other features ({', '.join(differ)} differ "
+                          "from these shards'); rebuild the shards with its [audio] and [features] settings")
+    loaded, fresh = load_pretrained(model, state["model"])
+    print0(f"initialised {len(loaded)} of {len(loaded) + len(fresh)} tensors from {path}"
+           + (f"; new: {', '.join(fresh)}" if fresh else ""))
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -209,9 +233,16 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
 
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout)
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if cfg.model.init_checkpoint and state is None:  # a resumed run already holds these weights
+        _init_from_checkpoint(model, args, manifest, cfg.model.init_checkpoint)
+    frozen = cfg.model.freeze_backbone
+    if frozen:
+        freeze_backbone(model)
+    model = model.to(device)
     optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                              weight_decay=cfg.train.weight_decay)
     weight = class_weights(manifest).to(device) if cfg.train.class_weights else None
 
     train_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True,
@@ -246,7 +277,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
         probe_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                  rank=dist.rank, world_size=dist.world_size)
         first_batch = next(iter(probe_data))
-        first, last = sanity_check(model, first_batch, plain_transform, device, cfg.train.sanity_steps, cfg.train.lr)
+        first, last = sanity_check(model, first_batch, plain_transform, device, cfg.train.sanity_steps, cfg.train.lr,
+                                   frozen)
         print0(f"sanity check: overfitting one batch of {len(first_batch.y)} for {cfg.train.sanity_steps} steps, "
                f"loss {first:.4f} -> {last:.4f}")
         if not last < 0.8 * first:  # a healthy setup drops far more; the plain seed_cnn ~40% in 30 steps
@@ -274,6 +306,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
             mix_rng = np.random.default_rng([cfg.train.seed, epoch, dist.rank, 7])
             ddp_model.train()
+            if frozen:
+                freeze_backbone(model)  # the backbone's BatchNorm layers stay in eval mode
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
             batches = iter(train_loader)
             bad_before, bad_first_pass = train_data.skipped_blocks, None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_TRAIN
 
-from audioshard.checkpoint import CheckpointError, load_checkpoint
+from audioshard.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from audioshard.config import ConfigError, load_config
 from audioshard.evaluate import evaluate_checkpoint
 from audioshard.manifest import load_manifest
@@ -84,6 +84,34 @@ def test_same_seed_same_history_and_resume_matches(real_build, full_run, tmp_pat
     for key in final:
         torch.testing.assert_close(after[key], final[key], rtol=1e-5, atol=1e-6)
     assert [h["epoch"] for h in history(resumed)] == [1, 2, 3]
+
+
+def test_init_from_own_checkpoint_with_other_classes_and_frozen_backbone(real_build, full_run, tmp_path, capsys):
+    """A user's earlier model (here: 2 other classes) seeds the backbone; only the new head learns."""
+    pretrained = load_checkpoint(full_run[0] / "best_model.pt")
+    pretrained["classes"] = ["bird", "frog"]
+    pretrained["model_args"]["num_classes"] = 2
+    pretrained["model"]["head.weight"] = pretrained["model"]["head.weight"][:2].clone()
+    pretrained["model"]["head.bias"] = pretrained["model"]["head.bias"][:2].clone()
+    path = tmp_path / "birds.pt"
+    save_checkpoint(path, pretrained)
+
+    run = tmp_path / "finetune"
+    cfg = load_config(overrides=[*TINY_TRAIN, f"model.init_checkpoint={path}", "model.freeze_backbone=true"])
+    metrics = train(str(real_build), run, cfg, progress=False)
+    assert "new: head.bias, head.weight" in capsys.readouterr().out
+    tuned = load_checkpoint(run / "best_model.pt")
+    assert tuned["classes"] == ["car", "drone", "speech"] and tuned["model"]["head.weight"].shape[0] == 3
+    backbone = [k for k in tuned["model"] if not k.startswith("head.")]
+    assert backbone and all(torch.equal(tuned["model"][k], pretrained["model"][k]) for k in backbone)  # BN stats too
+    assert metrics["test"]["chunk"]["accuracy"] > metrics["test"]["chunk"]["majority_baseline"]
+
+    with pytest.raises(ConfigError, match="model.width"):
+        train(str(real_build), tmp_path / "wide", load_config(overrides=[*TINY_TRAIN, "model.width=16",
+                                                                        f"model.init_checkpoint={path}"]),
+              progress=False)
+    with pytest.raises(ConfigError, match="freeze_backbone = true needs model.init_checkpoint"):
+        load_config(overrides=["model.freeze_backbone=true"])
 
 
 def test_sanity_check_fails_loudly(real_build, tmp_path):
