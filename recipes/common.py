@@ -23,7 +23,7 @@ def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[s
     for seed in split_seeds:
         shards = work / f"shards-seed{seed}"
         build_shards(input_path, shards, load_config(overrides=[*build_overrides, f"split.seed={seed}"]),
-                     progress=False)
+                     force=True, progress=False)  # builds take seconds: always fresh
         for model, overrides in models.items():
             run_dir = work / f"run-{model}-seed{seed}"
             started = time.time()

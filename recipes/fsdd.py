@@ -48,7 +48,7 @@ def main() -> None:
                 split = "test" if speaker == test else "val" if speaker == val else "train"
                 writer.writerow([str(f), digit, speaker, split])
         shards = args.work / f"shards-{test}"
-        build_shards(listing, shards, load_config(overrides=SETTINGS), progress=False)
+        build_shards(listing, shards, load_config(overrides=SETTINGS), force=True, progress=False)
         started = time.time()
         metrics = train(str(shards), args.work / f"run-{test}", load_config(overrides=SETTINGS), progress=False)
         m = metrics["test"]["clip"]  # one chunk per clip: recording level = chunk level
