@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import hashlib
 import io
 import json
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
-from audioshard.audio import AudioError, choppinator, load
+from audioshard.audio import AudioError, choppinator, load, peak_amplitude
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
 from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, sha256_file, write_json_atomic
@@ -171,7 +172,7 @@ def process_file(job: tuple[Source, Config, bool]) -> FileResult:
     seconds = len(samples) / params.sample_rate
     if len(samples) == 0:
         return FileResult(source.rel, error=f"{source.rel}: no audio samples in the file")
-    peak = float(np.abs(samples).max())
+    peak = peak_amplitude(samples)
     if cfg.audio.skip_silent and peak < cfg.audio.silence_peak:
         return FileResult(source.rel, seconds=seconds,
                           error=f"{source.rel}: silent (peak {peak:.1e} < audio.silence_peak {cfg.audio.silence_peak})")
@@ -347,10 +348,16 @@ def _results(jobs: list[tuple[Source, Config, bool]], workers: int):
             torch.set_num_threads(threads)
         return
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker) as pool:
-        # chunksize 8: fewer wake-ups of the pool's result thread, which otherwise takes a core's time
-        # away from the workers; the order of results is kept.
-        yield from pool.imap(process_file, jobs, chunksize=8)
+    # Forked workers share the parent's memory copy-on-write; a garbage collection in a worker would
+    # touch every inherited object (torch's included) and copy those pages. Frozen objects are skipped.
+    gc.freeze()
+    try:
+        with mp.get_context(method).Pool(workers, initializer=_init_worker) as pool:
+            # chunksize 8: fewer wake-ups of the pool's result thread, which otherwise takes a core's time
+            # away from the workers; the order of results is kept.
+            yield from pool.imap(process_file, jobs, chunksize=8)
+    finally:
+        gc.unfreeze()
 
 
 def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, workers: int | None = None,

@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 from conftest import DCS
 
-from audioshard.audio import AudioError, choppinator, chunk_starts, decode, load
+from audioshard.audio import AudioError, choppinator, chunk_starts, decode, load, peak_amplitude
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
 
@@ -38,6 +38,18 @@ def test_16_bit_fast_path_equals_libsndfile_float_decoding(tmp_path, ext):
     samples, rate = decode(path)
     assert rate == 22050 and samples.dtype == np.float32
     assert np.array_equal(samples, expected)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_infinite_samples_are_refused(tmp_path, bad):
+    x = tone(16000, 0.5)
+    x[1234] = bad
+    path = tmp_path / "bad.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"bad\.wav: contains NaN or infinite"):
+        load(path, 16000)
+    assert peak_amplitude(np.array([0.1, -0.7, 0.3], np.float32)) == pytest.approx(0.7)
+    assert peak_amplitude(np.zeros(0, np.float32)) == 0.0
 
 
 def test_stereo_48k_is_mixed_to_mono_and_resampled(tmp_path):
