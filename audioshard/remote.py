@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import os
 import tempfile
 import time
@@ -100,10 +101,19 @@ class Fetcher:
             if size is not None and actual != size:
                 raise IntegrityError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated "
                                      "or was changed after the build (`audioshard verify` checks every shard)")
-            if self.verify_local and sha256 and sha256_file(Path(location)) != sha256:
+            if not (self.verify_local and sha256):
+                return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
+            if actual > SPOOL_BYTES:  # large: hash, then read again, rather than hold it all in memory
+                digest = sha256_file(Path(location))
+                stream = open(location, "rb")  # noqa: SIM115 - the caller owns the stream
+            else:  # one read serves both the check and the parsing
+                data = Path(location).read_bytes()
+                digest, stream = hashlib.sha256(data).hexdigest(), io.BytesIO(data)
+            if digest != sha256:
+                stream.close()
                 raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
                                      "changed after the build")
-            return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
+            return stream
         if self.cache_dir and sha256:
             return self._cached(location, size, sha256)
         sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
