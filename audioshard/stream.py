@@ -115,7 +115,11 @@ def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: i
         descr, fortran, shape = _npy_header(bytes(data[start:start + header_len]))
     except (ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError, MemoryError, RecursionError) as exn:
         raise ShardDataError(f"{where}: malformed .npy header") from exn
-    if not isinstance(descr, str) or np.dtype(descr) != np.dtype(dtype) or fortran:
+    try:
+        expected_dtype = isinstance(descr, str) and np.dtype(descr) == np.dtype(dtype) and fortran is False
+    except TypeError:  # not a dtype numpy knows
+        expected_dtype = False
+    if not expected_dtype:
         raise ShardDataError(f"{where}: dtype {descr!r} (fortran={fortran}), expected {np.dtype(dtype).str}")
     if len(shape) != 1 + len(shape_tail) or tuple(shape[1:]) != shape_tail or not 0 < shape[0] <= max_rows:
         raise ShardDataError(f"{where}: shape {shape}, expected (1..{max_rows}, {', '.join(map(str, shape_tail))})")

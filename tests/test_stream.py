@@ -113,6 +113,10 @@ def test_decode_npy_refuses_bad_headers_before_allocating():
         decode_npy(forged_npy((4_000_000, 64, 63)), "float16", (64, 63), 64, "x")
     with pytest.raises(ShardDataError, match="not an .npy"):
         decode_npy(b"\x80\x04pickle", "float16", (64, 63), 64, "x")
+    with pytest.raises(ShardDataError, match="dtype 'zz9'"):  # not a dtype at all
+        decode_npy(good.replace(b"'<f2'", b"'zz9'"), "float16", (64, 63), 64, "x")
+    with pytest.raises(ShardDataError, match="malformed"):  # not a literal: never evaluated
+        decode_npy(good.replace(b"'<f2'", b"open("), "float16", (64, 63), 64, "x")
 
 
 def test_hostile_members_are_never_unpickled(real_build, tmp_path):
