@@ -107,6 +107,7 @@ class ModelConfig:
     name: str = "cnn6"
     width: int = 32
     dropout: float = 0.2
+    input_norm: str = "none"
     init_checkpoint: str = ""
     freeze_backbone: bool = False
 
@@ -140,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss"),
     "model.name": ("seed_cnn", "cnn6"),
+    "model.input_norm": ("none", "chunk", "band"),
 }
 
 POSITIVE = {

@@ -11,12 +11,27 @@ import torch
 from torch import nn
 
 
+def normalize_input(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-example input normalisation inside the model (so predict and export apply it too).
+
+    "none": as given. "chunk": subtract each example's mean (invariant to recording gain).
+    "band": subtract each example's mean per mel band over time, i.e. cepstral mean normalisation:
+    a fixed microphone or room colouring is a constant per band in dB, so it cancels.
+    """
+    if mode == "chunk":
+        return x - x.mean(dim=(2, 3), keepdim=True)
+    if mode == "band":
+        return x - x.mean(dim=3, keepdim=True)
+    return x
+
+
 class SeedCNN(nn.Module):
     """The original network, kept exactly: three 3x3 conv layers with ReLU, two max-pools, a global
     average pool and a linear head."""
 
-    def __init__(self, num_classes: int, width: int = 16, dropout: float = 0.0):
+    def __init__(self, num_classes: int, width: int = 16, dropout: float = 0.0, input_norm: str = "none"):
         super().__init__()
+        self.input_norm = input_norm
         self.features = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -26,7 +41,7 @@ class SeedCNN(nn.Module):
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).flatten(1))
+        return self.head(self.features(normalize_input(x, self.input_norm)).flatten(1))
 
 
 class ConvBlock(nn.Module):
@@ -46,8 +61,9 @@ class CNN6(nn.Module):
     """A small PANNs-style CNN: four conv-BN-ReLU blocks (width, 2w, 4w, 8w), mean over frequency,
     max + mean over time, dropout, linear head. Trains in minutes on a CPU at width 32."""
 
-    def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.2):
+    def __init__(self, num_classes: int, width: int = 32, dropout: float = 0.2, input_norm: str = "none"):
         super().__init__()
+        self.input_norm = input_norm
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.blocks = nn.Sequential(*[ConvBlock(cin, cout) for cin, cout in zip([1, *widths[:-1]], widths,
                                                                                   strict=True)])
@@ -55,7 +71,7 @@ class CNN6(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x).mean(dim=2)  # (B, C, T): average over frequency
+        x = self.blocks(normalize_input(x, self.input_norm)).mean(dim=2)  # (B, C, T): average over frequency
         x = x.amax(dim=2) + x.mean(dim=2)  # (B, C): strongest and average evidence over time
         return self.head(self.dropout(x))
 
@@ -63,11 +79,11 @@ class CNN6(nn.Module):
 MODELS = {"seed_cnn": SeedCNN, "cnn6": CNN6}
 
 
-def model_args(name: str, num_classes: int, width: int, dropout: float) -> dict[str, Any]:
+def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none") -> dict[str, Any]:
     """The arguments a checkpoint stores to rebuild the model with nothing else."""
     if name == "seed_cnn":
         width = 16  # the original network's channel counts (16, 32, 64)
-    return {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout}
+    return {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout, "input_norm": input_norm}
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:

@@ -232,7 +232,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
         (run_dir / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
 
     torch.manual_seed(cfg.train.seed)
-    args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout)
+    args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm)
     model = build_model(args)
     if cfg.model.init_checkpoint and state is None:  # a resumed run already holds these weights
         _init_from_checkpoint(model, args, manifest, cfg.model.init_checkpoint)

@@ -18,7 +18,7 @@ import torch
 from conftest import DCS, TINY_TRAIN
 
 from audioshard.audio import AudioError, choppinator, load, resample
-from audioshard.checkpoint import load_checkpoint, model_from_checkpoint
+from audioshard.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from audioshard.cli import main
 from audioshard.config import load_config
 from audioshard.evaluate import predict_split
@@ -264,6 +264,26 @@ def test_export_gives_pytorch_outputs(checkpoint, real_build, real_raw, tmp_path
         run = lambda batch: loaded(torch.from_numpy(batch)).detach().numpy()  # noqa: E731
     for batch in (x, x[:1]):
         np.testing.assert_allclose(run(batch), predictor.logits(mel[: len(batch)]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "band"])
+def test_input_norm_cancels_gain_or_colouring_and_exports(checkpoint, tmp_path, mode):
+    """model.input_norm: "chunk" ignores a level offset, "band" a fixed offset per mel band; it lives in
+    the model, so a checkpoint and its exports apply it with nothing else."""
+    state = load_checkpoint(checkpoint)
+    state["model_args"]["input_norm"] = mode
+    model = model_from_checkpoint(state)
+    x = torch.randn(3, 1, 64, 63)
+    offset = torch.full((1, 1, 64, 1), 2.5) if mode == "chunk" else torch.linspace(-3, 3, 64).view(1, 1, 64, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x + offset), model(x), rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(model_from_checkpoint(load_checkpoint(checkpoint))(x + offset),
+                                  model_from_checkpoint(load_checkpoint(checkpoint))(x), atol=1e-3)
+    path = tmp_path / "norm.pt"
+    save_checkpoint(path, state)
+    fmt = "torchscript" if mode == "chunk" else "onnx"  # both export paths, one each
+    info = export_model(path, fmt, tmp_path / f"norm.{fmt}")
+    assert info["model_args"]["input_norm"] == mode and info["parity_max_abs_diff"] <= 1e-4
 
 
 def test_export_cli(checkpoint, tmp_path, capsys):
