@@ -116,7 +116,10 @@ class Fetcher:
             return stream
         if self.cache_dir and sha256:
             return self._cached(location, size, sha256)
-        sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
+        if size is not None and size <= SPOOL_BYTES:  # the usual shard: plain memory, no spooling wrapper
+            sink: BinaryIO = io.BytesIO()
+        else:
+            sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
         self._download(location, sink, size, sha256)
         sink.seek(0)
         return sink
@@ -157,12 +160,13 @@ class Fetcher:
     def _download_once(self, location: str, sink: BinaryIO, size: int | None, sha256: str | None) -> None:
         digest = hashlib.sha256()
         received = 0
+        buffer = memoryview(bytearray(1 << 20))  # reused for every read: no new bytes object per block
         try:
             with urllib.request.urlopen(location, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
-                while block := response.read(1 << 20):
-                    digest.update(block)
-                    sink.write(block)
-                    received += len(block)
+                while n := response.readinto(buffer):
+                    digest.update(buffer[:n])
+                    sink.write(buffer[:n])
+                    received += n
         except urllib.error.HTTPError as exn:
             if exn.code in TRANSIENT_HTTP:
                 raise _Retry(f"HTTP {exn.code} {exn.reason}") from exn
