@@ -116,10 +116,9 @@ class Fetcher:
             return stream
         if self.cache_dir and sha256:
             return self._cached(location, size, sha256)
-        if size is not None and size <= SPOOL_BYTES:  # the usual shard: plain memory, no spooling wrapper
-            sink: BinaryIO = io.BytesIO()
-        else:
-            sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
+        if size is not None and size <= SPOOL_BYTES:  # the usual shard: one bytes object, parsed in place
+            return io.BytesIO(self._download(location, None, size, sha256))
+        sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
         self._download(location, sink, size, sha256)
         sink.seek(0)
         return sink
@@ -142,14 +141,15 @@ class Fetcher:
             raise
         return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
 
-    def _download(self, location: str, sink: BinaryIO, size: int | None, sha256: str | None) -> None:
+    def _download(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None) -> bytes:
+        """Into `sink`, with retries; or, with no sink and a known size, returned as one bytes object."""
         delay = self.backoff
         for attempt in range(self.retries + 1):
-            sink.seek(0)
-            sink.truncate()
+            if sink is not None:
+                sink.seek(0)
+                sink.truncate()
             try:
-                self._download_once(location, sink, size, sha256)
-                return
+                return self._download_once(location, sink, size, sha256)
             except _Retry as exn:
                 if attempt == self.retries:
                     error = IntegrityError if exn.integrity else SourceError
@@ -157,16 +157,21 @@ class Fetcher:
             time.sleep(delay)
             delay *= 2
 
-    def _download_once(self, location: str, sink: BinaryIO, size: int | None, sha256: str | None) -> None:
+    def _download_once(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None) -> bytes:
         digest = hashlib.sha256()
-        received = 0
-        buffer = memoryview(bytearray(1 << 20))  # reused for every read: no new bytes object per block
+        received, data = 0, b""
         try:
             with urllib.request.urlopen(location, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
-                while n := response.readinto(buffer):
-                    digest.update(buffer[:n])
-                    sink.write(buffer[:n])
-                    received += n
+                if sink is None:  # read straight into one object (the socket timeout still bounds each read)
+                    data = response.read(size)
+                    received = len(data) + len(response.read(1))  # a longer body is as wrong as a shorter one
+                    digest.update(data)
+                else:
+                    buffer = memoryview(bytearray(1 << 20))  # reused for every read: no new object per block
+                    while n := response.readinto(buffer):
+                        digest.update(buffer[:n])
+                        sink.write(buffer[:n])
+                        received += n
         except urllib.error.HTTPError as exn:
             if exn.code in TRANSIENT_HTTP:
                 raise _Retry(f"HTTP {exn.code} {exn.reason}") from exn
@@ -179,6 +184,7 @@ class Fetcher:
         if sha256 is not None and digest.hexdigest() != sha256:
             raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)",
                          integrity=True)
+        return data
 
 
 def _refuse_other_schemes(location: str) -> None:
