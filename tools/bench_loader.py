@@ -28,6 +28,10 @@ runs reuse it):
     .venv/bin/python tools/bench_loader.py --json              # one JSON object on stdout
     .venv/bin/python tools/bench_loader.py --workers 1 --seconds 5
 
+Each (method, workers) runs `--repeat` times (default 2), interleaved, and the best run is kept; HTTP
+and local runs alternate `--http-repeat` times (default 2) the same way. A small shared machine
+has bursts of outside load, and a single 15-s run can land in one.
+
 How to read it: `ratios.N.vs_plain_wds` is audioshard's samples/s over plain webdataset's with N
 loader workers (target >= 5), `vs_npz` over the original way (target >= 10).
 """
@@ -270,6 +274,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=200_000, help="tile the real chunks to at least this many")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=15.0, help="max seconds of iteration per measurement")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs per (method, workers), interleaved; the best is reported (peak RSS: the largest)")
     parser.add_argument("--http-repeat", type=int, default=2,
                         help="alternating local/HTTP runs per pipeline; the best of each is compared")
     parser.add_argument("--json", action="store_true")
@@ -284,15 +290,22 @@ def main() -> None:
     info = prepare(args.work, args.input, args.chunks)
     if args.prepare_only:
         return
-    result: dict = {"chunks": info["chunks"], "batch_size": BATCH, "samples_per_s": {}, "ratios": {},
-                    "peak_rss_mb": {}, "cpu_cores": os.cpu_count()}
+    result: dict = {"chunks": info["chunks"], "batch_size": BATCH, "repeat": args.repeat, "samples_per_s": {},
+                    "ratios": {}, "peak_rss_mb": {}, "cpu_cores": os.cpu_count()}
+    # Every configuration runs --repeat times, interleaved (all once, then all again), and the best run
+    # of each is kept: a burst of load from other programs then cannot decide a ratio on its own.
+    for key in map(str, args.workers):
+        result["samples_per_s"][key], result["peak_rss_mb"][key] = {}, {}
+    for _ in range(args.repeat):
+        for workers in args.workers:
+            key = str(workers)
+            for method in METHODS:
+                one = spawn(args.work, method, workers, args.seconds)
+                best = result["samples_per_s"][key].get(method, 0)
+                result["samples_per_s"][key][method] = max(best, round(one["samples_per_s"]))
+                result["peak_rss_mb"][key][method] = max(result["peak_rss_mb"][key].get(method, 0), one["peak_rss_mb"])
     for workers in args.workers:
         key = str(workers)
-        result["samples_per_s"][key], result["peak_rss_mb"][key] = {}, {}
-        for method in METHODS:
-            one = spawn(args.work, method, workers, args.seconds)
-            result["samples_per_s"][key][method] = round(one["samples_per_s"])
-            result["peak_rss_mb"][key][method] = one["peak_rss_mb"]
         rates = result["samples_per_s"][key]
         result["ratios"][key] = {"vs_plain_wds": round(rates["audioshard"] / rates["plain_wds"], 2),
                                  "vs_npz": round(rates["audioshard"] / rates["npz"], 2),
