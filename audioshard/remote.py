@@ -103,14 +103,8 @@ class Fetcher:
                                      "or was changed after the build (`audioshard verify` checks every shard)")
             if not (self.verify_local and sha256):
                 return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
-            if actual > SPOOL_BYTES:  # large: hash, then read again, rather than hold it all in memory
-                digest = sha256_file(Path(location))
-                stream = open(location, "rb")  # noqa: SIM115 - the caller owns the stream
-            else:  # one read serves both the check and the parsing
-                data = Path(location).read_bytes()
-                digest, stream = hashlib.sha256(data).hexdigest(), io.BytesIO(data)
-            if digest != sha256:
-                stream.close()
+            stream = _open_verified(location, actual, sha256)
+            if stream is None:
                 raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
                                      "changed after the build")
             return stream
@@ -128,8 +122,9 @@ class Fetcher:
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / f"{sha256}.tar"
         if path.exists():
-            if sha256_file(path) == sha256:
-                return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+            stream = _open_verified(str(path), path.stat().st_size, sha256)
+            if stream is not None:
+                return stream
             path.unlink(missing_ok=True)  # corrupt cache entry: fetch again
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".tar")
         try:
@@ -185,6 +180,16 @@ class Fetcher:
             raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)",
                          integrity=True)
         return data
+
+
+def _open_verified(path: str, size: int, sha256: str) -> BinaryIO | None:
+    """The file as a readable stream if its sha256 matches, else None. Files up to SPOOL_BYTES are
+    read once, and that one read serves both the check and the parsing; larger ones are hashed,
+    then opened, rather than held in memory."""
+    if size > SPOOL_BYTES:
+        return open(path, "rb") if sha256_file(path) == sha256 else None  # noqa: SIM115 - the caller owns it
+    data = Path(path).read_bytes()
+    return io.BytesIO(data) if hashlib.sha256(data).hexdigest() == sha256 else None
 
 
 def _refuse_other_schemes(location: str) -> None:

@@ -310,13 +310,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 keep = capacity // 2 if self.shuffle else 0
                 n_emit = (count - keep) // self.batch_size * self.batch_size
                 if n_emit:
-                    merged = {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+                    merged = _concat(held)
                     order = rng.permutation(count) if self.shuffle else np.arange(count)
                     yield from self._emit(merged, order[:n_emit])
                     held = [{k: v[order[n_emit:]] for k, v in merged.items()}]
                     count -= n_emit
         if count:
-            merged = {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+            merged = _concat(held)
             yield from self._emit(merged, rng.permutation(count) if self.shuffle else np.arange(count))
 
     def _emit(self, merged: dict[str, np.ndarray], order: np.ndarray) -> Iterator[Batch]:
@@ -327,6 +327,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                         torch.from_numpy(merged["y"][take].astype(np.int64)),
                         torch.from_numpy(merged["source"][take].astype(np.int64)),
                         torch.from_numpy(merged["start"][take]))
+
+
+def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The held blocks as one block (each field concatenated)."""
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
 # Batches a loader worker sends to the main process in one transfer. Each transfer moves every tensor
