@@ -1,16 +1,41 @@
 """Normalisation and on-the-fly augmentation, acting on whole batches (CPU or GPU alike).
 
 x: (B, 1, n_mels, frames). Normalisation uses the train split's mean/std from the manifest, so
-that 0 is the average dB level; masks then set regions to 0 (SpecAugment, Park et al. 2019),
-and Gaussian noise is scaled relative to the normalised input (std 1).
+that 0 is the average dB level. Augmentation then, per example: a random frequency warp (every
+frequency scaled by one factor, as vocal tract length perturbation does for voices; Jaitly & Hinton
+2013) and time stretch, Gaussian noise relative to the normalised input (std 1), and SpecAugment
+time and frequency masks that set regions to 0 (Park et al. 2019).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional
 
 from audioshard.config import AugmentConfig
+from audioshard.features import FeatureParams
+
+
+def _hz_to_slaney_mel(hz: torch.Tensor) -> torch.Tensor:
+    """Slaney's mel scale (the one the features use): linear below 1 kHz, logarithmic above."""
+    linear = hz / (200.0 / 3)
+    logarithmic = 15.0 + torch.log(hz.clamp(min=1e-5) / 1000.0) / (math.log(6.4) / 27.0)
+    return torch.where(hz < 1000.0, linear, logarithmic)
+
+
+def _slaney_mel_to_hz(mel: torch.Tensor) -> torch.Tensor:
+    return torch.where(mel < 15.0, mel * (200.0 / 3), 1000.0 * torch.exp((mel - 15.0) * (math.log(6.4) / 27.0)))
+
+
+def mel_band_centres(params: FeatureParams) -> torch.Tensor:
+    """(n_mels,) float64 centre frequency (Hz) of each mel band of these features."""
+    edges = torch.linspace(float(_hz_to_slaney_mel(torch.tensor(params.f_min, dtype=torch.float64))),
+                           float(_hz_to_slaney_mel(torch.tensor(params.f_max, dtype=torch.float64))),
+                           params.n_mels + 2, dtype=torch.float64)
+    return _slaney_mel_to_hz(edges[1:-1])
 
 
 def _band_mask(batch: int, count: int, max_width: int, size: int, generator: torch.Generator,
@@ -25,34 +50,71 @@ def _band_mask(batch: int, count: int, max_width: int, size: int, generator: tor
     return ((position >= start) & (position < start + width)).any(dim=1)
 
 
+def warp(x: torch.Tensor, freq_factor: torch.Tensor, time_factor: torch.Tensor,
+         band_centres: torch.Tensor | None) -> torch.Tensor:
+    """Resample each example of x (B, 1, mels, frames) on a warped grid: bilinear, edges repeated.
+
+    Frequency (factor a per example): the band centred at f shows what x had at f / a, so every
+    frequency (a voice's formants, an engine's harmonics) moves by the factor a; on the mel axis that
+    is a shift at high frequencies and a stretch at low ones. `band_centres` (Hz) of the features;
+    None leaves frequency alone. Time (factor s): frame t shows frame c + (t - c) / s, c the centre,
+    i.e. the chunk plays s times slower (a speaking-rate or tempo change)."""
+    batch, _, mels, frames = x.shape
+    if band_centres is not None:
+        centres = band_centres.to(x.device, torch.float64)
+        position = _hz_to_slaney_mel(centres)  # equally spaced by construction
+        step = (position[-1] - position[0]) / max(mels - 1, 1)
+        source = (_hz_to_slaney_mel(centres / freq_factor.view(-1, 1)) - position[0]) / step  # (B, mels) band index
+        rows = source * (2.0 / max(mels - 1, 1)) - 1
+    else:
+        rows = torch.linspace(-1, 1, mels, device=x.device, dtype=torch.float64).expand(batch, mels)
+    cols = torch.linspace(-1, 1, frames, device=x.device, dtype=torch.float64) / time_factor.view(-1, 1)
+    grid = torch.stack(torch.broadcast_tensors(cols[:, None, :], rows[:, :, None]), dim=-1)  # (B, mels, frames, 2)
+    return functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
 NOISE_BANK = 1 << 21  # standard-normal values kept per generator for noise windows (8 MB as float32)
 
 
 class SpecAugment(nn.Module):
-    """Gaussian noise plus time and frequency masks, a fresh draw for every sample.
+    """Frequency warp and time stretch, Gaussian noise, time and frequency masks: a fresh draw for every sample.
 
     Args:
         noise_std: std of added noise, in units of the normalised input (0 = off).
         time_masks, time_mask_width: number of time masks per sample and their max width (frames).
         freq_masks, freq_mask_width: number of frequency masks per sample and their max width (mel bins).
+        freq_warp: every frequency is scaled by a factor drawn from U[1 - freq_warp, 1 + freq_warp] (0 = off).
+        time_stretch: time is stretched about the chunk's centre by U[1 - time_stretch, 1 + time_stretch].
+        band_centres: (n_mels,) Hz of the mel bands (`mel_band_centres`), needed when freq_warp > 0.
     """
 
     def __init__(self, noise_std: float = 0.1, time_masks: int = 2, time_mask_width: int = 8, freq_masks: int = 1,
-                 freq_mask_width: int = 8):
+                 freq_mask_width: int = 8, freq_warp: float = 0.0, time_stretch: float = 0.0,
+                 band_centres: torch.Tensor | None = None):
         super().__init__()
         for name, value in [("noise_std", noise_std), ("time_masks", time_masks),
                             ("time_mask_width", time_mask_width), ("freq_masks", freq_masks),
-                            ("freq_mask_width", freq_mask_width)]:
+                            ("freq_mask_width", freq_mask_width), ("freq_warp", freq_warp),
+                            ("time_stretch", time_stretch)]:
             if value < 0:
                 raise ValueError(f"augment.{name} must be >= 0, got {value}")
+        for name, value in [("freq_warp", freq_warp), ("time_stretch", time_stretch)]:
+            if value >= 1:
+                raise ValueError(f"augment.{name} must be below 1 (a factor between 1 - it and 1 + it), got {value}")
+        if freq_warp and band_centres is None:
+            raise ValueError("augment.freq_warp needs the mel band centres of the features (band_centres)")
         self.noise_std, self.time_masks, self.time_mask_width = noise_std, time_masks, time_mask_width
         self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
+        self.freq_warp, self.time_stretch = freq_warp, time_stretch
+        self.band_centres = band_centres
         self._bank, self._bank_owner = torch.empty(0), None
 
     def forward(self, x: torch.Tensor, generator: torch.Generator, inplace: bool = False) -> torch.Tensor:
         """x: (B, 1, n_mels, frames) float, normalised -> augmented x (a copy unless `inplace`)."""
         batch, _, mels, frames = x.shape
-        if not inplace:
+        if self.freq_warp or self.time_stretch:
+            x = self._warp(x, generator)  # a new tensor
+        elif not inplace:
             x = x.clone()
         if self.noise_std:
             x.add_(self._noise(x, generator), alpha=self.noise_std)
@@ -64,6 +126,11 @@ class SpecAugment(nn.Module):
         if self.freq_masks and self.freq_mask_width:
             x.mul_((~freq).to(x.dtype).view(batch, 1, mels, 1))
         return x
+
+    def _warp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        draws = torch.rand((2, len(x)), generator=generator, device=x.device, dtype=torch.float64) * 2 - 1
+        return warp(x, 1 + self.freq_warp * draws[0], 1 + self.time_stretch * draws[1],
+                    self.band_centres if self.freq_warp else None)
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Standard-normal noise shaped like x: each example reads its own random window of a bank of
@@ -101,7 +168,8 @@ class BatchTransform(nn.Module):
         augment = None
         if enabled and cfg.enabled:
             augment = SpecAugment(cfg.noise_std, cfg.time_masks, cfg.time_mask_width, cfg.freq_masks,
-                                  cfg.freq_mask_width)
+                                  cfg.freq_mask_width, cfg.freq_warp, cfg.time_stretch,
+                                  mel_band_centres(manifest.features))
         return cls(manifest.mean, manifest.std, augment)
 
     def reseed(self, seed: int, epoch: int, rank: int = 0, worker: int = 0) -> None:

@@ -100,6 +100,8 @@ class AugmentConfig:
     time_mask_width: int = 8
     freq_masks: int = 1
     freq_mask_width: int = 8
+    freq_warp: float = 0.0
+    time_stretch: float = 0.0
 
 
 @dataclass
@@ -156,6 +158,7 @@ NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "fe
                 "train.weight_decay", "train.mixup_alpha", "train.warmup_epochs", "train.num_workers",
                 "train.sanity_steps", "augment.noise_std", "augment.time_masks", "augment.time_mask_width",
                 "augment.freq_masks", "augment.freq_mask_width"}
+WARPS = {"augment.freq_warp", "augment.time_stretch"}
 
 
 def _type_name(tp: Any) -> str:
@@ -207,6 +210,9 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{key} must be >= 0, got {value!r}")
             if key in FRACTIONS and not 0 <= value <= 1:
                 raise ConfigError(f"{key} must be between 0 and 1, got {value!r}")
+            if key in WARPS and not 0 <= value < 1:
+                raise ConfigError(f"{key} must be >= 0 and below 1 (factors are drawn from [1 - it, 1 + it]), "
+                                  f"got {value!r}")
     if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
         raise ConfigError("split.val_fraction + split.test_fraction must be < 1 (something must be left to train on)")
     if cfg.features.f_max and cfg.features.f_max > cfg.audio.sample_rate / 2:

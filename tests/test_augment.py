@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from audioshard.augment import BatchTransform, SpecAugment
+from audioshard.augment import BatchTransform, SpecAugment, mel_band_centres, warp
+from audioshard.features import FeatureParams
 from audioshard.manifest import load_manifest
 from audioshard.stream import Batch, ShardStream, open_shards
 
@@ -61,3 +62,47 @@ def test_augmentation_changes_train_batches_and_never_val(real_build):
     val = list(open_shards(str(real_build), "val", batch_size=32))
     for r, v in zip(raw_val, val, strict=True):
         assert torch.equal(plain(r).x, v.x)
+
+
+def test_mel_band_centres_match_the_feature_filterbank():
+    import torchaudio
+
+    params = FeatureParams(16000, 2.0, 64, 1024, 512, 0.0, 8000.0, 80.0)
+    fbank = torchaudio.functional.melscale_fbanks(513, 0.0, 8000.0, 64, 16000, norm="slaney", mel_scale="slaney")
+    peak_hz = torch.linspace(0, 8000, 513)[fbank.argmax(dim=0)]
+    assert (peak_hz - mel_band_centres(params).float()).abs().max() <= 8000 / 512  # within one FFT bin
+
+
+def test_warp_moves_a_tone_by_the_frequency_factor_and_an_onset_by_the_time_factor():
+    params = FeatureParams(16000, 2.0, 64, 1024, 512, 0.0, 8000.0, 80.0)
+    centres = mel_band_centres(params)
+    tone = int((centres - 1000).abs().argmin())
+    x = torch.zeros(3, 1, 64, 63)
+    x[:, :, tone, 41] = 1.0  # one bin: a tone at ~1 kHz, 10 frames after the centre frame (31)
+    factors = torch.tensor([1.0, 1.25, 0.8], dtype=torch.float64)
+    y = warp(x, factors, factors, centres)
+    for example, factor in enumerate(factors.tolist()):
+        band = int(y[example, 0].sum(dim=1).argmax())
+        frame = int(y[example, 0].sum(dim=0).argmax())
+        nearest_band = int((centres - centres[tone] * factor).abs().argmin())
+        assert abs(band - nearest_band) <= 1, (factor, band, nearest_band)
+        assert abs(frame - (31 + 10 * factor)) <= 1, (factor, frame)
+    assert torch.allclose(y[0], x[0], atol=1e-5)  # factor 1 is the identity
+
+
+def test_warp_draws_stay_in_range_and_differ_per_example():
+    params = FeatureParams(16000, 2.0, 64, 1024, 512, 0.0, 8000.0, 80.0)
+    centres = mel_band_centres(params)
+    augment = SpecAugment(noise_std=0.0, time_masks=0, freq_masks=0, freq_warp=0.2, time_stretch=0.0,
+                          band_centres=centres)
+    tone = int((centres - 2000).abs().argmin())
+    x = torch.zeros(256, 1, 64, 63)
+    x[:, :, tone, :] = 1.0
+    y = augment(x, torch.Generator().manual_seed(0))
+    moved_to = centres[y[:, 0].sum(dim=2).argmax(dim=1)] / centres[tone]
+    assert moved_to.min() >= 0.8 * 0.93 and moved_to.max() <= 1.2 * 1.07  # band spacing ~ 7% at 2 kHz
+    assert moved_to.min() < 0.9 and moved_to.max() > 1.1 and len(moved_to.unique()) > 5
+    with pytest.raises(ValueError, match="augment.freq_warp"):
+        SpecAugment(freq_warp=0.1)  # no band centres
+    with pytest.raises(ValueError, match="augment.time_stretch"):
+        SpecAugment(time_stretch=1.0)

@@ -35,6 +35,8 @@ def test_set_overrides_with_types():
     ("shards.block_size=-4", "shards.block_size must be > 0"),
     ("split.val_fraction=0.6 split.test_fraction=0.5", "must be < 1"),
     ("train.lr", "expects section.key=value"),
+    ("augment.freq_warp=1.0", "augment.freq_warp must be >= 0 and below 1"),
+    ("augment.time_stretch=-0.1", "augment.time_stretch must be >= 0 and below 1"),
 ])
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
