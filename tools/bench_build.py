@@ -52,7 +52,11 @@ How to read it
     audioshard is than the seed's way with the same worker count (target: >= 5x with 1 worker).
     `speed-up 1 -> 2 workers` is each method's throughput with 2 workers over its own with 1
     (target for audioshard: >= 1.7x; the ceiling is the number of free cores, and the main process,
-    which writes the output, needs CPU too). Targets are reported, never asserted. On a busy
+    which writes the output, needs CPU too). Beside it, `N independent 1-worker builds at once`: N
+    separate processes each running the whole 1-worker build at the same time, their total throughput
+    over one alone. They share nothing but the machine (no pool, no IPC, no main process), so this is
+    what N cores of this machine give this workload at best, the ceiling for the N-worker speed-up
+    (below N where cores share caches, memory bandwidth or a host). Targets are reported, never asserted. On a busy
     machine, use `--repeat 3`: configurations are interleaved and the fastest run of each is kept.
 """
 
@@ -284,8 +288,9 @@ def _own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def time_one(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
+def time_one(method: str, input_dir: Path, workers: int, sync: bool = False) -> dict[str, Any]:
     """Warm up, then time one build of `method` on every recording under `input_dir` (runs in a fresh process).
+    With `sync`, say "ready" on stdout after the warm-up and wait for a line on stdin before timing.
 
     Returns:
         {"wall_s": seconds around the whole build, "cpu_s": CPU seconds it used (all its processes),
@@ -300,6 +305,9 @@ def time_one(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
             seed_warmup()
         else:
             audioshard_warmup(cfg)
+        if sync:
+            print("ready", flush=True)
+            sys.stdin.readline()
         busy0, cpu0, start = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
         if method == "seed":
             chunks = seed_build(recordings, out_dir, workers)
@@ -312,12 +320,33 @@ def time_one(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
 
 def time_in_subprocess(method: str, input_dir: Path, workers: int) -> dict[str, Any]:
     """`time_one` in a fresh Python process, so no run inherits another's caches, heap or compiled kernels."""
+    return time_concurrent(method, input_dir, workers, copies=1)[0]
+
+
+def time_concurrent(method: str, input_dir: Path, workers: int, copies: int) -> list[dict[str, Any]]:
+    """`copies` fresh processes, each running `time_one` at the same time; their results.
+
+    With workers=1 this is the machine's own ceiling for N-way parallel builds: N builds that share
+    nothing (no pool, no main process, no IPC) contend only for the cores, caches and memory bandwidth."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--input", str(input_dir), "--workers", str(workers),
-           "--child", method]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{method} with {workers} workers failed:\n{proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+           "--child", method, "--sync"]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(copies)]
+    for proc in procs:  # all warmed up, then all start timing together
+        proc.stdout.readline()
+    for proc in procs:
+        try:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        except BrokenPipeError:  # it failed during its warm-up; its error is reported below
+            pass
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"{method} with {workers} workers failed:\n{err.strip()}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: int | None,
@@ -337,6 +366,7 @@ def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: 
     log(f"{len(recordings)} files, {audio_seconds:.1f} s of audio; each run in a fresh process, warmed up first")
 
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {str(w): [] for w in workers_list} for m in METHODS}
+    independent: dict[str, list[float]] = {str(w): [] for w in workers_list if w > 1}
     with tempfile.TemporaryDirectory(prefix="bench_build_") as tmp:
         source_dir = input_dir if limit is None else link_subset(recordings, Path(tmp) / "input")
         for rep in range(repeat):
@@ -348,6 +378,14 @@ def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: 
                     log(f"run {rep + 1}/{repeat}  {LABELS[method]:<11} {workers} worker{'s' if workers > 1 else ''}: "
                         f"{run['wall_s']:.2f} s wall, {audio_seconds / run['wall_s']:.1f} audio s / s, "
                         f"{run['cpu_s']:.2f} CPU s, {run['chunks']} chunks{others}")
+                if workers > 1:
+                    # Reference: as many independent 1-worker builds at once (started together; the
+                    # slowest one's wall time counts for all).
+                    together = time_concurrent("audioshard", source_dir, 1, workers)
+                    wall = max(r["wall_s"] for r in together)
+                    independent[str(workers)].append(wall)
+                    log(f"run {rep + 1}/{repeat}  {workers} independent 1-worker audioshard builds at once: "
+                        f"{wall:.2f} s wall (slowest), {workers * audio_seconds / wall:.1f} audio s / s together")
 
     results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in METHODS}
     for method in METHODS:
@@ -372,6 +410,11 @@ def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: 
     for k in keys[1:]:
         report[f"speedup_{base}_to_{k}"] = {
             m: results[m][k]["audio_s_per_s"] / results[m][base]["audio_s_per_s"] for m in METHODS}
+    # The machine's ceiling: N independent builds together over one build alone (same 1-worker code).
+    report["independent_builds"] = {
+        k: {"wall_s": min(walls), "all_wall_s": walls,
+            "speedup_vs_1": int(k) * audio_seconds / min(walls) / results["audioshard"]["1"]["audio_s_per_s"]}
+        for k, walls in independent.items() if "1" in results["audioshard"]}
     targets: dict[str, Any] = {}
     if "1" in ratio:
         targets["ratio_1_worker"] = {"target": TARGET_RATIO_1_WORKER, "value": ratio["1"],
@@ -404,8 +447,11 @@ def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
                  + "   ".join(f"{k} worker{'s' if k != '1' else ''}: {report['ratio_vs_seed'][k]:.1f}x" for k in keys))
     for k in keys[1:]:
         speedup = report[f"speedup_{keys[0]}_to_{k}"]
+        ceiling = report["independent_builds"].get(k)
+        reference = (f"   ({k} independent 1-worker builds at once: {ceiling['speedup_vs_1']:.2f}x, this machine's "
+                     "ceiling)") if ceiling else ""
         lines.append(f"speed-up {keys[0]} -> {k} workers:  audioshard {speedup['audioshard']:.2f}x   "
-                     f"seed {speedup['seed']:.2f}x")
+                     f"seed {speedup['seed']:.2f}x{reference}")
     names = {"ratio_1_worker": "audioshard / seed, 1 worker", "audioshard_speedup_1_to_2": "audioshard 1 -> 2 workers"}
     for name, t in report["targets"].items():
         lines.append(f"target {names[name]} >= {t['target']}x: {'met' if t['met'] else 'NOT met'} ({t['value']:.2f}x)")
@@ -429,9 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N files of each class")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of the table")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)  # internal: one timed run
+    parser.add_argument("--sync", action="store_true", help=argparse.SUPPRESS)  # internal: wait for "go" on stdin
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(time_one(args.child, args.input, args.workers[0])))
+        print(json.dumps(time_one(args.child, args.input, args.workers[0], args.sync)))
         return
     if args.repeat < 1 or any(w < 1 for w in args.workers) or (args.limit is not None and args.limit < 1):
         parser.error("--repeat, --workers and --limit must be >= 1")
