@@ -61,14 +61,15 @@ def warp(x: torch.Tensor, freq_factor: torch.Tensor, time_factor: torch.Tensor,
     i.e. the chunk plays s times slower (a speaking-rate or tempo change)."""
     batch, _, mels, frames = x.shape
     if band_centres is not None:
-        centres = band_centres.to(x.device, torch.float64)
+        centres = band_centres.to(x.device, torch.float32)  # float32: MPS has no float64
         position = _hz_to_slaney_mel(centres)  # equally spaced by construction
         step = (position[-1] - position[0]) / max(mels - 1, 1)
-        source = (_hz_to_slaney_mel(centres / freq_factor.view(-1, 1)) - position[0]) / step  # (B, mels) band index
+        factor = freq_factor.to(x.device, torch.float32).view(-1, 1)
+        source = (_hz_to_slaney_mel(centres / factor) - position[0]) / step  # (B, mels) band index
         rows = source * (2.0 / max(mels - 1, 1)) - 1
     else:
-        rows = torch.linspace(-1, 1, mels, device=x.device, dtype=torch.float64).expand(batch, mels)
-    cols = torch.linspace(-1, 1, frames, device=x.device, dtype=torch.float64) / time_factor.view(-1, 1)
+        rows = torch.linspace(-1, 1, mels, device=x.device).expand(batch, mels)
+    cols = torch.linspace(-1, 1, frames, device=x.device) / time_factor.to(x.device, torch.float32).view(-1, 1)
     grid = torch.stack(torch.broadcast_tensors(cols[:, None, :], rows[:, :, None]), dim=-1)  # (B, mels, frames, 2)
     return functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
 
@@ -128,7 +129,7 @@ class SpecAugment(nn.Module):
         return x
 
     def _warp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        draws = torch.rand((2, len(x)), generator=generator, device=x.device, dtype=torch.float64) * 2 - 1
+        draws = torch.rand((2, len(x)), generator=generator, device=x.device) * 2 - 1
         return warp(x, 1 + self.freq_warp * draws[0], 1 + self.time_stretch * draws[1],
                     self.band_centres if self.freq_warp else None)
 
