@@ -1,7 +1,8 @@
 """Normalisation and on-the-fly augmentation, acting on whole batches (CPU or GPU alike).
 
 x: (B, 1, n_mels, frames). Normalisation uses the train split's mean/std from the manifest, so
-that 0 is the average dB level. Augmentation then, per example: a random frequency warp (every
+that 0 is the average dB level. Augmentation, per example: background noise mixed in at a random
+level and colour (before normalising: it is a sum of powers, so it needs dB), a random frequency warp (every
 frequency scaled by one factor, as vocal tract length perturbation does for voices; Jaitly & Hinton
 2013) and time stretch, Gaussian noise relative to the normalised input (std 1), and SpecAugment
 time and frequency masks that set regions to 0 (Park et al. 2019).
@@ -86,27 +87,34 @@ class SpecAugment(nn.Module):
         freq_masks, freq_mask_width: number of frequency masks per sample and their max width (mel bins).
         freq_warp: every frequency is scaled by a factor drawn from U[1 - freq_warp, 1 + freq_warp] (0 = off).
         time_stretch: time is stretched about the chunk's centre by U[1 - time_stretch, 1 + time_stretch].
-        band_centres: (n_mels,) Hz of the mel bands (`mel_band_centres`), needed when freq_warp > 0.
+        band_centres: (n_mels,) Hz of the mel bands (`mel_band_centres`), needed when freq_warp > 0
+            or background_prob > 0.
+        background_prob, background_snr: see `mix_background` (applied by BatchTransform, in dB).
     """
 
     def __init__(self, noise_std: float = 0.1, time_masks: int = 2, time_mask_width: int = 8, freq_masks: int = 1,
                  freq_mask_width: int = 8, freq_warp: float = 0.0, time_stretch: float = 0.0,
-                 band_centres: torch.Tensor | None = None):
+                 band_centres: torch.Tensor | None = None, background_prob: float = 0.0,
+                 background_snr: float = 10.0):
         super().__init__()
         for name, value in [("noise_std", noise_std), ("time_masks", time_masks),
                             ("time_mask_width", time_mask_width), ("freq_masks", freq_masks),
                             ("freq_mask_width", freq_mask_width), ("freq_warp", freq_warp),
-                            ("time_stretch", time_stretch)]:
+                            ("time_stretch", time_stretch), ("background_prob", background_prob)]:
             if value < 0:
                 raise ValueError(f"augment.{name} must be >= 0, got {value}")
         for name, value in [("freq_warp", freq_warp), ("time_stretch", time_stretch)]:
             if value >= 1:
                 raise ValueError(f"augment.{name} must be below 1 (a factor between 1 - it and 1 + it), got {value}")
-        if freq_warp and band_centres is None:
-            raise ValueError("augment.freq_warp needs the mel band centres of the features (band_centres)")
+        if background_prob > 1:
+            raise ValueError(f"augment.background_prob must be between 0 and 1, got {background_prob}")
+        if (freq_warp or background_prob) and band_centres is None:
+            raise ValueError("augment.freq_warp and augment.background_prob need the mel band centres of the "
+                             "features (band_centres)")
         self.noise_std, self.time_masks, self.time_mask_width = noise_std, time_masks, time_mask_width
         self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
         self.freq_warp, self.time_stretch = freq_warp, time_stretch
+        self.background_prob, self.background_snr = background_prob, background_snr
         self.band_centres = band_centres
         self._bank, self._bank_owner = torch.empty(0), None
 
@@ -127,6 +135,31 @@ class SpecAugment(nn.Module):
         if self.freq_masks and self.freq_mask_width:
             x.mul_((~freq).to(x.dtype).view(batch, 1, mels, 1))
         return x
+
+    def mix_background(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Add stationary background noise to a share `background_prob` of the examples, in place.
+
+        x_db: (B, 1, n_mels, frames) float32 log-mel in dB (not normalised). The noise is a power sum,
+        10 log10(10^(x/10) + 10^(n/10)), so it fills the quiet parts and leaves loud ones nearly as
+        they were, like a real noise floor (hiss, hum, wind, a room): its level (in its loudest,
+        lowest band) is drawn from [peak - background_snr - 30, peak - background_snr] dB, the example's
+        own peak, its colour from white to brown (0 to -6 dB per octave above that band), with 3 dB of
+        random ripple per (band, frame).
+        Recordings made with a different noise floor than the training ones are a common reason a
+        model fails on new recordists; this teaches it that the floor is not the class."""
+        batch = len(x_db)
+        if not self.background_prob:
+            return x_db
+        draws = torch.rand((3, batch, 1, 1, 1), generator=generator, device=x_db.device)
+        peak = x_db.amax(dim=(1, 2, 3), keepdim=True)
+        level = peak - self.background_snr - 30.0 * draws[0]
+        slope = -6.0 * draws[1]  # dB per octave
+        octaves = torch.log2(self.band_centres.to(x_db.device, torch.float32).clamp(min=20.0))
+        octaves = (octaves - octaves[0]).view(1, 1, -1, 1)  # above the lowest band, whose level is `level`
+        noise_db = level + slope * octaves + 3.0 * self._noise(x_db, generator)
+        noise_db.masked_fill_(draws[2] >= self.background_prob, float("-inf"))  # logaddexp(x, -inf) = x exactly
+        to_nepers = math.log(10.0) / 10.0
+        return torch.logaddexp(x_db.mul_(to_nepers), noise_db.mul_(to_nepers), out=x_db).mul_(1.0 / to_nepers)
 
     def _warp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         draws = torch.rand((2, len(x)), generator=generator, device=x.device) * 2 - 1
@@ -170,23 +203,31 @@ class BatchTransform(nn.Module):
         if enabled and cfg.enabled:
             augment = SpecAugment(cfg.noise_std, cfg.time_masks, cfg.time_mask_width, cfg.freq_masks,
                                   cfg.freq_mask_width, cfg.freq_warp, cfg.time_stretch,
-                                  mel_band_centres(manifest.features))
+                                  mel_band_centres(manifest.features), cfg.background_prob, cfg.background_snr)
         return cls(manifest.mean, manifest.std, augment)
 
     def reseed(self, seed: int, epoch: int, rank: int = 0, worker: int = 0) -> None:
         self.seed_key = (seed, epoch, rank, worker)
         self.generator = None  # created lazily on the batch's device
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """A new float32 tensor (the input is never modified), in two in-place passes."""
-        return x.to(torch.float32, copy=True).sub_(self.mean).mul_(1.0 / self.std)
+    def normalize(self, x: torch.Tensor, background: bool = False) -> torch.Tensor:
+        """A new float32 tensor (the input is never modified), in two in-place passes; with `background`,
+        the augmentation's background noise is mixed in first (in dB, before normalising)."""
+        x = x.to(torch.float32, copy=True)
+        if background:
+            x = self.augment.mix_background(x, self._generator(x.device))
+        return x.sub_(self.mean).mul_(1.0 / self.std)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device)
+            seed, epoch, rank, worker = self.seed_key
+            self.generator.manual_seed(((seed * 1_000_003 + epoch) * 10_007 + rank) * 101 + worker)
+        return self.generator
 
     def forward(self, batch):
-        x = self.normalize(batch.x)
-        if self.augment is not None:
-            if self.generator is None or self.generator.device != x.device:
-                self.generator = torch.Generator(device=x.device)
-                seed, epoch, rank, worker = self.seed_key
-                self.generator.manual_seed(((seed * 1_000_003 + epoch) * 10_007 + rank) * 101 + worker)
-            x = self.augment(x, self.generator, inplace=True)  # x is our own fresh copy
+        if self.augment is None:
+            return batch._replace(x=self.normalize(batch.x))
+        x = self.normalize(batch.x, background=bool(self.augment.background_prob))
+        x = self.augment(x, self._generator(x.device), inplace=True)  # x is our own fresh copy
         return batch._replace(x=x)

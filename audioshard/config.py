@@ -100,8 +100,10 @@ class AugmentConfig:
     time_mask_width: int = 8
     freq_masks: int = 1
     freq_mask_width: int = 8
-    freq_warp: float = 0.0
-    time_stretch: float = 0.0
+    freq_warp: float = 0.1
+    time_stretch: float = 0.2
+    background_prob: float = 0.0
+    background_snr: float = 10.0
 
 
 @dataclass
@@ -109,7 +111,7 @@ class ModelConfig:
     name: str = "cnn6"
     width: int = 32
     dropout: float = 0.2
-    input_norm: str = "none"
+    input_norm: str = "chunk"
     init_checkpoint: str = ""
     freeze_backbone: bool = False
 
@@ -152,7 +154,7 @@ POSITIVE = {
     "train.shuffle_blocks", "train.prefetch_factor", "model.width",
 }
 FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", "model.dropout",
-             "train.label_smoothing"}
+             "train.label_smoothing", "augment.background_prob"}
 NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
                 "shards.workers", "shards.http_timeout", "shards.http_retries",
                 "train.weight_decay", "train.mixup_alpha", "train.warmup_epochs", "train.num_workers",

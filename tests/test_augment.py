@@ -106,3 +106,40 @@ def test_warp_draws_stay_in_range_and_differ_per_example():
         SpecAugment(freq_warp=0.1)  # no band centres
     with pytest.raises(ValueError, match="augment.time_stretch"):
         SpecAugment(time_stretch=1.0)
+
+
+def test_background_noise_fills_quiet_parts_keeps_loud_ones_and_hits_the_requested_share():
+    params = FeatureParams(16000, 2.0, 64, 1024, 512, 0.0, 8000.0, 80.0)
+    augment = SpecAugment(band_centres=mel_band_centres(params), background_prob=0.5, background_snr=10.0)
+    x = torch.full((400, 1, 64, 63), -90.0)  # near silence ...
+    x[:, :, :, 20:30] = -10.0  # ... with one loud event (the peak)
+    y = augment.mix_background(x.clone(), torch.Generator().manual_seed(0))
+    assert (y >= x - 1e-4).all()  # a power sum only adds
+    changed = (y - x).abs().amax(dim=(1, 2, 3)) > 1e-3
+    assert 0.4 < changed.float().mean() < 0.6  # about background_prob of the examples
+    assert torch.equal(y[~changed], x[~changed])  # the others are untouched, bit for bit
+    loud, quiet = y[changed][:, :, :, 20:30], y[changed][:, :, :, :20]
+    # >= 10 dB above the noise level: nearly unchanged (the noise's 3-dB ripple peaks now and then)
+    assert (loud - -10.0).abs().mean() < 0.2 and (loud - -10.0).abs().max() < 4
+    floor = quiet[:, :, 0].mean(dim=(1, 2))  # the lowest (loudest) band: 10 to 40 dB below the peak
+    assert floor.max() < -10.0 - 10.0 + 3 and floor.min() > -10.0 - 40.0 - 3
+    assert floor.max() - floor.min() > 15  # levels are drawn, not fixed
+    tilt = quiet[:, :, 0].mean(dim=(1, 2)) - quiet[:, :, -8:].mean(dim=(1, 2, 3))  # colour: 0 to 6 dB per octave
+    assert tilt.min() > -3 and tilt.max() > 20 and tilt.max() - tilt.min() > 15
+    off = SpecAugment(band_centres=mel_band_centres(params), background_prob=0.0)
+    assert torch.equal(off.mix_background(x.clone(), torch.Generator().manual_seed(0)), x)
+
+
+def test_batch_transform_mixes_background_before_normalising():
+    params = FeatureParams(16000, 2.0, 64, 1024, 512, 0.0, 8000.0, 80.0)
+    augment = SpecAugment(noise_std=0.0, time_masks=0, freq_masks=0, band_centres=mel_band_centres(params),
+                          background_prob=1.0, background_snr=10.0)
+    transform = BatchTransform(-50.0, 20.0, augment)
+    transform.reseed(seed=1, epoch=0)
+    batch = ones_batch(16)._replace(x=torch.full((16, 1, 64, 63), -90.0, dtype=torch.float16))
+    batch.x[:, :, :, :5] = -10.0
+    x = transform(batch).x
+    quiet_db = x[:, :, 0, 5:] * 20.0 - 50.0  # back to dB, the noise's loudest band
+    assert (quiet_db.mean(dim=(1, 2)) > -10.0 - 40.0 - 3).all()  # the floor rose in every example
+    transform.reseed(seed=1, epoch=0)
+    assert torch.equal(transform(batch).x, x)  # reproducible
