@@ -100,8 +100,8 @@ class AugmentConfig:
     time_mask_width: int = 8
     freq_masks: int = 1
     freq_mask_width: int = 8
-    freq_warp: float = 0.1
-    time_stretch: float = 0.2
+    freq_warp: float = 0.0
+    time_stretch: float = 0.0
     background_prob: float = 0.0
     background_snr: float = 10.0
 
@@ -111,7 +111,7 @@ class ModelConfig:
     name: str = "cnn6"
     width: int = 32
     dropout: float = 0.2
-    input_norm: str = "chunk"
+    input_norm: str = "none"
     init_checkpoint: str = ""
     freeze_backbone: bool = False
 
