@@ -157,9 +157,10 @@ class SpecAugment(nn.Module):
         octaves = torch.log2(self.band_centres.to(x_db.device, torch.float32).clamp(min=20.0))
         octaves = (octaves - octaves[0]).view(1, 1, -1, 1)  # above the lowest band, whose level is `level`
         noise_db = level + slope * octaves + 3.0 * self._noise(x_db, generator)
-        noise_db.masked_fill_(draws[2] >= self.background_prob, float("-inf"))  # logaddexp(x, -inf) = x exactly
-        to_nepers = math.log(10.0) / 10.0
-        return torch.logaddexp(x_db.mul_(to_nepers), noise_db.mul_(to_nepers), out=x_db).mul_(1.0 / to_nepers)
+        chosen = draws[2].view(-1) < self.background_prob  # the others stay bit for bit as they were
+        to_nepers = math.log(10.0) / 10.0  # logaddexp works in natural-log units
+        x_db[chosen] = torch.logaddexp(x_db[chosen] * to_nepers, noise_db[chosen] * to_nepers) / to_nepers
+        return x_db
 
     def _warp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         draws = torch.rand((2, len(x)), generator=generator, device=x.device) * 2 - 1
