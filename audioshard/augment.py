@@ -21,7 +21,8 @@ from audioshard.features import FeatureParams
 
 
 def _hz_to_slaney_mel(hz: torch.Tensor) -> torch.Tensor:
-    """Slaney's mel scale (the one the features use): linear below 1 kHz, logarithmic above."""
+    """Slaney's mel scale (the one the features use): linear below 1 kHz, logarithmic above.
+    (torchaudio builds its filter banks with the same formula but keeps the converters private.)"""
     linear = hz / (200.0 / 3)
     logarithmic = 15.0 + torch.log(hz.clamp(min=1e-5) / 1000.0) / (math.log(6.4) / 27.0)
     return torch.where(hz < 1000.0, linear, logarithmic)
@@ -116,6 +117,7 @@ class SpecAugment(nn.Module):
         self.freq_warp, self.time_stretch = freq_warp, time_stretch
         self.background_prob, self.background_snr = background_prob, background_snr
         self.band_centres = band_centres
+        self._centres_on: dict[torch.device, torch.Tensor] = {}  # float32 copies per device, made once
         self._bank, self._bank_owner = torch.empty(0), None
 
     def forward(self, x: torch.Tensor, generator: torch.Generator, inplace: bool = False) -> torch.Tensor:
@@ -154,7 +156,7 @@ class SpecAugment(nn.Module):
         peak = x_db.amax(dim=(1, 2, 3), keepdim=True)
         level = peak - self.background_snr - 30.0 * draws[0]
         slope = -6.0 * draws[1]  # dB per octave
-        octaves = torch.log2(self.band_centres.to(x_db.device, torch.float32).clamp(min=20.0))
+        octaves = torch.log2(self._centres(x_db.device).clamp(min=20.0))
         octaves = (octaves - octaves[0]).view(1, 1, -1, 1)  # above the lowest band, whose level is `level`
         noise_db = level + slope * octaves + 3.0 * self._noise(x_db, generator)
         chosen = draws[2].view(-1) < self.background_prob  # the others stay bit for bit as they were
@@ -165,7 +167,13 @@ class SpecAugment(nn.Module):
     def _warp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         draws = torch.rand((2, len(x)), generator=generator, device=x.device) * 2 - 1
         return warp(x, 1 + self.freq_warp * draws[0], 1 + self.time_stretch * draws[1],
-                    self.band_centres if self.freq_warp else None)
+                    self._centres(x.device) if self.freq_warp else None)
+
+    def _centres(self, device: torch.device) -> torch.Tensor:
+        """The band centres as float32 (MPS has no float64) on `device`: one copy per run, not per batch."""
+        if device not in self._centres_on:
+            self._centres_on[device] = self.band_centres.to(device, torch.float32)
+        return self._centres_on[device]
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Standard-normal noise shaped like x: each example reads its own random window of a bank of
@@ -211,12 +219,11 @@ class BatchTransform(nn.Module):
         self.seed_key = (seed, epoch, rank, worker)
         self.generator = None  # created lazily on the batch's device
 
-    def normalize(self, x: torch.Tensor, background: bool = False) -> torch.Tensor:
-        """A new float32 tensor (the input is never modified), in two in-place passes; with `background`,
-        the augmentation's background noise is mixed in first (in dB, before normalising)."""
-        x = x.to(torch.float32, copy=True)
-        if background:
-            x = self.augment.mix_background(x, self._generator(x.device))
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A new float32 tensor (the input is never modified), in two in-place passes."""
+        return self._normalize_(x.to(torch.float32, copy=True))
+
+    def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
         return x.sub_(self.mean).mul_(1.0 / self.std)
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -229,6 +236,8 @@ class BatchTransform(nn.Module):
     def forward(self, batch):
         if self.augment is None:
             return batch._replace(x=self.normalize(batch.x))
-        x = self.normalize(batch.x, background=bool(self.augment.background_prob))
-        x = self.augment(x, self._generator(x.device), inplace=True)  # x is our own fresh copy
+        generator = self._generator(batch.x.device)
+        # Background noise is a power sum, so it goes in while x is still in dB; x is our own fresh copy.
+        x = self.augment.mix_background(batch.x.to(torch.float32, copy=True), generator)
+        x = self.augment(self._normalize_(x), generator, inplace=True)
         return batch._replace(x=x)
