@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -9,7 +10,7 @@ import webdataset as wds
 from conftest import DCS, SMALL_BUILD, link_tree
 
 from audioshard.audio import chunk_starts
-from audioshard.build import BuildError, build_shards, clean, merge_parts
+from audioshard.build import BuildError, build_shards, clean, discover, merge_parts
 from audioshard.config import load_config
 from audioshard.manifest import load_manifest, sha256_file
 from audioshard.split import SPLITS, Source, split_sources
@@ -159,6 +160,30 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     assert {"buzz/8bit.wav", "buzz/24bit.wav", "buzz/float.wav", "buzz/stereo48k.flac", "buzz/short.wav",
             "buzz/sønderjysk-ä.wav", "lonely/only.wav"} <= placed
     assert len(placed) + len(reasons) == 5 + 10 + 1
+
+
+def test_discovery_walks_nested_folders_and_links_like_pathlib(tmp_path):
+    """The fast directory walk keeps rglob's meaning: nested files in sorted path order, symlinked
+    files in, dangling links and symlinked folders out (no loops), hidden parts and other suffixes
+    counted, a symlinked class folder read."""
+    raw, elsewhere = tmp_path / "raw", tmp_path / "elsewhere"
+    for rel in ("a/x.wav", "a/sub/y.WAV", "a/sub-z.wav", "a/sub/0.flac", "a/.h/z.wav", "a/noext", "a/dot.",
+                "b/deep/er/q.mp3", "top.wav", "sources.csv"):
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(b"x")
+    (elsewhere / "c").mkdir(parents=True)
+    (elsewhere / "c" / "far.ogg").write_bytes(b"x")
+    (raw / "a" / "link.wav").symlink_to(raw / "a" / "x.wav")
+    (raw / "a" / "dangling.wav").symlink_to(tmp_path / "missing.wav")
+    (raw / "b" / "loop").symlink_to(raw, target_is_directory=True)
+    (raw / "c").symlink_to(elsewhere / "c", target_is_directory=True)
+
+    found = discover(raw, load_config())
+    assert [s.rel for s in found.sources] == ["a/link.wav", "a/sub/0.flac", "a/sub/y.WAV", "a/sub-z.wav", "a/x.wav",
+                                              "b/deep/er/q.mp3", "c/far.ogg"]
+    assert {s.label for s in found.sources} == {"a", "b", "c"}
+    assert all(os.path.isabs(s.path) and os.path.isfile(s.path) for s in found.sources)
+    assert found.ignored == {"hidden files": 1, "non-audio files (no extension)": 2, "files outside class folders": 1}
 
 
 def test_nothing_usable_is_fatal_with_a_clear_message(tmp_path):
