@@ -7,7 +7,7 @@ import soundfile as sf
 from conftest import DCS
 
 from audioshard.audio import AudioError, choppinator, chunk_starts, decode, load, peak_amplitude
-from audioshard.config import Config
+from audioshard.config import Config, load_config
 from audioshard.features import FeatureParams, log_mel
 
 
@@ -147,3 +147,16 @@ def test_log_mel_equals_torchaudio_melspectrogram_in_db():
     mel = log_mel(chunks, params)
     assert mel.shape == db.shape
     assert np.abs(mel.astype(np.float32) - db).max() < 0.05  # float16 storage: ~0.03 dB at -100 dB
+
+
+def test_log_mel_of_a_chunk_does_not_depend_on_its_batch_mates():
+    """A build featurises the chunks of several files together; each chunk's bytes must be what it
+    gets alone, or output would depend on how files were grouped (e.g. in part builds)."""
+    rng = np.random.default_rng(3)
+    for overrides in ([], ["audio.sample_rate=8000", "features.n_fft=256", "features.hop_length=128"]):
+        params = FeatureParams.from_config(load_config(overrides=overrides))
+        chunks = (rng.normal(0, 1, (21, params.chunk_samples)) * rng.uniform(1e-3, 1, (21, 1))).astype(np.float32)
+        alone = np.concatenate([log_mel(chunks[i:i + 1], params) for i in range(len(chunks))])
+        for cuts in ([7], [1, 2, 3, 11, 20], [16], []):
+            together = np.concatenate([log_mel(part, params) for part in np.split(chunks, cuts)])
+            assert np.array_equal(together.view(np.uint16), alone.view(np.uint16)), cuts

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -253,6 +254,50 @@ def test_kill_9_during_build_then_rerun_finishes_cleanly(tmp_path):
     assert not (out / ".staging").exists() and verify_build(str(out))[0]
 
 
+def test_build_worker_killed_stops_the_build_with_a_clear_error(tmp_path):
+    """A worker killed mid-build (as the OOM killer would: SIGKILL from outside) ends the build with an
+    error saying what happened, not a hang, and the previous build stays as it was."""
+    raw = link_tree(tmp_path / "raw", {"drone": 30, "car": 20, "speech": 30})
+    cfg = load_config(overrides=SMALL_BUILD)
+    before = build_shards(raw, tmp_path / "out", cfg, workers=2, progress=False).manifest
+    killed: list[int] = []
+
+    def kill_first_worker():  # a child of this process appears when the pool starts
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for pid in children_of(os.getpid()):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(BuildError, match="worker process died"):
+            build_shards(raw, tmp_path / "out", cfg, workers=2, force=True, progress=False)
+    finally:
+        killer.join()
+    assert killed and time.monotonic() - started < 60
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == before
+    assert not (tmp_path / "out" / ".staging").exists()
+
+
+def children_of(parent: int) -> list[int]:
+    """Process ids whose parent is `parent` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stream:
+                    if int(stream.read().rsplit(")", 1)[1].split()[1]) == parent:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
 def test_kill_9_during_training_then_resume(real_build, tmp_path):
     run = tmp_path / "run"
     overrides = [a for s in [*TINY_TRAIN, "train.epochs=5"] for a in ("--set", s)]
@@ -295,7 +340,7 @@ def test_disk_full_during_build_keeps_the_previous_build(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 
     proc = subprocess.run([sys.executable, "-m", "audioshard", "build", str(raw), "--out", str(out), "--force",
-                           "--workers", "1", "--quiet", "--set", "features.n_mels=32"],
+                           "--workers", "2", "--quiet", "--set", "features.n_mels=32"],
                           capture_output=True, text=True, preexec_fn=limit_file_size, timeout=300)
     assert proc.returncode == 2 and "writing the build failed" in proc.stderr and "Traceback" not in proc.stderr
     assert "nothing in" in proc.stderr and "was replaced" in proc.stderr
