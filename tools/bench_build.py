@@ -30,7 +30,9 @@ What is timed
     since forked workers inherit the warmed-up parent), writing into a fresh folder under a
     `tempfile.TemporaryDirectory`. The audio duration (the numerator) is read once with
     `soundfile.info` over the benchmarked files and used for both methods. With `--repeat N` all
-    configurations run N times, interleaved, and the fastest run of each is reported.
+    configurations run N times, interleaved, and the fastest run of each is reported; beside it, the
+    median (and range) of the ratios taken within each repetition, whose runs follow each other
+    within seconds and so share the host's speed of the moment.
 
 Commands (from the repository root)
     .venv/bin/python tools/bench_build.py                       # whole data set, 1 and 2 workers
@@ -67,6 +69,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -415,6 +418,22 @@ def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: 
         k: {"wall_s": min(walls), "all_wall_s": walls,
             "speedup_vs_1": int(k) * audio_seconds / min(walls) / results["audioshard"]["1"]["audio_s_per_s"]}
         for k, walls in independent.items() if "1" in results["audioshard"]}
+    # Paired per repetition: the runs of one repetition follow each other within seconds, so their
+    # ratios resist the host's slow drift better than ratios of bests taken minutes apart.
+    def paired(values: list[float]) -> dict[str, Any]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
+
+    walls = {m: {k: [r["wall_s"] for r in runs[m][k]] for k in keys} for m in METHODS}
+    report["paired"] = {
+        "ratio_vs_seed": {k: paired([s / a for s, a in zip(walls["seed"][k], walls["audioshard"][k], strict=True)])
+                          for k in keys},
+        **{f"speedup_{base}_to_{k}": {m: paired([one / many for one, many in zip(walls[m][base], walls[m][k],
+                                                                                  strict=True)])
+                                      for m in METHODS} for k in keys[1:]},
+        "independent_builds": {k: paired([int(k) * one / wall for one, wall in zip(walls["audioshard"]["1"], w,
+                                                                                    strict=True)])
+                               for k, w in independent.items() if "1" in walls["audioshard"]},
+    }
     targets: dict[str, Any] = {}
     if "1" in ratio:
         targets["ratio_1_worker"] = {"target": TARGET_RATIO_1_WORKER, "value": ratio["1"],
@@ -452,6 +471,19 @@ def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
                      "ceiling)") if ceiling else ""
         lines.append(f"speed-up {keys[0]} -> {k} workers:  audioshard {speedup['audioshard']:.2f}x   "
                      f"seed {speedup['seed']:.2f}x{reference}")
+    if report["repeat"] > 1:
+        pair = report["paired"]
+
+        def spread(p: dict[str, Any]) -> str:
+            return f"{p['median']:.2f}x ({p['min']:.2f}-{p['max']:.2f})"
+
+        lines.append(f"paired per repetition, median (range) of {report['repeat']}:  audioshard / seed "
+                     + "   ".join(f"{k}w {spread(pair['ratio_vs_seed'][k])}" for k in keys))
+        for k in keys[1:]:
+            ceiling, speedup = pair["independent_builds"].get(k), pair[f"speedup_{keys[0]}_to_{k}"]
+            independent = f"   {k} independent builds {spread(ceiling)}" if ceiling else ""
+            lines.append(f"    speed-up {keys[0]} -> {k}: audioshard {spread(speedup['audioshard'])}   seed "
+                         f"{spread(speedup['seed'])}{independent}")
     names = {"ratio_1_worker": "audioshard / seed, 1 worker", "audioshard_speedup_1_to_2": "audioshard 1 -> 2 workers"}
     for name, t in report["targets"].items():
         lines.append(f"target {names[name]} >= {t['target']}x: {'met' if t['met'] else 'NOT met'} ({t['value']:.2f}x)")
