@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"
     sanity_steps: int = 30
     select_metric: str = "last"
+    ema_epochs: float = 0.0
 
 
 @dataclass
@@ -157,9 +158,9 @@ FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", 
              "train.label_smoothing", "augment.background_prob"}
 NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
                 "shards.workers", "shards.http_timeout", "shards.http_retries",
-                "train.weight_decay", "train.mixup_alpha", "train.warmup_epochs", "train.num_workers",
-                "train.sanity_steps", "augment.noise_std", "augment.time_masks", "augment.time_mask_width",
-                "augment.freq_masks", "augment.freq_mask_width"}
+                "train.weight_decay", "train.mixup_alpha", "train.ema_epochs", "train.warmup_epochs",
+                "train.num_workers", "train.sanity_steps", "augment.noise_std", "augment.time_masks",
+                "augment.time_mask_width", "augment.freq_masks", "augment.freq_mask_width"}
 WARPS = {"augment.freq_warp", "augment.time_stretch"}
 
 

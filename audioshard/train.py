@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from audioshard.augment import BatchTransform
@@ -95,6 +96,18 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
     lam = max(lam, 1 - lam)  # keep the first label dominant, so accuracy on `y` stays meaningful
     perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
     return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
+def weight_average(model: torch.nn.Module, cfg: Config, steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics over about
+    `train.ema_epochs` epochs (None when 0): what is evaluated and saved instead of the last step's
+    weights. Late in training the weights still wander from batch to batch, and on data unlike the
+    training set (a new speaker or device) that moves the score by several points from one epoch to
+    the next; the average sits in the middle of that wandering (Polyak averaging; as in timm's ModelEma)."""
+    if not cfg.train.ema_epochs:
+        return None
+    decay = math.exp(-1.0 / (cfg.train.ema_epochs * steps_per_epoch))  # time constant: ema_epochs of steps
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, device: torch.device, steps: int,
@@ -266,7 +279,9 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
     best: tuple[float, float] = (-math.inf, -math.inf)
     best_epoch, start_epoch = -1, 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        # With weight averaging, "model" holds the average (what predict and export load) and the
+        # weights being trained are kept beside it, in last.pt only.
+        model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state else state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
@@ -284,6 +299,11 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
         if not last < 0.8 * first:  # a healthy setup drops far more; the plain seed_cnn ~40% in 30 steps
             raise TrainingError(f"sanity check failed: the loss on one repeated batch went only from {first:.4f} to "
                                 f"{last:.4f}; check the data (labels, normalisation) and train.lr before training")
+    averaged = weight_average(model, cfg, steps_per_epoch)
+    if averaged is not None and state is not None and "trained_weights" in state:
+        averaged.module.load_state_dict(state["model"])
+        averaged.n_averaged.fill_(state["trained_weights"]["n_averaged"])
+    eval_model = averaged.module if averaged is not None else model  # evaluated, selected and saved
     ddp_model = model
     if dist.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -338,6 +358,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 with torch.no_grad():
                     sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                          torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
@@ -352,8 +374,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                                       "train_accuracy": correct / count, "lr": scheduler.get_last_lr()[0],
                                       "steps": steps, "skipped_blocks_train": int(bad)}
             if has_val:
-                pred = predict_split(model, manifest, "val", device, cfg.train.batch_size, cfg.train.num_workers,
-                                     cfg.shards.strict)
+                pred = predict_split(eval_model, manifest, "val", device, cfg.train.batch_size,
+                                     cfg.train.num_workers, cfg.shards.strict)
                 val_loss = F.cross_entropy(torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()).item()
                 metrics = summarize(pred, manifest.classes, loss=val_loss)
             else:  # no val split: select on the training loss
@@ -372,17 +394,19 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             if improved:
                 best, best_epoch = score, epoch
             if dist.is_main:
-                ckpt = {"model": model.state_dict(), "model_args": args, "classes": manifest.classes,
+                ckpt = {"model": eval_model.state_dict(), "model_args": args, "classes": manifest.classes,
                         "features": manifest.features.to_dict(),
                         "normalization": {"mean": manifest.mean, "std": manifest.std},
                         "config": saved_config, "epoch": epoch, "metrics": record,
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "history": history, "best_score": list(best), "best_epoch": best_epoch,
                         "rng": {"torch": torch.get_rng_state()}}
+                if averaged is not None:
+                    ckpt["trained_weights"] = {"model": model.state_dict(), "n_averaged": int(averaged.n_averaged)}
                 save_checkpoint(run_dir / "last.pt", ckpt)
-                if improved:
-                    save_checkpoint(run_dir / "best_model.pt", {k: v for k, v in ckpt.items()
-                                                                if k not in ("optimizer", "scheduler")})
+                if improved:  # what predict and export need, no training state
+                    save_checkpoint(run_dir / "best_model.pt", {k: v for k, v in ckpt.items() if k not in
+                                                                ("optimizer", "scheduler", "trained_weights")})
                 with open(run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
                     stream.write(json.dumps(record) + "\n")
                 print0(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train loss {record['train_loss']:.4f} "

@@ -86,6 +86,35 @@ def test_same_seed_same_history_and_resume_matches(real_build, full_run, tmp_pat
     assert [h["epoch"] for h in history(resumed)] == [1, 2, 3]
 
 
+def test_weight_average_is_what_is_saved_and_resumes_exactly(real_build, full_run, tmp_path):
+    """train.ema_epochs: best_model.pt holds the moving average (not the last step's weights), which
+    is what the run evaluated; last.pt keeps the trained weights beside it, so --resume continues
+    both exactly; training itself is the same as without averaging."""
+    plain, _ = full_run
+    cfg = load_config(overrides=[*TINY_TRAIN, "train.ema_epochs=1"])
+    run = tmp_path / "ema"
+    metrics = train(str(real_build), run, cfg, progress=False)
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best_model.pt", "last.pt"))
+    assert "trained_weights" not in best
+    assert last["trained_weights"]["n_averaged"] == sum(h["steps"] for h in history(run))
+    trained, averaged = last["trained_weights"]["model"], best["model"]
+    plain_last = torch.load(plain / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(trained[k], plain_last[k]) for k in plain_last)  # averaging does not change training
+    conv = "blocks.0.layers.0.weight"
+    assert not torch.equal(averaged[conv], trained[conv])
+    assert [h["train_loss"] for h in history(run)] == [h["train_loss"] for h in history(plain)]
+    assert metrics["val"]["chunk"]["accuracy"] == evaluate_checkpoint(run / "best_model.pt", str(real_build), "val",
+                                                                      tmp_path / "eval")["chunk"]["accuracy"]
+
+    resumed = tmp_path / "ema-resumed"
+    train(str(real_build), resumed, cfg, progress=False, stop_after_epoch=1)
+    train(str(real_build), resumed, cfg, resume=True, progress=False)
+    again = torch.load(resumed / "last.pt", weights_only=True)
+    for key in averaged:
+        torch.testing.assert_close(again["model"][key], last["model"][key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(again["trained_weights"]["model"][key], trained[key], rtol=1e-5, atol=1e-6)
+
+
 def test_init_from_own_checkpoint_with_other_classes_and_frozen_backbone(real_build, full_run, tmp_path, capsys):
     """A user's earlier model (here: 2 other classes) seeds the backbone; only the new head learns."""
     pretrained = load_checkpoint(full_run[0] / "best_model.pt")
