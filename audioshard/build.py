@@ -419,7 +419,7 @@ def _keep_freed_memory() -> None:
     Every file allocates and frees the same few MB of audio, spectra and features. glibc hands
     buffers over its mmap threshold out as fresh mappings, and a fresh forked worker starts that
     threshold low, so each buffer was page-faulted in anew: ~3x the page faults and ~2x the system
-    time of the same work done in one process (measured: 50-77k vs 16-32k faults on 637 files).
+    time of the same work done in one process (measured: 46-77k vs 16-39k faults on 637 files).
     Only in worker processes, which end with the build; the caller's own process is left alone."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
