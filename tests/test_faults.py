@@ -28,6 +28,7 @@ from conftest import SMALL_BUILD, TINY_TRAIN, link_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_build import chunk_table
+from test_distributed import children
 
 from audioshard.audio import AudioError, decode
 from audioshard.build import BuildError, build_shards
@@ -265,7 +266,7 @@ def test_build_worker_killed_stops_the_build_with_a_clear_error(tmp_path):
     def kill_first_worker():  # a child of this process appears when the pool starts
         deadline = time.monotonic() + 30
         while not killed and time.monotonic() < deadline:
-            for pid in children_of(os.getpid()):
+            for pid in children(os.getpid()):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 break
@@ -282,20 +283,6 @@ def test_build_worker_killed_stops_the_build_with_a_clear_error(tmp_path):
     assert killed and time.monotonic() - started < 60
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == before
     assert not (tmp_path / "out" / ".staging").exists()
-
-
-def children_of(parent: int) -> list[int]:
-    """Process ids whose parent is `parent` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stream:
-                    if int(stream.read().rsplit(")", 1)[1].split()[1]) == parent:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
 
 
 def test_kill_9_during_training_then_resume(real_build, tmp_path):
