@@ -423,7 +423,7 @@ def _keep_freed_memory() -> None:
     Only in worker processes, which end with the build; the caller's own process is left alone."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):  # not glibc (macOS, musl): nothing to tune
+    except (AttributeError, OSError, TypeError):  # not glibc (macOS, musl, Windows): nothing to tune
         return
     mallopt(_M_MMAP_THRESHOLD, 64 << 20)
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
