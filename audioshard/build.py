@@ -288,7 +288,6 @@ class SplitWriter:
         self.writer: wds.TarWriter | None = None
         self.file: _HashingFile | None = None
         self.shards: list[dict[str, Any]] = []
-        self.current_samples = 0
 
     def add(self, mel: np.ndarray, label: int, source_index: int, starts: np.ndarray) -> None:
         n = len(mel)
@@ -413,6 +412,9 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one process per core; intra-op threads would oversubscribe
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h> parameter numbers
+
+
 def _keep_freed_memory() -> None:
     """In a pool worker (glibc only): serve large buffers from the heap and keep freed memory.
 
@@ -427,9 +429,6 @@ def _keep_freed_memory() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 64 << 20)
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h> parameter numbers
 
 
 def _init_pool_worker() -> None:

@@ -420,18 +420,16 @@ def run_benchmark(input_dir: Path, workers_list: list[int], repeat: int, limit: 
         for k, walls in independent.items() if "1" in results["audioshard"]}
     # Paired per repetition: the runs of one repetition follow each other within seconds, so their
     # ratios resist the host's slow drift better than ratios of bests taken minutes apart.
-    def paired(values: list[float]) -> dict[str, Any]:
+    walls = {m: {k: [r["wall_s"] for r in runs[m][k]] for k in keys} for m in METHODS}
+
+    def paired(slower: list[float], faster: list[float], scale: float = 1.0) -> dict[str, Any]:
+        values = [scale * s / f for s, f in zip(slower, faster, strict=True)]
         return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": values}
 
-    walls = {m: {k: [r["wall_s"] for r in runs[m][k]] for k in keys} for m in METHODS}
     report["paired"] = {
-        "ratio_vs_seed": {k: paired([s / a for s, a in zip(walls["seed"][k], walls["audioshard"][k], strict=True)])
-                          for k in keys},
-        **{f"speedup_{base}_to_{k}": {m: paired([one / many for one, many in zip(walls[m][base], walls[m][k],
-                                                                                  strict=True)])
-                                      for m in METHODS} for k in keys[1:]},
-        "independent_builds": {k: paired([int(k) * one / wall for one, wall in zip(walls["audioshard"]["1"], w,
-                                                                                    strict=True)])
+        "ratio_vs_seed": {k: paired(walls["seed"][k], walls["audioshard"][k]) for k in keys},
+        **{f"speedup_{base}_to_{k}": {m: paired(walls[m][base], walls[m][k]) for m in METHODS} for k in keys[1:]},
+        "independent_builds": {k: paired(walls["audioshard"]["1"], w, scale=int(k))
                                for k, w in independent.items() if "1" in walls["audioshard"]},
     }
     targets: dict[str, Any] = {}
