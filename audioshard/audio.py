@@ -123,6 +123,8 @@ def _resampler(orig_rate: int, new_rate: int) -> torch.nn.Module:
 def load(path: str | Path, sample_rate: int) -> np.ndarray:
     """Decode, mix to mono and resample: the one way audio enters audioshard (build and predict)."""
     samples, rate = decode(path)
+    if samples.size == 0:  # a header with no frames: nothing to resample (torchaudio would fail on it)
+        raise AudioError(f"{path}: no audio samples in the file (a header without audio data)")
     if not np.isfinite(peak_amplitude(samples)):
         raise AudioError(f"{path}: contains NaN or infinite sample values")
     return resample(samples, rate, sample_rate)
@@ -133,7 +135,7 @@ def peak_amplitude(samples: np.ndarray) -> float:
     array: ~3x faster than np.abs(x).max() on long files."""
     if samples.size == 0:
         return 0.0
-    return float(np.maximum(samples.max(), -samples.min()))
+    return float(np.maximum(samples.max(), -samples.min())) + 0.0  # + 0.0: -0.0 (all zeros) reads 0
 
 
 def chunk_starts(num_samples: int, chunk: int, hop: int, min_fraction: float, short_clip: str) -> list[int]:

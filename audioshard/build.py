@@ -64,27 +64,32 @@ class Discovery:
     warnings: list[str] = field(default_factory=list)
 
 
-def _files_under(folder: str) -> list[tuple[str, ...]]:
+def _files_under(folder: str, found: Discovery) -> list[tuple[str, ...]]:
     """Every file below `folder` as a tuple of path parts relative to it, sorted the way pathlib sorts
-    paths. Symlinks to files count; symlinked folders are not entered (as `Path.rglob`).
+    paths. Symlinks to files count; symlinked folders are not entered (as `Path.rglob`). Broken
+    links are counted in `found.ignored`, folders that cannot be read named in `found.warnings`.
 
     One `os.scandir` per folder instead of `rglob` + `is_file` + `resolve` per file: the directory
     entries already say what is a file, so listing 600 files costs a few ms instead of ~100 ms,
     time that every build spends before any worker can start."""
-    found: list[tuple[str, ...]] = []
+    files: list[tuple[str, ...]] = []
     pending: list[tuple[str, ...]] = [()]
     while pending:
         parts = pending.pop()
+        where = os.path.join(folder, *parts)
         try:
-            with os.scandir(os.path.join(folder, *parts)) as entries:
+            with os.scandir(where) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         pending.append((*parts, entry.name))
-                    elif entry.is_file():  # follows a symlink; a dangling one is no file
-                        found.append((*parts, entry.name))
-        except PermissionError:
-            continue
-    return sorted(found)
+                    elif entry.is_file():  # follows a symlink
+                        files.append((*parts, entry.name))
+                    elif entry.is_symlink() and not entry.is_dir():  # points at nothing (or at nothing readable)
+                        found.ignored["broken symlinks"] += 1
+        except OSError as exn:  # e.g. no permission: say so, since its files would silently be missing
+            found.warnings.append(f"folder {where} could not be read ({exn.strerror or exn}); its files are "
+                                  "left out. Fix its permissions and build again")
+    return sorted(files)
 
 
 def discover(input_path: str | Path, cfg: Config) -> Discovery:
@@ -113,7 +118,7 @@ def discover(input_path: str | Path, cfg: Config) -> Discovery:
                          "e.g. raw/drone/*.wav and raw/car/*.wav, or pass a CSV with columns path,label")
     for name in class_names:
         count = 0
-        for parts in _files_under(os.path.join(root, name)):
+        for parts in _files_under(os.path.join(root, name), found):
             suffix = os.path.splitext(parts[-1])[1].rstrip(".")  # as Path.suffix: "a." has none
             if any(part.startswith(".") for part in parts):
                 found.ignored["hidden files"] += 1
@@ -232,9 +237,10 @@ def _decode_and_cut(source: Source, cfg: Config, params: FeatureParams) -> tuple
         samples = load(source.path, params.sample_rate)
     except AudioError as exn:
         return FileResult(source.rel, error=str(exn)), None
+    except Exception as exn:  # noqa: BLE001 - a decoder bug on one odd file must not end a long build
+        return FileResult(source.rel, error=f"{source.rel}: could not be decoded ({type(exn).__name__}: {exn}); "
+                          "skipped. Convert it to WAV or FLAC (e.g. with ffmpeg) if you need it"), None
     seconds = len(samples) / params.sample_rate
-    if len(samples) == 0:
-        return FileResult(source.rel, error=f"{source.rel}: no audio samples in the file"), None
     peak = peak_amplitude(samples)
     if cfg.audio.skip_silent and peak < cfg.audio.silence_peak:
         return FileResult(source.rel, seconds=seconds, error=f"{source.rel}: silent (peak {peak:.1e} < "

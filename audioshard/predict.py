@@ -612,8 +612,9 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
     for path in files:
         try:
             pred = predictor.predict_file(path)
-        except AudioError as exn:
-            reason = str(exn).removeprefix(f"{path}: ")
+        except Exception as exn:  # noqa: BLE001 - one odd file (or a decoder bug on it) must not end the run
+            reason = (str(exn).removeprefix(f"{path}: ") if isinstance(exn, AudioError)
+                      else f"could not be decoded ({type(exn).__name__}: {exn})")
             summary.failed.append({"file": str(path), "reason": reason})
             print(f"audioshard predict: skipped {path}: {reason}", file=err)
             continue

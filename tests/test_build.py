@@ -9,6 +9,7 @@ import soundfile as sf
 import webdataset as wds
 from conftest import DCS, SMALL_BUILD, link_tree
 
+import audioshard.build as build_module
 from audioshard.audio import chunk_starts
 from audioshard.build import BuildError, build_shards, clean, discover, merge_parts
 from audioshard.config import load_config
@@ -137,6 +138,8 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     write_tone(raw / "buzz" / "short.wav", seconds=0.3, freq=1200)
     write_tone(raw / "buzz" / "sønderjysk-ä.wav", freq=1300)  # non-ASCII name
     write_tone(raw / "buzz" / "silent.wav", amp=0.0)
+    write_tone(raw / "buzz" / "header-only.wav", rate=22050, seconds=0.0)  # a valid header, no frames, other rate
+    (raw / "buzz" / "gone.wav").symlink_to(tmp_path / "deleted.wav")
     (raw / "buzz" / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
     (raw / "buzz" / "zero.wav").write_bytes(b"")
     (raw / "buzz" / "text.wav").write_text("not audio at all\n" * 50)
@@ -148,18 +151,37 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
 
     manifest = build_shards(raw, tmp_path / "out", load_config(), workers=2, progress=False).manifest
     reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
-    assert set(reasons) == {"buzz/silent.wav", "buzz/corrupt.wav", "buzz/zero.wav", "buzz/text.wav"}
+    assert set(reasons) == {"buzz/silent.wav", "buzz/corrupt.wav", "buzz/zero.wav", "buzz/text.wav",
+                            "buzz/header-only.wav"}
     assert "silent" in reasons["buzz/silent.wav"] and "empty file" in reasons["buzz/zero.wav"]
-    assert "corrupt.wav" in reasons["buzz/corrupt.wav"]
+    assert "corrupt.wav" in reasons["buzz/corrupt.wav"] and "no audio samples" in reasons["buzz/header-only.wav"]
     assert manifest["ignored"] == {"hidden files": 1, "non-audio files (.txt)": 1, "non-audio files (.jpg)": 1,
-                                   "non-audio files (.md)": 1}
+                                   "non-audio files (.md)": 1, "broken symlinks": 1}
     assert manifest["classes"] == ["buzz", "hum", "lonely"]
     assert any("empty" in w and "left out" in w for w in manifest["warnings"])
     assert any("'lonely'" in w and "only 1 recording" in w for w in manifest["warnings"])
     placed = {s for split in manifest["splits"].values() for s in split["sources"]}
     assert {"buzz/8bit.wav", "buzz/24bit.wav", "buzz/float.wav", "buzz/stereo48k.flac", "buzz/short.wav",
             "buzz/sønderjysk-ä.wav", "lonely/only.wav"} <= placed
-    assert len(placed) + len(reasons) == 5 + 10 + 1
+    assert len(placed) + len(reasons) == 5 + 11 + 1
+
+
+def test_an_unexpected_decoder_error_skips_that_file_only(tmp_path, monkeypatch):
+    """A bug in a decoder on one odd file (not an AudioError) is reported and skipped, never fatal."""
+    raw = link_tree(tmp_path / "raw", {"drone": 3, "car": 3, "speech": 3})
+    real_load = build_module.load
+
+    def load(path, sample_rate):  # stands in for a library bug on one file
+        if "car" in str(path) and not hasattr(load, "failed"):
+            load.failed = path
+            raise IndexError("list index out of range")
+        return real_load(path, sample_rate)
+
+    monkeypatch.setattr(build_module, "load", load)
+    manifest = build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False).manifest
+    [skipped] = manifest["skipped"]
+    assert "could not be decoded (IndexError: list index out of range)" in skipped["reason"]
+    assert sum(len(s["sources"]) for s in manifest["splits"].values()) == 8
 
 
 def test_discovery_walks_nested_folders_and_links_like_pathlib(tmp_path):
@@ -183,7 +205,26 @@ def test_discovery_walks_nested_folders_and_links_like_pathlib(tmp_path):
                                               "b/deep/er/q.mp3", "c/far.ogg"]
     assert {s.label for s in found.sources} == {"a", "b", "c"}
     assert all(os.path.isabs(s.path) and os.path.isfile(s.path) for s in found.sources)
-    assert found.ignored == {"hidden files": 1, "non-audio files (no extension)": 2, "files outside class folders": 1}
+    assert found.ignored == {"hidden files": 1, "non-audio files (no extension)": 2, "files outside class folders": 1,
+                             "broken symlinks": 1}
+    assert found.warnings == []
+
+
+def test_an_unreadable_folder_is_named_not_silently_missing(tmp_path, monkeypatch):
+    (tmp_path / "raw" / "a" / "locked").mkdir(parents=True)
+    (tmp_path / "raw" / "a" / "x.wav").write_bytes(b"x")
+    (tmp_path / "raw" / "a" / "locked" / "y.wav").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    def scandir(path):  # a folder without read permission (chmod cannot deny root, who may run the tests)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = discover(tmp_path / "raw", load_config())
+    assert [s.rel for s in found.sources] == ["a/x.wav"]
+    assert len(found.warnings) == 1 and "locked could not be read (Permission denied)" in found.warnings[0]
 
 
 def test_nothing_usable_is_fatal_with_a_clear_message(tmp_path):

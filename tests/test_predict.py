@@ -153,10 +153,12 @@ def test_cli_formats_plots_and_failures(checkpoint, tmp_path, capsys):
         shutil.copy(path, data / "sub" / path.name)
     (data / "broken.wav").write_bytes(b"RIFF\x00\x00not really a wave file" * 10)
     (data / "notes.txt").write_text("not audio, not counted")
+    sf.write(data / "header-only.wav", np.zeros(0, np.float32), 22050)  # valid header, no frames, another rate
 
     assert main(["predict", "--checkpoint", str(checkpoint), str(data), "--format", "csv", "--per-chunk",
                  "--plot", str(tmp_path / "plots")]) == 0
     out, err = capsys.readouterr()
+    assert "header-only.wav: no audio samples" in err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert rows and set(rows[0]) == {"file", "start", "end", "class", "probability", "p_car", "p_drone", "p_speech"}
     assert {row["file"] for row in rows} == {str(data / "sub" / p.name) for p in good}
@@ -293,3 +295,21 @@ def test_export_cli(checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "onnx",
                  "--out", str(tmp_path / "m.onnx")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_an_unexpected_error_on_one_file_does_not_end_the_run(checkpoint, tmp_path, monkeypatch):
+    good = sorted((DCS / "speech").glob("*.wav"))[:2]
+    real = Predictor.predict_file
+
+    def predict_file(self, path):  # stands in for a decoder bug on one odd file
+        if path == good[0]:
+            raise IndexError("list index out of range")
+        return real(self, path)
+
+    monkeypatch.setattr(Predictor, "predict_file", predict_file)
+    err = io.StringIO()
+    summary = predict_files(checkpoint, good, out=io.StringIO(), err=err)
+    assert [str(p.path) for p in summary.predictions] == [str(good[1])]
+    assert summary.failed == [{"file": str(good[0]),
+                               "reason": "could not be decoded (IndexError: list index out of range)"}]
+    assert "1 of 2 files predicted" in err.getvalue()
