@@ -102,8 +102,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args)
     metrics = evaluate_checkpoint(args.checkpoint, args.shards, args.split, args.out, device_name=cfg.train.device,
                                   batch_size=cfg.train.batch_size, num_workers=cfg.train.num_workers,
-                                  fetcher=cfg.fetcher(), strict=cfg.shards.strict)
-    print(f"{args.split} split of {args.shards}:")
+                                  fetcher=cfg.fetcher(), strict=cfg.shards.strict, adapt=args.adapt)
+    adapted = f" (BatchNorm statistics adapted on its {metrics['adapted']} chunks, labels unused)" if args.adapt else ""
+    print(f"{args.split} split of {args.shards}{adapted}:")
     for line in iter_metrics_lines(metrics):
         print("  " + line)
     print(f"reports in {args.out}/: {args.split}_report.txt, {args.split}_confusion_matrix.png, metrics.json, "
@@ -149,7 +150,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     summary = predict_files(args.checkpoint, args.inputs, fmt=args.format, per_chunk=args.per_chunk, plot=args.plot,
-                            batch_size=args.batch_size, device=cfg.train.device, extensions=cfg.audio.extensions)
+                            batch_size=args.batch_size, device=cfg.train.device, extensions=cfg.audio.extensions,
+                            adapt=args.adapt)
     if summary.plots:
         print(f"wrote {len(summary.plots)} timeline plot(s): {summary.plots[0]}"
               f"{' ...' if len(summary.plots) > 1 else ''}", file=sys.stderr)
@@ -302,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="build folder or http(s) URL of one")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
     p.add_argument("--out", type=Path, required=True, help="folder for reports")
+    p.add_argument("--adapt", action="store_true",
+                   help="first re-estimate the model's BatchNorm statistics on this split's chunks (no labels "
+                        "used): for a split that is data from a new speaker, microphone or site (cnn6 only)")
 
     p = add("show", cmd_show, "plot one chunk's mel spectrogram with its label, source and time")
     p.add_argument("source", help="build folder or http(s) URL of one")
@@ -335,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="OUT.png|DIR", help="write a probability-over-time PNG: a .png "
                    "for one file, a folder for many")
     p.add_argument("--batch-size", type=int, default=64, help="chunks per forward pass (bounds memory)")
+    p.add_argument("--adapt", action="store_true",
+                   help="first re-estimate the model's BatchNorm statistics on all the given recordings (no "
+                        "labels; cnn6 only): for a batch from a new speaker, microphone or site, which should be "
+                        "a mix of classes (at least 20 chunks). Much better on voices or devices unlike the "
+                        "training ones (README, Results); harmful on recordings of one class only")
 
     p = add("export", cmd_export, "export a checkpoint's model to ONNX or TorchScript (+ a JSON sidecar)",
             "Export the model for use without audioshard. Input: normalised log-mel (batch, 1, n_mels, frames) "
@@ -389,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from audioshard.checkpoint import CheckpointError
     from audioshard.export import ExportError
     from audioshard.manifest import ManifestError
+    from audioshard.models import AdaptError
     from audioshard.predict import PredictError
     from audioshard.remote import SourceError
     from audioshard.stream import ShardDataError
@@ -398,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, BuildError, ManifestError, CheckpointError, SourceError, TrainingError, AudioError,
-            ShardDataError, PredictError, ExportError, AcquireError) as exn:
+            ShardDataError, PredictError, ExportError, AcquireError, AdaptError) as exn:
         print(f"audioshard {args.command}: error: {exn}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, classificat
 
 from audioshard.augment import BatchTransform
 from audioshard.manifest import Manifest
+from audioshard.models import MIN_ADAPT_EXAMPLES, AdaptError, adapt_batchnorm
 from audioshard.stream import ShardStream, make_loader
 
 
@@ -153,10 +154,29 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=float) + "\n", encoding="utf-8")
 
 
+@torch.no_grad()
+def adapt_to_split(model: torch.nn.Module, manifest: Manifest, split: str, device: torch.device,
+                   batch_size: int = 64, strict: bool = False) -> int:
+    """`adapt_batchnorm` on every chunk of a split (labels unused); returns the chunk count.
+
+    For a split that is new data from one place, speaker or device (a speaker-independent test
+    speaker): what `predict --adapt` does with a folder of new recordings."""
+    transform = BatchTransform(manifest.mean, manifest.std, augment=None)
+    stream = ShardStream(manifest, split, batch_size, strict=strict)
+    seen = adapt_batchnorm(model, (transform(b._replace(x=b.x.to(device))).x for b in make_loader(stream)))
+    if seen < MIN_ADAPT_EXAMPLES:
+        raise AdaptError(f"split {split!r} has {seen} chunks; adapting the model's statistics needs at least "
+                         f"{MIN_ADAPT_EXAMPLES} (a mix of classes). Evaluate without --adapt")
+    return seen
+
+
 def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir: str | Path,
                         device_name: str = "auto", batch_size: int = 256, num_workers: int = 0,
-                        fetcher=None, strict: bool = False) -> dict[str, Any]:
-    """Evaluate a saved checkpoint on one split of a build; writes reports into `out_dir`."""
+                        fetcher=None, strict: bool = False, adapt: bool = False) -> dict[str, Any]:
+    """Evaluate a saved checkpoint on one split of a build; writes reports into `out_dir`.
+
+    With `adapt`, the model's BatchNorm statistics are first re-estimated on the split's own chunks
+    (unlabelled: `adapt_to_split`); metrics.json then says `"adapted": N chunks`."""
     from audioshard.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
     from audioshard.distributed import pick_device
     from audioshard.manifest import load_manifest
@@ -166,11 +186,12 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
     manifest = load_manifest(shards, fetcher) if fetcher else load_manifest(shards)
     check_compatible(ckpt, manifest, str(checkpoint))
     model = model_from_checkpoint(ckpt).to(device)
+    adapted = adapt_to_split(model, manifest, split, device, strict=strict) if adapt else 0
     pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers,
                          strict=strict)
     out_dir = Path(out_dir)
     metrics = write_reports(out_dir, split, pred, manifest.classes)
-    metrics.update({"split": split, "checkpoint": str(checkpoint), "shards": str(shards)})
+    metrics.update({"split": split, "checkpoint": str(checkpoint), "shards": str(shards), "adapted": adapted})
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 

@@ -43,6 +43,7 @@ from audioshard.augment import BatchTransform
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
 from audioshard.features import FeatureParams, log_mel
+from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 
 # torchaudio.functional.resample defaults, which `audio.resample` uses: they set the filter's reach.
 LOWPASS_FILTER_WIDTH = 6
@@ -412,10 +413,46 @@ class Predictor:
         for chunks, starts in self.batches(self.chunks(path)):
             yield log_mel(chunks, self.params), starts
 
+    def model_input(self, mel: np.ndarray) -> torch.Tensor:
+        """(C, n_mels, frames) float16 dB -> (C, 1, n_mels, frames) float32 on the device, normalised as in training."""
+        return self.transform.normalize(torch.from_numpy(mel).unsqueeze(1).to(self.device))
+
+    def adapt(self, paths: Sequence[str | Path]) -> int:
+        """Re-estimate the model's BatchNorm statistics on the chunks of these recordings (no labels:
+        `adapt_batchnorm`), in batches of `batch_size` pooled across files. Files that cannot be decoded
+        are passed over here (the prediction pass reports them). Returns the number of chunks used.
+
+        Raises:
+            PredictError: fewer than MIN_ADAPT_EXAMPLES chunks. AdaptError: the model has no BatchNorm.
+        """
+        def pooled() -> Iterator[torch.Tensor]:
+            held: list[np.ndarray] = []
+            count = 0
+            for path in paths:
+                try:
+                    for mel, _ in self.features(path):
+                        held.append(mel)
+                        count += len(mel)
+                        while count >= self.batch_size:
+                            mels = np.concatenate(held)
+                            yield self.model_input(mels[:self.batch_size])
+                            held, count = [mels[self.batch_size:]], count - self.batch_size
+                except Exception:  # noqa: BLE001, S112 - reported with its reason by the prediction pass
+                    continue
+            if count:
+                yield self.model_input(np.concatenate(held))
+
+        seen = adapt_batchnorm(self.model, pooled()) if paths else 0
+        if seen < MIN_ADAPT_EXAMPLES:
+            raise PredictError(f"--adapt needs at least {MIN_ADAPT_EXAMPLES} chunks of new recordings (a mix of "
+                               f"classes) to measure their statistics; these give {seen}. Give more recordings, "
+                               "or predict without --adapt")
+        return seen
+
     @torch.inference_mode()
     def logits(self, mel: np.ndarray) -> np.ndarray:
         """(C, n_mels, frames) float16 dB -> (C, K) float32 logits (normalised as in training)."""
-        x = self.transform.normalize(torch.from_numpy(mel).unsqueeze(1).to(self.device))
+        x = self.model_input(mel)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = self.model(x)
         return out.float().cpu().numpy()
@@ -515,6 +552,7 @@ class PredictSummary:
     predictions: list[Prediction] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    adapted: int = 0  # chunks the model's statistics were adapted on (0: not adapted)
 
 
 class _Writer:
@@ -565,17 +603,17 @@ class _Writer:
                       file=self.out)
         self.out.flush()
 
-    def close(self, checkpoint: str, failed: list[dict[str, str]]) -> None:
+    def close(self, checkpoint: str, failed: list[dict[str, str]], adapted: int) -> None:
         if self.fmt == "json":
-            json.dump({"checkpoint": checkpoint, "classes": self.classes, "files": self.records, "failed": failed},
-                      self.out, indent=1)
+            json.dump({"checkpoint": checkpoint, "classes": self.classes, "adapted_on_chunks": adapted,
+                       "files": self.records, "failed": failed}, self.out, indent=1)
             self.out.write("\n")
 
 
 def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str = "table", per_chunk: bool = False,
                   plot: str | Path | None = None, batch_size: int = 64, device: str = "auto",
                   extensions: Iterable[str] | None = None, out: TextIO | None = None,
-                  err: TextIO | None = None) -> PredictSummary:
+                  err: TextIO | None = None, adapt: bool = False) -> PredictSummary:
     """Predict every recording in `inputs` and write the results as they come.
 
     Args:
@@ -589,6 +627,9 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
         device: "auto", "cpu", "cuda" or "mps".
         extensions: audio extensions for folders (default: the config's `audio.extensions`).
         out, err: where results and failures go (default stdout, stderr).
+        adapt: first re-estimate the model's BatchNorm statistics on all the input recordings (no labels):
+            for a batch of recordings from a new speaker, microphone or site, a mix of classes
+            (`Predictor.adapt`). Every file is then decoded twice.
 
     Returns:
         A PredictSummary. A file that cannot be decoded is reported on `err` and counted, never fatal.
@@ -607,6 +648,10 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
     plots = _plot_paths(files, Path(plot)) if plot is not None else {}
     predictor = Predictor(checkpoint, device=device, batch_size=batch_size)
     summary = PredictSummary()
+    if adapt:
+        summary.adapted = predictor.adapt(files)
+        print(f"audioshard predict: BatchNorm statistics adapted on {summary.adapted} chunks of these recordings",
+              file=err)
     writer = _Writer(fmt, predictor.classes, per_chunk, out, max(len(str(f)) for f in files))
     writer.header()
     for path in files:
@@ -622,7 +667,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
         writer.write(pred)
         if path in plots:
             summary.plots.append(plot_timeline(pred, plots[path]))
-    writer.close(predictor.checkpoint, summary.failed)
+    writer.close(predictor.checkpoint, summary.failed, summary.adapted)
     if summary.failed:
         print(f"audioshard predict: {len(summary.predictions)} of {len(files)} files predicted, "
               f"{len(summary.failed)} could not be read", file=err)

@@ -313,3 +313,21 @@ def test_an_unexpected_error_on_one_file_does_not_end_the_run(checkpoint, tmp_pa
     assert summary.failed == [{"file": str(good[0]),
                                "reason": "could not be decoded (IndexError: list index out of range)"}]
     assert "1 of 2 files predicted" in err.getvalue()
+
+
+def test_predict_with_adapt_pools_the_recordings_and_needs_enough_of_them(checkpoint, tmp_path):
+    speech = sorted((DCS / "speech").glob("*.wav"))[:12]  # ~4.4 s each: 2-3 chunks of 2 s
+    drone = sorted((DCS / "drone").glob("*.wav"))[:6]
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00not really a wave file" * 10)
+    out, err = io.StringIO(), io.StringIO()
+    summary = predict_files(checkpoint, [*speech, *drone, bad], fmt="json", adapt=True, batch_size=16, out=out,
+                            err=err)
+    chunks = sum(len(p.starts) for p in summary.predictions)
+    assert summary.adapted == chunks >= 20  # every chunk of every readable file, none of the broken one
+    doc = json.loads(out.getvalue())
+    assert doc["adapted_on_chunks"] == chunks and len(doc["files"]) == 18 and len(doc["failed"]) == 1
+    assert f"adapted on {chunks} chunks" in err.getvalue()
+
+    with pytest.raises(PredictError, match="--adapt needs at least 20 chunks"):
+        predict_files(checkpoint, speech[:2], adapt=True, out=io.StringIO(), err=io.StringIO())

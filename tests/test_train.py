@@ -176,3 +176,74 @@ def test_pickled_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="never loads"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+
+
+# --- adapting BatchNorm statistics to new data (AdaBN) --------------------------------------------
+
+
+def batchnorm_outputs(model, x):
+    """Each BatchNorm layer's output on x, in eval mode, with its affine part undone: what it normalised."""
+    outs = []
+    hooks = [m.register_forward_hook(lambda m, _, out: outs.append(((out - m.bias.view(1, -1, 1, 1))
+                                                                    / m.weight.view(1, -1, 1, 1)).detach()))
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return outs
+
+
+def test_adapted_batchnorm_normalises_the_new_data_in_every_layer(full_run):
+    from audioshard.checkpoint import model_from_checkpoint
+    from audioshard.models import adapt_batchnorm
+
+    model = model_from_checkpoint(load_checkpoint(full_run[0] / "best_model.pt"))
+    generator = torch.Generator().manual_seed(0)
+    new_data = 3.0 + 2.0 * torch.randn(40, 1, 64, 63, generator=generator)  # shifted and scaled "new device"
+    before = batchnorm_outputs(model, new_data)
+    assert before[0].mean(dim=(0, 2, 3)).abs().max() > 0.5  # the training statistics no longer centre it
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "tracked" not in k}
+
+    assert adapt_batchnorm(model, [new_data]) == 40  # one batch: the statistics are exactly this data's
+    for out in batchnorm_outputs(model, new_data):
+        assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+        assert (out.var(dim=(0, 2, 3)) - 1).abs().max() < 0.05
+    assert not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # only statistics change
+
+    # Batches of unequal size: the first layer's mean is the mean over all examples, not over batches.
+    adapt_batchnorm(model, [new_data[:7], new_data[7:]])
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv = model.blocks[0].layers[0]
+    with torch.no_grad():
+        want = conv(model_input_norm(model, new_data)).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(first.running_mean, want, atol=1e-4, rtol=1e-4)
+
+
+def model_input_norm(model, x):
+    from audioshard.models import normalize_input
+
+    return normalize_input(x, model.input_norm)
+
+
+def test_adapting_needs_batchnorm_and_data():
+    from audioshard.models import AdaptError, SeedCNN, adapt_batchnorm, build_model
+
+    with pytest.raises(AdaptError, match="no BatchNorm"):
+        adapt_batchnorm(SeedCNN(3), [torch.zeros(4, 1, 64, 63)])
+    model = build_model({"name": "cnn6", "num_classes": 3, "width": 8, "dropout": 0.2})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdaptError, match="no examples"):
+        adapt_batchnorm(model, [])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # left as it was
+
+
+def test_evaluate_with_adapt_on_real_shards(full_run, real_build, tmp_path):
+    run, _ = full_run
+    plain = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "plain")
+    adapted = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "adapted", adapt=True)
+    assert plain["adapted"] == 0 and adapted["adapted"] == load_manifest(real_build).samples("test")
+    assert json.loads((tmp_path / "adapted" / "metrics.json").read_text())["adapted"] == adapted["adapted"]
+    assert adapted["chunk"]["n"] == plain["chunk"]["n"]
