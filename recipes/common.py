@@ -46,9 +46,11 @@ def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[s
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV: the common FIELDS, then any a recipe adds (in the order of the first row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = FIELDS + [k for k in (rows[0] if rows else {}) if k not in FIELDS]
     with open(path, "w", newline="") as stream:
-        writer = csv.DictWriter(stream, FIELDS)
+        writer = csv.DictWriter(stream, fields)
         writer.writeheader()
         writer.writerows(rows)
 
