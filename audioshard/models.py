@@ -162,14 +162,16 @@ def adapt_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
                 m.momentum = len(x) / (seen + len(x))
             model(x)
             seen += len(x)
-    finally:
-        for m, (momentum, *_) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-        model.eval()
-    if seen == 0:
+        if seen == 0:
+            raise AdaptError("no examples to adapt the BatchNorm statistics on")
+    except BaseException:  # the model is left as it was
         for m, (_, mean, var, tracked) in zip(norms, saved, strict=True):
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
             m.num_batches_tracked.copy_(tracked)
-        raise AdaptError("no examples to adapt the BatchNorm statistics on")
+        raise
+    finally:
+        for m, (momentum, *_) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+        model.eval()
     return seen
