@@ -392,8 +392,8 @@ class Predictor:
         return ChunkReader(path, self.params.sample_rate, self.params.chunk_seconds, self.min_fraction,
                            self.short_clip)
 
-    def batches(self, reader: ChunkReader) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Regroup a reader's chunks into batches of `batch_size` (the last one smaller):
+    def batches(self, reader: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Regroup a reader's chunks (or several readers' in a row) into batches of `batch_size` (the last one smaller):
         (chunks: (B, chunk_samples) float32, starts: (B,) seconds)."""
         held: list[tuple[np.ndarray, np.ndarray]] = []
         count = 0
@@ -425,24 +425,15 @@ class Predictor:
         Raises:
             PredictError: fewer than MIN_ADAPT_EXAMPLES chunks. AdaptError: the model has no BatchNorm.
         """
-        def pooled() -> Iterator[torch.Tensor]:
-            held: list[np.ndarray] = []
-            count = 0
+        def every_chunk() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             for path in paths:
                 try:
-                    for mel, _ in self.features(path):
-                        held.append(mel)
-                        count += len(mel)
-                        while count >= self.batch_size:
-                            mels = np.concatenate(held)
-                            yield self.model_input(mels[:self.batch_size])
-                            held, count = [mels[self.batch_size:]], count - self.batch_size
+                    yield from self.chunks(path)
                 except Exception:  # noqa: BLE001, S112 - reported with its reason by the prediction pass
                     continue
-            if count:
-                yield self.model_input(np.concatenate(held))
 
-        seen = adapt_batchnorm(self.model, pooled()) if paths else 0
+        inputs = (self.model_input(log_mel(chunks, self.params)) for chunks, _ in self.batches(every_chunk()))
+        seen = adapt_batchnorm(self.model, inputs) if paths else 0
         if seen < MIN_ADAPT_EXAMPLES:
             raise PredictError(f"--adapt needs at least {MIN_ADAPT_EXAMPLES} chunks of new recordings (a mix of "
                                f"classes) to measure their statistics; these give {seen}. Give more recordings, "
