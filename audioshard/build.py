@@ -21,13 +21,14 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import shutil
 import sys
+import threading
 import time
+import traceback
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,12 +190,12 @@ class FileResult:
     stats: tuple[float, float, int] = (0.0, 0.0, 0)  # sum, sum of squares, count of the mel values (train only)
 
 
-FILES_PER_TASK = 8  # files a worker takes at a time: fewer wake-ups of the pool's threads, a few files to batch
+FILES_PER_TASK = 8  # files a worker claims at a time: fewer round trips, a few files to batch
 FEATURE_BATCH = 16  # chunks, from one or several files, featurised in one log_mel call
 
 
-def process_files(task: tuple[list[tuple[Source, bool]], Config]) -> list[FileResult]:
-    """Decode, resample, chunk and featurise a few files in a row (one pool task, in a worker process).
+def process_files(sources: list[tuple[Source, bool]], cfg: Config) -> list[FileResult]:
+    """Decode, resample, chunk and featurise a few files in a row (one task, in any build process).
 
     Their chunks go through `log_mel` together, FEATURE_BATCH at a time: most recordings give only
     a few chunks, and a call's fixed cost (torch dispatch, ~0.15 ms) paid per file was ~15 % of a
@@ -202,7 +203,6 @@ def process_files(task: tuple[list[tuple[Source, bool]], Config]) -> list[FileRe
     file plus a batch. The features of a chunk do not depend on its batch-mates (checked byte for
     byte in the tests). The flag beside each source asks for the sums behind the train split's
     mean/std, computed here so the main process stays light."""
-    sources, cfg = task
     params = FeatureParams.from_config(cfg)
     results: list[FileResult] = []
     pending: list[tuple[FileResult, np.ndarray, bool]] = []  # decoded, not yet featurised
@@ -461,44 +461,160 @@ def _keeping_freed_memory():
             libc.malloc_trim(0)
 
 
-def _init_pool_worker() -> None:
-    _init_worker()
-    _keep_freed_memory()  # a pool worker ends with the build: nothing to restore
-
-
 def _results(jobs: list[tuple[Source, bool]], cfg: Config, workers: int):
     """`process_files` over the jobs, FILES_PER_TASK at a time, yielding one result per job in job order
-    (the tasks and so the output do not depend on the worker count)."""
-    tasks = [(jobs[i:i + FILES_PER_TASK], cfg) for i in range(0, len(jobs), FILES_PER_TASK)]
-    if workers <= 1:
-        threads = torch.get_num_threads()
-        _init_worker()
-        try:
-            with _keeping_freed_memory():
-                for task in tasks:
-                    yield from process_files(task)
-        finally:
-            torch.set_num_threads(threads)
-        return
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    # Forked workers share the parent's memory copy-on-write; a garbage collection in a worker would
-    # touch every inherited object (torch's included) and copy those pages. Frozen objects are skipped.
-    gc.freeze()
-    # concurrent.futures rather than multiprocessing.Pool: the Pool's worker-handler thread also
-    # waits on the result pipe and spins while results are pending there (0.1 CPU s of a 1-s build
-    # on 2 cores, taken from the workers), and a worker killed (e.g. out of memory) stops the build
-    # with an error instead of leaving it waiting forever.
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init_pool_worker)
+    (so the output does not depend on the worker count).
+
+    The calling process works through the tasks itself, beside `workers - 1` helper processes: each
+    process claims the next unclaimed task and helpers send their results back. On 2 cores this beat a
+    pool of 2 workers feeding a third, writing process (1.65-1.7x vs ~1.35-1.5x 2-worker speed-up, paired
+    runs): no process waits on another, and nothing runs beside them to take their cores."""
+    tasks = [jobs[i:i + FILES_PER_TASK] for i in range(0, len(jobs), FILES_PER_TASK)]
+    workers = min(workers, len(tasks))
+    helpers = _Helpers(tasks, cfg, workers - 1) if workers > 1 else None  # started first: they start working at once
+    threads = torch.get_num_threads()
+    _init_worker()
     try:
-        for results in pool.map(process_files, tasks):  # in task order
-            yield from results
-    except BrokenProcessPool as exn:  # which file it was on is lost with the process
-        raise BuildError("a build worker process died (killed from outside, or by the system when memory ran "
-                         "out); nothing was replaced. Run the same command again; for very long recordings use "
-                         "fewer --workers, since each worker holds one whole file in memory") from exn
+        with _keeping_freed_memory():
+            own: dict[int, list[FileResult]] = {}  # tasks this process did, until their turn to be written
+            next_out = 0
+            while next_out < len(tasks):
+                claimed = helpers.claim() if helpers else next_out
+                if claimed < len(tasks):
+                    own[claimed] = process_files(tasks[claimed], cfg)
+                # Hand on every task that is next in order and done; once nothing is left to claim, wait for it.
+                while next_out < len(tasks):
+                    if next_out in own:
+                        results = own.pop(next_out)
+                    elif helpers is not None:
+                        results = helpers.take(next_out, wait=claimed >= len(tasks))
+                    else:
+                        results = None
+                    if results is None:  # being worked on by a helper
+                        break
+                    yield from results
+                    next_out += 1
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after an error: the queued tasks are dropped
-        gc.unfreeze()
+        torch.set_num_threads(threads)
+        if helpers is not None:
+            helpers.close()
+
+
+def _helper_main(tasks: list[list[tuple[Source, bool]]], cfg: Config, next_task, results_pipe) -> None:
+    """A helper process: claim tasks until none are left, sending each task's results back."""
+    _init_worker()
+    _keep_freed_memory()  # a helper ends with the build: nothing to restore
+    try:
+        while (index := _claim(next_task)) < len(tasks):
+            results_pipe.send((index, process_files(tasks[index], cfg)))
+    except BaseException:  # a bug or MemoryError here: the build says what it was instead of a bare exit code
+        with contextlib.suppress(Exception):
+            results_pipe.send((-1, traceback.format_exc()))
+        raise
+    finally:
+        results_pipe.close()
+
+
+def _claim(next_task, give_up=lambda: None) -> int:
+    """The next unclaimed task index from the counter shared by all build processes. (`give_up` is called
+    while waiting for the lock: a helper killed while holding it would block everyone else.)"""
+    lock = next_task.get_lock()
+    while not lock.acquire(timeout=1.0):
+        give_up()
+    try:
+        index = next_task.value
+        next_task.value = index + 1
+    finally:
+        lock.release()
+    return index
+
+
+class _Helpers:
+    """`count` helper processes working through `tasks` beside the calling process, and a thread that
+    collects what they send, so a helper never waits for the caller to finish a long file of its own."""
+
+    def __init__(self, tasks: list[list[tuple[Source, bool]]], cfg: Config, count: int):
+        context = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self._next_task = context.Value("q", 0)
+        self._results: dict[int, list[FileResult]] = {}
+        self._failure: BaseException | None = None
+        self._arrived = threading.Condition()
+        self._processes: dict[Any, mp.Process] = {}  # result pipe -> its helper
+        # Forked helpers share this process's memory copy-on-write; a garbage collection in a helper would
+        # touch every inherited object (torch's included) and copy those pages. Frozen objects are skipped.
+        gc.freeze()
+        try:
+            for _ in range(count):
+                reader, writer = context.Pipe(duplex=False)
+                helper = context.Process(target=_helper_main, args=(tasks, cfg, self._next_task, writer),
+                                         name="audioshard-build-helper", daemon=True)
+                helper.start()
+                writer.close()  # the helper holds the only write end: its exit reads as end-of-file here
+                self._processes[reader] = helper
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            gc.unfreeze()  # the helpers keep their own frozen copy
+        self._collector = threading.Thread(target=self._collect, name="audioshard-build-results", daemon=True)
+        self._collector.start()  # after the forks: a child must not inherit a thread mid-way
+
+    def claim(self) -> int:
+        return _claim(self._next_task, self._raise_if_failed)
+
+    def take(self, index: int, wait: bool) -> list[FileResult] | None:
+        """Task `index`'s results once a helper has sent them (None if not yet and not `wait`)."""
+        with self._arrived:
+            while index not in self._results:
+                self._raise_if_failed()
+                if not wait:
+                    return None
+                self._arrived.wait()
+            return self._results.pop(index)
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def _collect(self) -> None:
+        pending = dict(self._processes)
+        while pending:
+            for reader in mp.connection.wait(list(pending)):
+                try:
+                    index, results = reader.recv()
+                except (EOFError, OSError):  # the helper has exited: all tasks claimed, or it was killed
+                    helper = pending.pop(reader)
+                    helper.join()
+                    if helper.exitcode != 0:
+                        self._fail(BuildError(
+                            f"a build worker process died (exit code {helper.exitcode}: killed from outside, or by "
+                            "the system when memory ran out); nothing was replaced. Run the same command again; "
+                            "for very long recordings use fewer --workers, since each worker holds one whole file "
+                            "in memory"))
+                    continue
+                if index < 0:
+                    self._fail(BuildError(f"a build worker process failed:\n{results}"))
+                    continue
+                with self._arrived:
+                    self._results[index] = results
+                    self._arrived.notify()
+
+    def _fail(self, failure: BaseException) -> None:
+        with self._arrived:
+            self._failure = self._failure or failure
+            self._arrived.notify()
+
+    def close(self) -> None:
+        """Stop the helpers (at once, after a failure; they have exited already after a full build)."""
+        for helper in self._processes.values():
+            if helper.is_alive():
+                helper.terminate()
+        for helper in self._processes.values():
+            helper.join()
+        if getattr(self, "_collector", None) is not None:
+            self._collector.join()  # ends once every helper's pipe has reached its end
+        for reader in self._processes:
+            reader.close()
 
 
 def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, workers: int | None = None,
@@ -581,8 +697,9 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     audio_hours = 0.0
     longest = 0.0
     bar = tqdm(total=len(jobs), desc="build", unit="file", disable=not progress, dynamic_ncols=True)
+    results = _results(jobs, cfg, workers)
     try:
-        for result in _results(jobs, cfg, workers):
+        for result in results:
             bar.update(1)
             audio_hours += result.seconds / 3600
             longest = max(longest, result.seconds if not result.error else 0.0)
@@ -603,6 +720,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
         shards_of = {split: writers[split].close() for split in SPLITS}
     except BaseException:
         bar.close()
+        results.close()  # stops the helper processes now, not whenever the generator is collected
         for writer in writers.values():
             writer.abort()  # close half-written tars quietly; the caller discards the staging folder
         raise

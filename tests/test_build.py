@@ -2,6 +2,7 @@ import io
 import json
 import os
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +94,32 @@ def test_same_output_for_any_worker_count_and_idempotent(tmp_path):
     rebuilt = build_shards(raw, tmp_path / "w1", changed, workers=1, force=True, progress=False)
     assert rebuilt.manifest["features"]["n_mels"] == 32
     assert not list((tmp_path / "w1").glob(".*"))  # no marker or temp files left behind
+
+
+def test_helper_processes_share_the_work_and_the_output_stays_in_order(tmp_path, monkeypatch):
+    """With one file per task and tasks slow enough for the helpers to join in, the tasks are done by
+    several processes and finish out of order, yet the shards are byte for byte the 1-worker build's."""
+    raw = link_tree(tmp_path / "raw", {"drone": 6, "car": 5, "speech": 6})
+    cfg = load_config(overrides=SMALL_BUILD)
+    done_by = tmp_path / "done_by.txt"
+    process_files = build_module.process_files
+
+    def slow_process_files(sources, cfg):
+        time.sleep(0.02)
+        with open(done_by, "a") as log:  # appends of one short line each: no interleaving
+            log.write(f"{os.getpid()}\n")
+        return process_files(sources, cfg)
+
+    monkeypatch.setattr(build_module, "FILES_PER_TASK", 1)
+    monkeypatch.setattr(build_module, "process_files", slow_process_files)  # forked helpers inherit it
+    shards = {}
+    for workers in (1, 3):
+        done_by.write_text("")
+        manifest = build_shards(raw, tmp_path / f"w{workers}", cfg, workers=workers, progress=False).manifest
+        shards[workers] = [s["shards"] for s in manifest["splits"].values()]
+        pids = done_by.read_text().split()
+        assert len(pids) == 17 and len(set(pids)) == workers
+    assert shards[1] == shards[3]
 
 
 def test_interrupted_build_is_redone_and_clean_removes_outputs(tmp_path):

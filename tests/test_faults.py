@@ -285,6 +285,29 @@ def test_build_worker_killed_stops_the_build_with_a_clear_error(tmp_path):
     assert not (tmp_path / "out" / ".staging").exists()
 
 
+def test_an_error_inside_a_build_helper_is_reported_with_its_traceback(tmp_path, monkeypatch):
+    """A bug or MemoryError in a helper process (not in one file's decoding, which is skipped) stops the
+    build with the helper's traceback, and leaves no staging folder or manifest."""
+    import audioshard.build as build_module
+
+    raw = link_tree(tmp_path / "raw", {"drone": 6, "car": 5, "speech": 6})
+    builder = os.getpid()
+    process_files = build_module.process_files
+
+    def failing_in_helpers(sources, cfg):
+        if os.getpid() != builder:
+            raise MemoryError("pretend the helper ran out of memory")
+        time.sleep(0.05)  # leaves tasks for the helper to claim
+        return process_files(sources, cfg)
+
+    monkeypatch.setattr(build_module, "FILES_PER_TASK", 1)
+    monkeypatch.setattr(build_module, "process_files", failing_in_helpers)
+    with pytest.raises(BuildError, match="(?s)a build worker process failed.*MemoryError: pretend"):
+        build_shards(raw, tmp_path / "out", load_config(overrides=SMALL_BUILD), workers=2, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / ".staging").exists()
+    assert not children(os.getpid())  # the helper is gone
+
+
 def test_kill_9_during_training_then_resume(real_build, tmp_path):
     run = tmp_path / "run"
     overrides = [a for s in [*TINY_TRAIN, "train.epochs=5"] for a in ("--set", s)]

@@ -13,9 +13,10 @@ What it measures
     audioshard  `audioshard.build.build_shards(...)` with the default config: decode, resample,
                 chunk, batched torchaudio log-mel, leak-free split, WebDataset tars + manifest.
 
-    Both run with 1 and 2 worker processes (`--workers`). The seed's way is parallelised the same way
-    audioshard is: in-process for 1 worker, otherwise a multiprocessing pool (fork on Linux) with
-    `imap(chunksize=1)` over files, results back to the main process, which writes the CSVs.
+    Both run with 1 and 2 worker processes (`--workers`), in-process for 1 worker. With N workers the
+    seed's way uses a multiprocessing pool of N (fork on Linux) with `imap(chunksize=1)` over files,
+    results back to the main process, which writes the CSVs; audioshard's calling process works beside
+    N - 1 forked helpers and writes the shards (its own design, see `audioshard.build._results`).
     OMP/MKL/OpenBLAS/numba threads are pinned to 1 before numpy/torch/librosa are imported, so "1
     worker" really is one core for both methods.
 
@@ -491,7 +492,7 @@ def format_table(report: dict[str, Any], workers_list: list[int]) -> str:
                      "are noisy; rerun on a quiet machine, or with --repeat 3")
     lines.append("(each run in a fresh process; timed: the whole build incl. pool start-up; not timed: imports and a "
                  "warm-up on a tiny input (librosa lazy imports/numba JIT, torchaudio mel filters); 1 worker runs "
-                 "in-process, more in a fork pool)")
+                 "in-process; N workers: the seed a fork pool of N, audioshard the caller + N-1 forked helpers)")
     return "\n".join(lines)
 
 
