@@ -40,6 +40,32 @@ def test_16_bit_fast_path_equals_libsndfile_float_decoding(tmp_path, ext):
     assert np.array_equal(samples, expected)
 
 
+@pytest.mark.parametrize("case", ["real", "truncated", "wavex", "odd-chunks"])
+def test_plain_wav_reader_gives_libsndfile_samples(tmp_path, case):
+    """16-bit WAVs are read with the standard library's `wave`; every variant must give libsndfile's
+    samples, and what `wave` cannot read (WAVE_FORMAT_EXTENSIBLE) goes to libsndfile."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / f"{case}.wav"
+    if case == "real":
+        path = sorted((DCS / "speech").glob("*.wav"))[0]
+    elif case == "wavex":
+        sf.write(path, rng.uniform(-1, 1, (3000, 3)).astype(np.float32), 16000, format="WAVEX", subtype="PCM_16")
+        assert path.read_bytes()[20:22] == b"\xfe\xff"  # WAVE_FORMAT_EXTENSIBLE
+    else:
+        sf.write(path, rng.uniform(-1, 1, (3000, 2)).astype(np.float32), 16000, subtype="PCM_16")
+        data = path.read_bytes()
+        if case == "truncated":  # a download cut off mid-frame: the header promises more than is there
+            data = data[:-4001]
+        else:  # a LIST chunk after the audio, as many editors write
+            data = data + b"LIST" + (6).to_bytes(4, "little") + b"INFOab"
+            data = data[:4] + (len(data) - 8).to_bytes(4, "little") + data[8:]
+        path.write_bytes(data)
+    expected, expected_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    samples, rate = decode(path)
+    assert rate == expected_rate and samples.dtype == np.float32
+    assert np.array_equal(samples, expected.mean(axis=1) if expected.shape[1] > 1 else expected[:, 0])
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nan_or_infinite_samples_are_refused(tmp_path, bad):
     x = tone(16000, 0.5)
