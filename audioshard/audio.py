@@ -70,8 +70,7 @@ def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
         return plain
     with sf.SoundFile(str(path)) as stream:
         if stream.subtype == "PCM_16":
-            data = stream.read(dtype="int16", always_2d=True).astype(np.float32)
-            data *= np.float32(1 / 32768)
+            data = _pcm16_to_float(stream.read(dtype="int16", always_2d=True))
         else:
             data = stream.read(dtype="float32", always_2d=True)
         return data, stream.samplerate
@@ -92,9 +91,14 @@ def _read_pcm16_wav(path: Path) -> tuple[np.ndarray, int] | None:
         return None
     frame_bytes = 2 * channels
     usable = len(raw) - len(raw) % frame_bytes  # a truncated last frame is dropped, as libsndfile does
-    data = np.frombuffer(raw, dtype="<i2", count=usable // 2).reshape(-1, channels).astype(np.float32)
-    data *= np.float32(1 / 32768)
-    return data, rate
+    return _pcm16_to_float(np.frombuffer(raw, dtype="<i2", count=usable // 2).reshape(-1, channels)), rate
+
+
+def _pcm16_to_float(data: np.ndarray) -> np.ndarray:
+    """int16 samples -> float32 in [-1, 1), the values libsndfile's own float conversion gives."""
+    samples = data.astype(np.float32)
+    samples *= np.float32(1 / 32768)
+    return samples
 
 
 def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:

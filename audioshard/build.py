@@ -484,13 +484,10 @@ def _results(jobs: list[tuple[Source, bool]], cfg: Config, workers: int):
                     own[claimed] = process_files(tasks[claimed], cfg)
                 # Hand on every task that is next in order and done; once nothing is left to claim, wait for it.
                 while next_out < len(tasks):
-                    if next_out in own:
-                        results = own.pop(next_out)
-                    elif helpers is not None:
+                    results = own.pop(next_out, None)
+                    if results is None and helpers is not None:
                         results = helpers.take(next_out, wait=claimed >= len(tasks))
-                    else:
-                        results = None
-                    if results is None:  # being worked on by a helper
+                    if results is None:  # a helper is still working on it
                         break
                     yield from results
                     next_out += 1
@@ -540,6 +537,7 @@ class _Helpers:
         self._failure: BaseException | None = None
         self._arrived = threading.Condition()
         self._processes: dict[Any, mp.Process] = {}  # result pipe -> its helper
+        self._collector: threading.Thread | None = None
         # Forked helpers share this process's memory copy-on-write; a garbage collection in a helper would
         # touch every inherited object (torch's included) and copy those pages. Frozen objects are skipped.
         gc.freeze()
@@ -611,7 +609,7 @@ class _Helpers:
                 helper.terminate()
         for helper in self._processes.values():
             helper.join()
-        if getattr(self, "_collector", None) is not None:
+        if self._collector is not None:
             self._collector.join()  # ends once every helper's pipe has reached its end
         for reader in self._processes:
             reader.close()
