@@ -91,22 +91,27 @@ class SpecAugment(nn.Module):
         band_centres: (n_mels,) Hz of the mel bands (`mel_band_centres`), needed when freq_warp > 0
             or background_prob > 0.
         background_prob, background_snr: see `mix_background` (applied by BatchTransform, in dB).
+        time_shift: each example is rolled in time by up to this fraction of its length, either way (0 = off).
+        gain_db: each example is made louder or quieter by U[-gain_db, gain_db] dB (0 = off; see `apply_gain`).
     """
 
     def __init__(self, noise_std: float = 0.1, time_masks: int = 2, time_mask_width: int = 8, freq_masks: int = 1,
                  freq_mask_width: int = 8, freq_warp: float = 0.0, time_stretch: float = 0.0,
                  band_centres: torch.Tensor | None = None, background_prob: float = 0.0,
-                 background_snr: float = 10.0):
+                 background_snr: float = 10.0, time_shift: float = 0.0, gain_db: float = 0.0):
         super().__init__()
         for name, value in [("noise_std", noise_std), ("time_masks", time_masks),
                             ("time_mask_width", time_mask_width), ("freq_masks", freq_masks),
                             ("freq_mask_width", freq_mask_width), ("freq_warp", freq_warp),
-                            ("time_stretch", time_stretch), ("background_prob", background_prob)]:
+                            ("time_stretch", time_stretch), ("background_prob", background_prob),
+                            ("time_shift", time_shift), ("gain_db", gain_db)]:
             if value < 0:
                 raise ValueError(f"augment.{name} must be >= 0, got {value}")
         for name, value in [("freq_warp", freq_warp), ("time_stretch", time_stretch)]:
             if value >= 1:
                 raise ValueError(f"augment.{name} must be below 1 (a factor between 1 - it and 1 + it), got {value}")
+        if time_shift > 1:
+            raise ValueError(f"augment.time_shift must be between 0 and 1 (a fraction of the chunk), got {time_shift}")
         if background_prob > 1:
             raise ValueError(f"augment.background_prob must be between 0 and 1, got {background_prob}")
         if (freq_warp or background_prob) and band_centres is None:
@@ -116,6 +121,7 @@ class SpecAugment(nn.Module):
         self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
         self.freq_warp, self.time_stretch = freq_warp, time_stretch
         self.background_prob, self.background_snr = background_prob, background_snr
+        self.time_shift, self.gain_db = time_shift, gain_db
         self.band_centres = band_centres
         self._centres_on: dict[torch.device, torch.Tensor] = {}  # float32 copies per device, made once
         self._bank, self._bank_owner = torch.empty(0), None
@@ -127,6 +133,8 @@ class SpecAugment(nn.Module):
             x = self._warp(x, generator)  # a new tensor
         elif not inplace:
             x = x.clone()
+        if self.time_shift:
+            x = self._roll(x, generator)  # a new tensor
         if self.noise_std:
             x.add_(self._noise(x, generator), alpha=self.noise_std)
         time = _band_mask(batch, self.time_masks, self.time_mask_width, frames, generator, x.device)
@@ -163,6 +171,30 @@ class SpecAugment(nn.Module):
         to_nepers = math.log(10.0) / 10.0  # logaddexp works in natural-log units
         x_db[chosen] = torch.logaddexp(x_db[chosen] * to_nepers, noise_db[chosen] * to_nepers) / to_nepers
         return x_db
+
+    def apply_gain(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Add a random level U[-gain_db, gain_db] dB to each example, in place (x_db: dB, not normalised).
+
+        The same sound recorded closer or farther, or a device with another gain: the class must not
+        depend on the absolute level, which the shared normalisation otherwise keeps."""
+        if self.gain_db:
+            draws = torch.rand((len(x_db), 1, 1, 1), generator=generator, device=x_db.device)
+            x_db.add_((draws * 2 - 1) * self.gain_db)
+        return x_db
+
+    def _roll(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Roll each example in time by U{-s..s} frames, s = time_shift x frames, wrapping around.
+
+        A chunk is cut at fixed times at build; the event it holds (a bark, a door knock) can start
+        anywhere in a new recording. Rolling teaches that the position does not matter, at the cost of
+        one seam, which the time masks and the pooling over time make harmless in practice."""
+        batch, _, _, frames = x.shape
+        reach = int(self.time_shift * frames)
+        if reach == 0:
+            return x
+        shift = torch.randint(-reach, reach + 1, (batch, 1), generator=generator, device=x.device)
+        index = (torch.arange(frames, device=x.device).view(1, frames) - shift) % frames
+        return x.gather(3, index.view(batch, 1, 1, frames).expand_as(x))
 
     def _warp(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         draws = torch.rand((2, len(x)), generator=generator, device=x.device) * 2 - 1
@@ -212,7 +244,8 @@ class BatchTransform(nn.Module):
         if enabled and cfg.enabled:
             augment = SpecAugment(cfg.noise_std, cfg.time_masks, cfg.time_mask_width, cfg.freq_masks,
                                   cfg.freq_mask_width, cfg.freq_warp, cfg.time_stretch,
-                                  mel_band_centres(manifest.features), cfg.background_prob, cfg.background_snr)
+                                  mel_band_centres(manifest.features), cfg.background_prob, cfg.background_snr,
+                                  cfg.time_shift, cfg.gain_db)
         return cls(manifest.mean, manifest.std, augment)
 
     def reseed(self, seed: int, epoch: int, rank: int = 0, worker: int = 0) -> None:
@@ -238,6 +271,7 @@ class BatchTransform(nn.Module):
             return batch._replace(x=self.normalize(batch.x))
         generator = self._generator(batch.x.device)
         # Background noise is a power sum, so it goes in while x is still in dB; x is our own fresh copy.
-        x = self.augment.mix_background(batch.x.to(torch.float32, copy=True), generator)
+        x = self.augment.apply_gain(batch.x.to(torch.float32, copy=True), generator)
+        x = self.augment.mix_background(x, generator)
         x = self.augment(self._normalize_(x), generator, inplace=True)
         return batch._replace(x=x)

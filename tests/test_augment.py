@@ -143,3 +143,44 @@ def test_batch_transform_mixes_background_before_normalising():
     assert (quiet_db.mean(dim=(1, 2)) > -10.0 - 40.0 - 3).all()  # the floor rose in every example
     transform.reseed(seed=1, epoch=0)
     assert torch.equal(transform(batch).x, x)  # reproducible
+
+
+def test_time_shift_rolls_each_example_by_its_own_amount_within_reach():
+    augment = SpecAugment(noise_std=0.0, time_masks=0, freq_masks=0, time_shift=0.25)
+    frames = 63
+    x = torch.arange(frames, dtype=torch.float32).expand(256, 1, 64, frames).clone()  # each column says its frame
+    y = augment(x, torch.Generator().manual_seed(0))
+    shift = (y[:, 0, 0, 0] - 0) * -1 % frames  # frame 0 now shows frame -shift (wrapped)
+    shift = torch.where(shift > frames // 2, shift - frames, shift)
+    assert shift.abs().max() <= int(0.25 * frames) and len(shift.unique()) > 10
+    for example in range(len(y)):  # every column moved by the same amount: a roll, nothing lost or blurred
+        assert torch.equal(y[example], torch.roll(x[example], int(shift[example]), dims=2))
+    with pytest.raises(ValueError, match="augment.time_shift"):
+        SpecAugment(time_shift=1.5)
+
+
+def test_gain_moves_each_example_by_one_level_in_db():
+    transform = BatchTransform(-50.0, 20.0, SpecAugment(noise_std=0.0, time_masks=0, freq_masks=0, gain_db=6.0))
+    transform.reseed(seed=2, epoch=0)
+    batch = ones_batch(512)._replace(x=torch.randn(512, 1, 64, 63).mul(10).sub(50).half())
+    x = transform(batch).x * 20.0 - 50.0  # back to dB
+    offset = x - batch.x.float()
+    per_example = offset.mean(dim=(1, 2, 3))
+    assert (offset - per_example.view(-1, 1, 1, 1)).abs().max() < 1e-3  # one level for the whole example
+    assert per_example.abs().max() <= 6.0 + 1e-3 and per_example.min() < -5 and per_example.max() > 5
+
+
+@pytest.mark.parametrize("setting", ["augment.time_shift=0.5", "augment.gain_db=6.0"])
+def test_new_augmentations_change_train_batches_only(real_build, setting):
+    from audioshard.config import load_config
+
+    manifest = load_manifest(real_build)
+    only = load_config(overrides=["augment.noise_std=0", "augment.time_masks=0", "augment.freq_masks=0", setting])
+    plain = BatchTransform(manifest.mean, manifest.std)
+    raw_train = next(iter(ShardStream(manifest, "train", 32, shuffle=True, seed=0)))
+    augmented = next(iter(open_shards(str(real_build), "train", batch_size=32, seed=0, augment_config=only.augment)))
+    assert torch.equal(raw_train.y, augmented.y)
+    assert not torch.allclose(plain(raw_train).x, augmented.x)
+    for r, v in zip(ShardStream(manifest, "val", 32), open_shards(str(real_build), "val", batch_size=32,
+                                                                  augment_config=only.augment), strict=True):
+        assert torch.equal(plain(r).x, v.x)
