@@ -165,6 +165,12 @@ def peak_amplitude(samples: np.ndarray) -> float:
     return float(np.maximum(samples.max(), -samples.min())) + 0.0  # + 0.0: -0.0 (all zeros) reads 0
 
 
+def silent_chunks(chunks: np.ndarray, silence_peak: float) -> np.ndarray:
+    """(C,) bool: which chunks (C, samples) have a peak amplitude below `silence_peak` (digital silence:
+    a clip padded to a fixed length, a gap in a recording)."""
+    return np.maximum(chunks.max(axis=1), -chunks.min(axis=1)) < silence_peak
+
+
 def chunk_starts(num_samples: int, chunk: int, hop: int, min_fraction: float, short_clip: str) -> list[int]:
     """Start offsets (in samples) of the chunks cut from a clip of `num_samples`.
 

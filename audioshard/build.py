@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
-from audioshard.audio import AudioError, choppinator, load, peak_amplitude
+from audioshard.audio import AudioError, choppinator, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
 from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
@@ -188,6 +188,7 @@ class FileResult:
     seconds: float = 0.0
     error: str | None = None
     stats: tuple[float, float, int] = (0.0, 0.0, 0)  # sum, sum of squares, count of the mel values (train only)
+    silent_chunks: int = 0  # chunks left out as silent (audio.skip_silent)
 
 
 FILES_PER_TASK = 8  # files a worker claims at a time: fewer round trips, a few files to batch
@@ -251,7 +252,16 @@ def _decode_and_cut(source: Source, cfg: Config, params: FeatureParams) -> tuple
         return FileResult(source.rel, seconds=seconds,
                           error=f"{source.rel}: {seconds:.2f} s is shorter than one chunk "
                                 f"({cfg.audio.chunk_seconds} s) and audio.short_clip = {cfg.audio.short_clip!r}"), None
-    return FileResult(source.rel, starts=starts.astype(np.float32), seconds=seconds), chunks
+    dropped = 0
+    if cfg.audio.skip_silent:
+        # A silent chunk (a clip padded to length, a gap) carries its recording's label but nothing of
+        # the class: noise for training, and a pull towards "silence" in a recording's mean. Kept only
+        # when the recording has nothing else (its sound may sit in a tail too short to be a chunk).
+        silent = silent_chunks(chunks, cfg.audio.silence_peak)
+        if not silent.all():
+            dropped = int(silent.sum())
+            chunks, starts = chunks[~silent], starts[~silent]
+    return FileResult(source.rel, starts=starts.astype(np.float32), seconds=seconds, silent_chunks=dropped), chunks
 
 
 class _HashingFile:
@@ -688,6 +698,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     class_counts = {split: Counter() for split in SPLITS}
     recording_counts = {split: Counter() for split in SPLITS}
     seconds = {split: 0.0 for split in SPLITS}
+    silent = Counter()
     skipped = list(found.skipped)
     total, total_sq, total_n = 0.0, 0.0, 0
     workers = workers if workers is not None else cfg.shards.workers
@@ -713,6 +724,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
             class_counts[split][source.label] += len(result.mel)
             recording_counts[split][source.label] += 1
             seconds[split] += result.seconds
+            silent[split] += result.silent_chunks
             total, total_sq, total_n = total + result.stats[0], total_sq + result.stats[1], total_n + result.stats[2]
         bar.close()
         shards_of = {split: writers[split].close() for split in SPLITS}
@@ -732,6 +744,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
             "class_counts": {c: class_counts[split][c] for c in classes},
             "recordings": {c: recording_counts[split][c] for c in classes},
             "audio_seconds": round(seconds[split], 3),
+            "silent_chunks": silent[split],
             "sources": split_sources_list[split],
         }
     if not total_n and part is None:
@@ -817,7 +830,7 @@ def merge_parts(out_dir: str | Path) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     for split in SPLITS:
         merged: dict[str, Any] = {"shards": [], "samples": 0, "class_counts": Counter(), "recordings": Counter(),
-                                  "audio_seconds": 0.0, "sources": []}
+                                  "audio_seconds": 0.0, "silent_chunks": 0, "sources": []}
         for folder, data in parts:
             info = data["splits"][split]
             for shard in info["shards"]:
@@ -827,6 +840,7 @@ def merge_parts(out_dir: str | Path) -> dict[str, Any]:
             merged["class_counts"].update(info["class_counts"])
             merged["recordings"].update(info["recordings"])
             merged["audio_seconds"] = round(merged["audio_seconds"] + info["audio_seconds"], 3)
+            merged["silent_chunks"] += info.get("silent_chunks", 0)
             merged["sources"] += info["sources"]
         merged["class_counts"] = {c: merged["class_counts"][c] for c in first["classes"]}
         merged["recordings"] = {c: merged["recordings"][c] for c in first["classes"]}

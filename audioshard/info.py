@@ -51,6 +51,9 @@ def format_info(data: dict[str, Any], where: str, verbose: bool = False) -> str:
         f"normalisation (train): mean {data['normalization']['mean']:.2f} dB, "
         f"std {data['normalization']['std']:.2f} dB",
     ]
+    silent = {s: data["splits"][s].get("silent_chunks", 0) for s in splits}
+    if any(silent.values()):
+        lines.append("silent chunks left out (audio.skip_silent): " + ", ".join(f"{s} {n}" for s, n in silent.items()))
     skipped = data.get("skipped", [])
     ignored = data.get("ignored", {})
     lines.append(f"skipped inputs: {len(skipped)}" + (f"; ignored: {', '.join(f'{v} {k}' for k, v in ignored.items())}"

@@ -38,7 +38,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audioshard.audio import SOUNDFILE_EXTENSIONS, AudioError, _probe_rate, choppinator, resample
+from audioshard.audio import SOUNDFILE_EXTENSIONS, AudioError, _probe_rate, choppinator, resample, silent_chunks
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
@@ -308,6 +308,8 @@ class Prediction:
         starts, ends: (C,) float64 seconds of each chunk (the last one may end early: zero padding).
         seconds: the recording's length (s).
         source_rate: the file's own sample rate (Hz).
+        silent: (C,) bool, chunks below the build's `audio.silence_peak` (left out of the recording's
+            prediction, as they were left out of the shards, unless every chunk is silent).
     """
 
     path: str
@@ -317,11 +319,16 @@ class Prediction:
     ends: np.ndarray
     seconds: float
     source_rate: int
+    silent: np.ndarray | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
-        """(K,) softmax of the mean chunk logits (the recording-level rule of `evaluate`)."""
-        return _softmax(self.chunk_logits.mean(axis=0))
+        """(K,) softmax of the mean logits of the chunks that are not silent (the recording-level rule of
+        `evaluate`, over the chunks a build would have kept)."""
+        heard = self.chunk_logits
+        if self.silent is not None and not self.silent.all():
+            heard = heard[~self.silent]
+        return _softmax(heard.mean(axis=0))
 
     @property
     def label(self) -> str:
@@ -380,6 +387,9 @@ class Predictor:
             defaults = AudioConfig()
             self.min_fraction = float(audio.get("min_fraction", defaults.min_fraction))
             self.short_clip = str(audio.get("short_clip", defaults.short_clip))
+            # the build left silent chunks out of training; leave them out of a recording's verdict too
+            skip_silent = audio.get("skip_silent", defaults.skip_silent)
+            self.silence_peak = float(audio.get("silence_peak", defaults.silence_peak)) if skip_silent else 0.0
             self.transform = BatchTransform(float(norm["mean"]), float(norm["std"]), augment=None)
             self.device = pick_device(device)
             self.model = model_from_checkpoint(state).to(self.device)
@@ -455,15 +465,16 @@ class Predictor:
             AudioError: the file cannot be decoded, or gives no chunk (see `audio.short_clip`).
         """
         reader = self.chunks(path)
-        logits, starts = [], []
+        logits, starts, silent = [], [], []
         for chunks, batch_starts in self.batches(reader):
             logits.append(self.logits(log_mel(chunks, self.params)))
             starts.append(batch_starts)
+            silent.append(silent_chunks(chunks, self.silence_peak))
         start_s = np.concatenate(starts)
         seconds = reader.num_samples / self.params.sample_rate
         ends = np.minimum(start_s + self.params.chunk_seconds, max(seconds, 0.0))
         return Prediction(str(path), self.classes, np.concatenate(logits), start_s, ends, seconds,
-                          int(reader.source_rate or 0))
+                          int(reader.source_rate or 0), np.concatenate(silent))
 
 
 # --- files, output and plots -------------------------------------------------------------------

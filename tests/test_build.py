@@ -340,3 +340,31 @@ def test_segments_of_one_fetched_video_share_a_split(tmp_path):
     manifest = build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False).manifest
     where = {rel: split for split, info in manifest["splits"].items() for rel in info["sources"]}
     assert len({where[f"drone/{p.name}"] for p in drones[:5]}) == 1
+
+
+def test_silent_chunks_are_left_out_and_counted_unless_the_recording_has_nothing_else(tmp_path):
+    """A real recording padded with digital silence (as many data sets pad clips to a fixed length):
+    its silent chunks carry the label but none of the sound, so the build leaves them out and counts them."""
+    speech = sorted((DCS / "drone").glob("*.wav"))[0]
+    samples, rate = sf.read(speech, dtype="float32")
+    raw = tmp_path / "raw"
+    for name in ("drone", "car"):
+        (raw / name).mkdir(parents=True)
+        for i in range(3):
+            sf.write(raw / name / f"clip{i}.wav", samples[: 2 * rate], rate)
+    sf.write(raw / "drone" / "padded.wav", np.concatenate([samples[: 2 * rate], np.zeros(5 * rate, "float32")]), rate)
+    # its only sound sits in a tail too short for a chunk: the one (silent) chunk is all it has, so it stays
+    sf.write(raw / "car" / "tail.wav", np.concatenate([np.zeros(2 * rate, "float32"), samples[: rate // 2]]), rate)
+    overrides = ["split.val_fraction=0", "split.test_fraction=0"]
+    build_shards(raw, tmp_path / "b", load_config(overrides=overrides), progress=False)
+    manifest = load_manifest(tmp_path / "b")
+    train = manifest.split("train")
+    assert train["silent_chunks"] == 3  # padded.wav: 2 s of sound, then chunks at 2, 4 and a 1-s tail at 6 s: zeros
+    starts = {(manifest.sources("train")[int(s)], float(t)) for b in read_all(manifest, "train")
+              for s, t in zip(b.source, b.start, strict=True)}
+    assert {t for rel, t in starts if rel.endswith("padded.wav")} == {0.0}
+    assert {t for rel, t in starts if rel.endswith("tail.wav")} == {0.0}
+    assert train["samples"] == 6 + 1 + 1
+    build_shards(raw, tmp_path / "all", load_config(overrides=[*overrides, "audio.skip_silent=false"]), progress=False)
+    kept = load_manifest(tmp_path / "all").split("train")
+    assert kept["samples"] == 6 + 4 + 1 and kept["silent_chunks"] == 0

@@ -121,10 +121,23 @@ def test_predict_agrees_with_evaluate_and_is_mostly_right(checkpoint, real_build
     split = predict_split(model, manifest, "test", torch.device("cpu"))
     for index, pred in enumerate(summary.predictions):
         mean = split["logits"][split["source"] == index].mean(axis=0)
-        np.testing.assert_allclose(pred.chunk_logits.mean(axis=0), mean, atol=1e-4)
+        np.testing.assert_allclose(pred.chunk_logits[~pred.silent].mean(axis=0), mean, atol=1e-4)
         np.testing.assert_allclose(pred.probabilities.sum(), 1.0, atol=1e-6)
     right = [pred.label == rel.split("/")[0] for pred, rel in zip(summary.predictions, sources, strict=True)]
     assert sum(right) > len(right) / 2, right
+
+
+def test_silent_chunks_do_not_vote_for_the_recording(checkpoint, tmp_path):
+    samples, rate = sf.read(sorted((DCS / "drone").glob("*.wav"))[0], dtype="float32")
+    sf.write(tmp_path / "padded.wav", np.concatenate([samples[: 2 * rate], np.zeros(4 * rate, "float32")]), rate)
+    sf.write(tmp_path / "silence.wav", np.zeros(4 * rate, "float32"), rate)
+    predictor = Predictor(checkpoint, device="cpu")
+    padded = predictor.predict_file(tmp_path / "padded.wav")
+    assert padded.silent.tolist() == [False, True, True]
+    want = np.exp(padded.chunk_logits[0]) / np.exp(padded.chunk_logits[0]).sum()
+    np.testing.assert_allclose(padded.probabilities, want, rtol=1e-5)  # as its first chunk alone says
+    silence = predictor.predict_file(tmp_path / "silence.wav")  # nothing but silence: every chunk votes
+    assert silence.silent.all() and np.isfinite(silence.probabilities).all()
 
 
 def test_other_formats_rates_and_channels_match_the_build_path(checkpoint, tmp_path):
