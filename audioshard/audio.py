@@ -174,18 +174,19 @@ def silent_chunks(chunks: np.ndarray, silence_peak: float) -> np.ndarray:
 def chunk_starts(num_samples: int, chunk: int, hop: int, min_fraction: float, short_clip: str) -> list[int]:
     """Start offsets (in samples) of the chunks cut from a clip of `num_samples`.
 
-    Full chunks every `hop` samples; a last partial chunk is kept (and later padded) when it holds at
-    least `min_fraction` of a chunk of audio. A clip shorter than one chunk gives
-    one chunk at 0 unless `short_clip == "drop"`.
+    Full chunks every `hop` samples; a last partial chunk is kept (and later padded) when the audio that
+    no full chunk holds is at least `min_fraction` of a chunk (with overlapping chunks, the last full
+    one often reaches the end already). A clip shorter than one chunk gives one chunk at 0 unless
+    `short_clip == "drop"`.
     """
     if num_samples <= 0:
         return []
     if num_samples < chunk:
         return [] if short_clip == "drop" else [0]
     starts = list(range(0, num_samples - chunk + 1, hop))
-    tail_start = starts[-1] + hop
-    if tail_start < num_samples and num_samples - tail_start >= min_fraction * chunk:
-        starts.append(tail_start)
+    uncovered = num_samples - (starts[-1] + chunk)
+    if uncovered > 0 and uncovered >= min_fraction * chunk:
+        starts.append(starts[-1] + hop)
     return starts
 
 

@@ -132,7 +132,10 @@ def test_chunk_policies():
     # 5 s at 1 kHz, 2 s chunks: two full chunks; the 1 s tail is kept at min_fraction 0.5, dropped at 0.6.
     assert chunk_starts(5000, 2000, 2000, 0.5, "pad") == [0, 2000, 4000]
     assert chunk_starts(5000, 2000, 2000, 0.6, "pad") == [0, 2000]
-    assert chunk_starts(5000, 2000, 1000, 0.5, "pad") == [0, 1000, 2000, 3000, 4000]  # hop: overlap
+    # overlap: the chunk at 3000 already reaches the end, so no padded tail repeats its last second
+    assert chunk_starts(5000, 2000, 1000, 0.5, "pad") == [0, 1000, 2000, 3000]
+    assert chunk_starts(6500, 2000, 1000, 0.5, "pad") == [0, 1000, 2000, 3000, 4000]  # 0.5 s unheard: too little
+    assert chunk_starts(8600, 3000, 2000, 0.5, "pad") == [0, 2000, 4000, 6000]  # 1.6 s of new audio at the end
     assert chunk_starts(500, 2000, 2000, 0.5, "pad") == [0]
     assert chunk_starts(500, 2000, 2000, 0.5, "drop") == []
     assert chunk_starts(0, 2000, 2000, 0.5, "pad") == []
