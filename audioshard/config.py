@@ -72,7 +72,8 @@ class ShardsConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 0
+    samples_budget: int = 400_000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -105,6 +106,8 @@ class AugmentConfig:
     time_stretch: float = 0.0
     background_prob: float = 0.0
     background_snr: float = 10.0
+    time_shift: float = 0.0
+    gain_db: float = 0.0
 
 
 @dataclass
@@ -145,22 +148,23 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss"),
-    "model.name": ("seed_cnn", "cnn6"),
+    "model.name": ("seed_cnn", "cnn6", "cnn10"),
     "model.input_norm": ("none", "chunk", "band"),
 }
 
 POSITIVE = {
     "audio.sample_rate", "audio.chunk_seconds", "features.n_mels", "features.n_fft", "features.hop_length",
-    "shards.block_size", "shards.chunks_per_shard", "train.epochs", "train.batch_size", "train.lr",
+    "shards.block_size", "shards.chunks_per_shard", "train.samples_budget", "train.batch_size", "train.lr",
     "train.shuffle_blocks", "train.prefetch_factor", "model.width",
 }
 FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", "model.dropout",
-             "train.label_smoothing", "augment.background_prob"}
+             "train.label_smoothing", "augment.background_prob", "augment.time_shift"}
 NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
                 "shards.workers", "shards.http_timeout", "shards.http_retries",
-                "train.weight_decay", "train.mixup_alpha", "train.ema_epochs", "train.warmup_epochs",
+                "train.epochs", "train.weight_decay", "train.mixup_alpha", "train.ema_epochs", "train.warmup_epochs",
                 "train.num_workers", "train.sanity_steps", "augment.noise_std", "augment.time_masks",
-                "augment.time_mask_width", "augment.freq_masks", "augment.freq_mask_width"}
+                "augment.time_mask_width", "augment.freq_masks", "augment.freq_mask_width",
+                "augment.gain_db"}
 WARPS = {"augment.freq_warp", "augment.time_stretch"}
 
 

@@ -68,6 +68,19 @@ def class_weights(manifest: Manifest) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+AUTO_EPOCHS = (5, 300)  # bounds of the automatic schedule: a cosine needs a few epochs; tiny sets need a cap,
+                        # or the per-epoch validation and start-up would cost more than the training
+
+
+def planned_epochs(cfg: Config, train_samples: int) -> int:
+    """`train.epochs`, or with 0 (auto) enough whole epochs to see `train.samples_budget` training
+    examples, within AUTO_EPOCHS: small data sets get many epochs, large ones few, at about the same cost."""
+    if cfg.train.epochs:
+        return cfg.train.epochs
+    low, high = AUTO_EPOCHS
+    return min(high, max(low, math.ceil(cfg.train.samples_budget / max(1, train_samples))))
+
+
 def lr_lambda(cfg: Config, steps_per_epoch: int):
     """Linear warm-up for `warmup_epochs`, then constant or cosine decay to 1% at the last step."""
     warmup = cfg.train.warmup_epochs * steps_per_epoch
@@ -240,6 +253,10 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
         cfg = validate(from_dict(state["config"]))
         cfg.train.epochs = epochs
     _check_data(manifest, cfg, dist)
+    if not cfg.train.epochs:
+        cfg.train.epochs = planned_epochs(cfg, manifest.samples("train"))
+        print0(f"train.epochs = 0 (auto): {cfg.train.epochs} epochs, about train.samples_budget = "
+               f"{cfg.train.samples_budget:,} examples over {manifest.samples('train'):,} train chunks")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")

@@ -30,7 +30,7 @@ def test_set_overrides_with_types():
     ("train.epochs=ten", "train.epochs: expected int"),
     ("train.epochs=2.5", "train.epochs: expected int"),
     ("augment.enabled=1", "augment.enabled: expected bool"),
-    ("model.name=resnet", "choose one of: seed_cnn, cnn6"),
+    ("model.name=resnet", "choose one of: seed_cnn, cnn6, cnn10"),
     ("train.batch_size=0", "train.batch_size must be > 0"),
     ("shards.block_size=-4", "shards.block_size must be > 0"),
     ("split.val_fraction=0.6 split.test_fraction=0.5", "must be < 1"),

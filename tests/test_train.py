@@ -247,3 +247,38 @@ def test_evaluate_with_adapt_on_real_shards(full_run, real_build, tmp_path):
     assert plain["adapted"] == 0 and adapted["adapted"] == load_manifest(real_build).samples("test")
     assert json.loads((tmp_path / "adapted" / "metrics.json").read_text())["adapted"] == adapted["adapted"]
     assert adapted["chunk"]["n"] == plain["chunk"]["n"]
+
+
+def test_automatic_schedule_scales_epochs_with_the_train_split_and_an_explicit_value_wins():
+    from audioshard.train import AUTO_EPOCHS, planned_epochs
+
+    cfg = load_config(overrides=["train.samples_budget=400000"])
+    assert cfg.train.epochs == 0  # the default is the automatic schedule
+    assert planned_epochs(cfg, 3600) == 112  # ceil(400000 / 3600): a few thousand chunks train for long
+    assert planned_epochs(cfg, 40_000) == 10
+    assert planned_epochs(cfg, 5_000_000) == AUTO_EPOCHS[0]  # millions of chunks: a few epochs, not fewer
+    assert planned_epochs(cfg, 50) == AUTO_EPOCHS[1]  # a tiny set: capped (validation each epoch costs too)
+    assert planned_epochs(load_config(overrides=["train.epochs=7"]), 3600) == 7
+
+
+def test_automatic_schedule_is_recorded_in_the_run(real_build, tmp_path):
+    overrides = [o for o in TINY_TRAIN if not o.startswith("train.epochs")]
+    manifest = load_manifest(real_build)
+    budget = 3 * manifest.samples("train") - 1  # just under three epochs' worth: rounds up to 3... then the floor
+    run = tmp_path / "auto"
+    metrics = train(str(real_build), run, load_config(overrides=[*overrides, f"train.samples_budget={budget}",
+                                                                 "train.sanity_steps=0"]), progress=False)
+    from audioshard.train import AUTO_EPOCHS
+
+    assert metrics["epochs"] == AUTO_EPOCHS[0] == len(history(run))  # 3 < the floor of 5
+    assert "epochs = 5" in (run / "config.toml").read_text()  # the resolved number, not 0
+
+
+@pytest.mark.parametrize("name", ["cnn6", "cnn10"])
+def test_zoo_models_map_a_batch_to_logits_and_cnn10_is_deeper(name):
+    from audioshard.models import build_model
+
+    model = build_model({"name": name, "num_classes": 5, "width": 8, "dropout": 0.2}).eval()
+    assert model(torch.randn(3, 1, 64, 63)).shape == (3, 5)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert convs == {"cnn6": 4, "cnn10": 8}[name]
