@@ -112,11 +112,14 @@ def describe(state: dict[str, Any], fmt: str, parity: float) -> dict[str, Any]:
             "audio": f"mono (mean of channels), resampled to {params.sample_rate} Hz (band-limited sinc, "
                      "torchaudio.functional.resample defaults)",
             "chunking": {"chunk_seconds": params.chunk_seconds, "chunk_samples": params.chunk_samples,
-                         "hop_seconds": params.chunk_seconds, "min_fraction": audio["min_fraction"],
-                         "short_clip": audio["short_clip"],
-                         "rule": "full chunks back to back; a last partial chunk is zero-padded and kept if it "
-                                 "holds >= min_fraction of a chunk; a clip shorter than one chunk is padded with "
-                                 "zeros ('pad'), looped ('repeat') or dropped ('drop')"},
+                         "hop_seconds": audio["hop_seconds"] or params.chunk_seconds,
+                         "min_fraction": audio["min_fraction"], "short_clip": audio["short_clip"],
+                         "silence_peak": audio["silence_peak"] if audio["skip_silent"] else 0.0,
+                         "rule": "full chunks every hop_seconds; a last partial chunk is zero-padded and kept if "
+                                 ">= min_fraction of a chunk is in no full chunk; a clip shorter than one chunk is "
+                                 "padded with zeros ('pad'), looped ('repeat') or dropped ('drop'); chunks whose "
+                                 "peak |sample| is below silence_peak are left out of a recording's mean unless "
+                                 "all are"},
             "spectrogram": {"transform": "torchaudio.transforms.MelSpectrogram", "power": 2.0, "center": True,
                             "pad_mode": "reflect", "window": "hann", "norm": "slaney", "mel_scale": "slaney",
                             "n_fft": params.n_fft, "hop_length": params.hop_length, "n_mels": params.n_mels,

@@ -6,10 +6,10 @@
 
 Everything that decides what the model sees comes from the checkpoint: feature parameters
 (`features`, the build's), normalisation (`normalization`, the train split's mean/std) and the
-chunking rules (`config["audio"]`: `min_fraction`, `short_clip`). Chunks are cut back to back
-(hop = chunk, so the timeline has no overlaps; a build with `audio.hop_seconds` > 0 stored overlapping
-chunks in addition to these). A recording's prediction is the softmax of the mean of its chunk logits,
-as for the recording-level figures of `evaluate`.
+chunking rules (`config["audio"]`: `hop_seconds`, `min_fraction`, `short_clip`, `skip_silent`). Chunks
+are cut as the build cut them (overlapping when `audio.hop_seconds` is below the chunk length, so the
+timeline's rows overlap too). A recording's prediction is the softmax of the mean of its chunk logits,
+silent chunks left out as the build left them out: the recording-level rule of `evaluate`.
 
 Long recordings are streamed, never loaded whole: blocks of a few chunks' worth of audio are read
 (`soundfile.SoundFile.read(frames)` for libsndfile formats, pieces of ffmpeg's stdout for the rest),
@@ -225,27 +225,29 @@ def _ffmpeg_blocks(ffmpeg: str, path: Path, rate: int, frames: int) -> Iterator[
 
 
 class ChunkReader:
-    """The chunks of one recording, read in blocks: what `choppinator(audio.load(path, rate), ...)` returns
-    (with hop = chunk), without ever holding the whole recording.
+    """The chunks of one recording, read in blocks: what `choppinator(audio.load(path, rate), ...)` returns,
+    without ever holding the whole recording.
 
-    Full chunks every `chunk_seconds`; a last partial chunk is kept, zero-padded, when it holds at least
-    `min_fraction` of a chunk; a recording shorter than one chunk is handled per `short_clip`.
+    Full chunks every `hop_seconds` (0: `chunk_seconds`); a last partial chunk is kept, zero-padded, when
+    at least `min_fraction` of a chunk is in no full chunk; a recording shorter than one chunk is handled
+    per `short_clip`.
 
     Args:
         path: the recording.
         sample_rate: rate the model's features are computed at (Hz).
         chunk_seconds: chunk length (s).
-        min_fraction, short_clip: as `audio.min_fraction` and `audio.short_clip` of the build.
+        min_fraction, short_clip, hop_seconds: as `audio.*` of the build.
         block_chunks: chunks' worth of audio read per block.
 
     After iteration, `num_samples` is the recording's length at `sample_rate` and `source_rate` its own rate.
     """
 
     def __init__(self, path: str | Path, sample_rate: int, chunk_seconds: float, min_fraction: float = 0.5,
-                 short_clip: str = "pad", block_chunks: int = 8):
+                 short_clip: str = "pad", block_chunks: int = 8, hop_seconds: float = 0.0):
         self.path, self.sample_rate, self.chunk_seconds = Path(path), int(sample_rate), float(chunk_seconds)
         self.min_fraction, self.short_clip, self.block_chunks = min_fraction, short_clip, max(1, block_chunks)
         self.chunk = int(round(chunk_seconds * sample_rate))
+        self.hop = int(round((hop_seconds or chunk_seconds) * sample_rate))  # as `choppinator` rounds it
         self.num_samples = 0
         self.source_rate: int | None = None
 
@@ -277,7 +279,8 @@ class ChunkReader:
                 raise AudioError(f"{self.path}: {self.num_samples / self.sample_rate:.2f} s is shorter than one "
                                  f"chunk ({self.chunk_seconds} s) and audio.short_clip = {self.short_clip!r}")
             yield chunks, np.zeros(1, dtype=np.int64)
-        elif len(pending) and len(pending) >= self.min_fraction * self.chunk:
+        elif (unheard := len(pending) - (self.chunk - self.hop)) > 0 and unheard >= self.min_fraction * self.chunk:
+            # `pending` starts at the next chunk's start; its first chunk - hop samples are in the last chunk
             tail = np.zeros((1, self.chunk), dtype=np.float32)
             tail[0, :len(pending)] = pending
             yield tail, np.array([emitted], dtype=np.int64)
@@ -286,12 +289,12 @@ class ChunkReader:
                      ) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray] | None]:
         self.num_samples += len(new)
         pending = np.concatenate([pending, new]) if len(pending) else new
-        count = len(pending) // self.chunk
+        count = (len(pending) - self.chunk) // self.hop + 1 if len(pending) >= self.chunk else 0
         if count == 0:
             return pending, emitted, None
-        chunks = pending[: count * self.chunk].reshape(count, self.chunk).copy()
-        starts = emitted + self.chunk * np.arange(count, dtype=np.int64)
-        return pending[count * self.chunk:].copy(), emitted + count * self.chunk, (chunks, starts)
+        windows = np.lib.stride_tricks.sliding_window_view(pending, self.chunk)[::self.hop][:count]
+        starts = emitted + self.hop * np.arange(count, dtype=np.int64)
+        return pending[count * self.hop:].copy(), emitted + count * self.hop, (windows.copy(), starts)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -387,6 +390,7 @@ class Predictor:
             defaults = AudioConfig()
             self.min_fraction = float(audio.get("min_fraction", defaults.min_fraction))
             self.short_clip = str(audio.get("short_clip", defaults.short_clip))
+            self.hop_seconds = float(audio.get("hop_seconds", 0.0))  # older checkpoints: the build had no overlap
             # the build left silent chunks out of training; leave them out of a recording's verdict too
             skip_silent = audio.get("skip_silent", defaults.skip_silent)
             self.silence_peak = float(audio.get("silence_peak", defaults.silence_peak)) if skip_silent else 0.0
@@ -400,7 +404,7 @@ class Predictor:
     def chunks(self, path: str | Path) -> ChunkReader:
         """The recording's chunks at the checkpoint's rate and length, read in blocks."""
         return ChunkReader(path, self.params.sample_rate, self.params.chunk_seconds, self.min_fraction,
-                           self.short_clip)
+                           self.short_clip, hop_seconds=self.hop_seconds)
 
     def batches(self, reader: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Regroup a reader's chunks (or several readers' in a row) into batches of `batch_size` (the last one smaller):

@@ -69,13 +69,15 @@ def test_streaming_resampler_equals_whole_file_resampling(rates):
 @pytest.mark.parametrize("seconds,short_clip", [(0.3, "pad"), (0.3, "repeat"), (0.3, "drop"), (0.5, "pad"),
                                                  (1.2, "pad"), (1.3, "pad"), (3.0, "pad"), (3.37, "pad")])
 @pytest.mark.parametrize("rate", [8000, 22050])
-def test_chunk_reader_cuts_what_choppinator_cuts(tmp_path, seconds, short_clip, rate):
-    """Blocks of 2 chunks of 0.5 s at 8 kHz: full chunks, the kept or dropped tail, short clips -- as at build time."""
+@pytest.mark.parametrize("hop", [0.0, 0.25, 0.2])
+def test_chunk_reader_cuts_what_choppinator_cuts(tmp_path, seconds, short_clip, rate, hop):
+    """Blocks of 2 chunks of 0.5 s at 8 kHz, back to back or overlapping: full chunks, the kept or dropped
+    tail, short clips -- as at build time."""
     path = tmp_path / "clip.wav"
     rng = np.random.default_rng(rate)
     sf.write(path, (0.1 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32), rate, subtype="FLOAT")
-    want, want_starts = choppinator(load(path, 8000), 8000, 0.5, 0.0, 0.5, short_clip)
-    reader = ChunkReader(path, 8000, 0.5, min_fraction=0.5, short_clip=short_clip, block_chunks=2)
+    want, want_starts = choppinator(load(path, 8000), 8000, 0.5, hop, 0.5, short_clip)
+    reader = ChunkReader(path, 8000, 0.5, min_fraction=0.5, short_clip=short_clip, block_chunks=2, hop_seconds=hop)
     if len(want) == 0:
         with pytest.raises(AudioError, match="shorter than one chunk"):
             list(reader)
@@ -135,9 +137,10 @@ def test_silent_chunks_do_not_vote_for_the_recording(checkpoint, tmp_path):
     sf.write(tmp_path / "silence.wav", np.zeros(4 * rate, "float32"), rate)
     predictor = Predictor(checkpoint, device="cpu")
     padded = predictor.predict_file(tmp_path / "padded.wav")
-    assert padded.silent.tolist() == [False, True, True]
-    want = np.exp(padded.chunk_logits[0]) / np.exp(padded.chunk_logits[0]).sum()
-    np.testing.assert_allclose(padded.probabilities, want, rtol=1e-5)  # as its first chunk alone says
+    assert padded.starts.tolist() == [0, 1, 2, 3, 4]  # 2-s chunks every second, as the build cut them
+    assert padded.silent.tolist() == [False, False, True, True, True]
+    mean = padded.chunk_logits[:2].mean(axis=0)
+    np.testing.assert_allclose(padded.probabilities, np.exp(mean) / np.exp(mean).sum(), rtol=1e-5)  # the 2 heard
     silence = predictor.predict_file(tmp_path / "silence.wav")  # nothing but silence: every chunk votes
     assert silence.silent.all() and np.isfinite(silence.probabilities).all()
 
@@ -154,7 +157,8 @@ def test_other_formats_rates_and_channels_match_the_build_path(checkpoint, tmp_p
                     str(tmp_path / "drone.m4a")], check=True)
     predictor = Predictor(checkpoint, device="cpu", batch_size=3)
     for name in ("stereo.flac", "drone.m4a"):
-        chunks, _ = choppinator(load(tmp_path / name, params.sample_rate), params.sample_rate, params.chunk_seconds)
+        chunks, _ = choppinator(load(tmp_path / name, params.sample_rate), params.sample_rate, params.chunk_seconds,
+                                predictor.hop_seconds)
         got = np.concatenate([m for m, _ in predictor.features(tmp_path / name)])
         assert_same_features(got, log_mel(chunks, params))
         assert predictor.predict_file(tmp_path / name).source_rate in (44100, 22050)
@@ -189,7 +193,7 @@ def test_cli_formats_plots_and_failures(checkpoint, tmp_path, capsys):
     assert doc["failed"][0]["file"] == str(data / "broken.wav") and doc["failed"][0]["reason"]
     first = doc["files"][0]
     assert first["class"] in doc["classes"] and len(first["timeline"]) == first["chunks"] > 0
-    assert [c["start"] for c in first["timeline"]] == [2.0 * i for i in range(first["chunks"])]
+    assert [c["start"] for c in first["timeline"]] == [1.0 * i for i in range(first["chunks"])]  # hop 1 s
     assert all(c["end"] == min(c["start"] + 2.0, first["seconds"]) for c in first["timeline"])
 
     assert main(["predict", "--checkpoint", str(checkpoint), str(good[0]), "--plot", str(tmp_path / "one.png")]) == 0
@@ -243,14 +247,14 @@ def test_half_an_hour_streams_in_bounded_memory(checkpoint, tmp_path):
     result = json.loads(proc.stdout)
     summary = {"start": result["start"], "peaks": [round(p) for p in result["peaks"]]}
     peaks = result["peaks"]
-    assert len(peaks) == 15  # 900 chunks in batches of 64
+    assert len(peaks) == 29  # 1,799 chunks (2 s, every second) in batches of 64
     # All working memory (reading, resampling, a batch of 64 chunks through log-mel and the model) ...
     assert peaks[-1] - result["start"] < 200, summary
-    # ... is reached within the first 8.5 minutes: the other 21.5 minutes cost nothing more.
+    # ... is reached within the first 4.3 minutes: the other 25.7 minutes cost nothing more.
     assert peaks[-1] - peaks[3] < 16, summary
     rows = list(csv.DictReader(io.StringIO(result["csv"])))
-    assert len(rows) == 900
-    np.testing.assert_allclose([float(r["start"]) for r in rows], np.arange(900) * 2.0)
+    assert len(rows) == 1799
+    np.testing.assert_allclose([float(r["start"]) for r in rows], np.arange(1799) * 1.0)
     assert float(rows[-1]["end"]) == 1800.0
 
 
