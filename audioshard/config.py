@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 class AudioConfig:
     sample_rate: int = 16000
     chunk_seconds: float = 2.0
-    hop_seconds: float = 0.0
+    hop_seconds: float = 1.0
     min_fraction: float = 0.5
     short_clip: str = "pad"
     skip_silent: bool = True
@@ -73,7 +73,7 @@ class ShardsConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 0
-    samples_budget: int = 400_000
+    samples_budget: int = 360_000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -81,7 +81,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0
+    mixup_alpha: float = 0.3
     class_weights: bool = True
     num_workers: int = 2
     shuffle_blocks: int = 16
@@ -106,8 +106,8 @@ class AugmentConfig:
     time_stretch: float = 0.0
     background_prob: float = 0.0
     background_snr: float = 10.0
-    time_shift: float = 0.0
-    gain_db: float = 0.0
+    time_shift: float = 0.5
+    gain_db: float = 6.0
 
 
 @dataclass
@@ -228,6 +228,10 @@ def validate(cfg: Config) -> Config:
     if cfg.model.freeze_backbone and not cfg.model.init_checkpoint:
         raise ConfigError("model.freeze_backbone = true needs model.init_checkpoint (a trained checkpoint to keep "
                           "the backbone of); a frozen random backbone learns almost nothing")
+    if cfg.audio.hop_seconds > cfg.audio.chunk_seconds:
+        raise ConfigError(f"audio.hop_seconds = {cfg.audio.hop_seconds} is longer than audio.chunk_seconds = "
+                          f"{cfg.audio.chunk_seconds}: the audio between chunks would be lost; use at most "
+                          "chunk_seconds (or 0 for chunk_seconds: no overlap)")
     if cfg.features.n_fft > cfg.audio.chunk_seconds * cfg.audio.sample_rate:
         raise ConfigError("features.n_fft is longer than one chunk (audio.chunk_seconds * audio.sample_rate)")
     return cfg

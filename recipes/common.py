@@ -61,10 +61,15 @@ def summary(rows: list[dict]) -> str:
     keys = sorted({(r["model"], r["level"]) for r in rows}, key=lambda k: (k[0], k[1] != "recording"))
     for model, level in keys:
         sel = [r for r in rows if r["model"] == model and r["level"] == level]
-        per_seed = ", ".join(f"s{r['split_seed']}: {r['accuracy']:.3f} / {r['macro_f1']:.3f}" for r in sel)
+        per_seed = ", ".join(f"{_seed_label(r['split_seed'])}: {r['accuracy']:.3f} / {r['macro_f1']:.3f}" for r in sel)
         lines.append(f"| {model} | {level} | {statistics.mean(r['accuracy'] for r in sel):.3f} | "
                      f"{statistics.mean(r['macro_f1'] for r in sel):.3f} | {per_seed} |")
     return "\n".join(lines)
+
+
+def _seed_label(seed) -> str:
+    """`s0` for a split seed; a fixed split (e.g. `val=fold4`) as it is."""
+    return f"s{seed}" if isinstance(seed, int) or str(seed).isdigit() else str(seed)
 
 
 def dump_summary(rows: list[dict], path: Path) -> None:
