@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,20 @@ def real_build(real_raw, tmp_path_factory) -> Path:
 
 TINY_TRAIN = ["model.width=8", "train.epochs=3", "train.batch_size=16", "train.num_workers=0",
               "train.sanity_steps=20", "train.warmup_epochs=0"]
+
+
+# A fresh interpreter that runs the command and reports its peak RSS: ru_maxrss of a process forked
+# straight from pytest would start at pytest's own peak (Linux carries it over fork and exec).
+_MEASURE = ("import resource, subprocess, sys, time; t = time.monotonic(); "
+            "rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print(f'PEAK_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {time.monotonic() - t:.2f}', "
+            "file=sys.stderr); sys.exit(rc)")
+
+
+def run_measured(*args, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `python -m audioshard ARGS`: (the process, its peak RSS in MB, wall seconds)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "audioshard", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+    proc.stderr, _, last = proc.stderr.rstrip("\n").rpartition("\n")  # the wrapper's line comes last
+    _, peak_kb, seconds = last.split()
+    return proc, int(peak_kb) / 1024, float(seconds)

@@ -1,0 +1,168 @@
+"""Hostile and careless inputs of issue 25, each through the CLI where a user would meet it: a clear error
+or a counted skip, no traceback, and bounded peak memory (measured in a child process) and time.
+
+Every input here is the real thing: a real gzip stream, a real GNU sparse tar header, real NaN floats,
+a real HTTP server on 127.0.0.1, a real full tmpfs.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import shutil
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_measured
+from http_server import ShardServer
+
+from audioshard.manifest import load_manifest, sha256_file
+from audioshard.stream import ShardStream, member_limits
+
+GIB = 1 << 30
+# A CLI run that reads a small build peaks at ~760 MB here (importing torch alone: 650 MB); a bomb that
+# got read would add at least its 1 GiB.
+BASELINE_MB = 1100
+
+
+def copy_build(real_build: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "build"
+    shutil.copytree(real_build, out)
+    return out
+
+
+def reseal(build: Path, split: str, index: int = 0) -> None:
+    """Make the manifest agree with a shard's new bytes: the publisher writes the manifest too."""
+    data = json.loads((build / "manifest.json").read_text())
+    entry = data["splits"][split]["shards"][index]
+    shard = build / entry["file"]
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (build / "manifest.json").write_text(json.dumps(data))
+
+
+@functools.cache
+def gzip_bomb(inflated: int) -> bytes:
+    """A gzip'd tar (one gzip stream, as `tar czf` writes) whose one block member inflates to
+    `inflated` bytes: ~1 MB on disk per GiB. Made once per session (~2.5 s per GiB)."""
+    header = tarfile.TarInfo("000000.mel.npy")
+    header.size = inflated
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    zeros = bytes(1 << 20)
+    parts = [deflate.compress(header.tobuf(format=tarfile.USTAR_FORMAT))]
+    parts += [deflate.compress(zeros) for _ in range(inflated >> 20)]
+    parts += [deflate.compress(bytes(2 * tarfile.RECORDSIZE)), deflate.flush()]
+    return b"".join(parts)
+
+
+def sparse_tar(realsize: int) -> bytes:
+    """A real GNU sparse tar member: 512 bytes of data stored, `realsize` bytes when read back
+    (the hole before the data reads as zeros). Python's tarfile reads this format but cannot write it."""
+    info = tarfile.TarInfo("000000.mel.npy")
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 512
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    octal = lambda value, width: f"{value:0{width - 1}o}".encode() + b"\0"  # noqa: E731
+    header[386:398], header[398:410] = octal(realsize - 512, 12), octal(512, 12)  # one struct: data at the end
+    header[483:495] = octal(realsize, 12)  # the size it reads back as
+    header[148:156] = b" " * 8
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    return bytes(header) + b"\x93NUMPY" + bytes(506) + bytes(2 * tarfile.RECORDSIZE)
+
+
+WHY = {"gzip": "gzip-compressed; audioshard reads plain tar shards only", "sparse": "is a sparse file"}
+
+
+@pytest.mark.parametrize("bomb", ["gzip", "sparse"])
+def test_memory_bomb_shards_are_refused_before_reading_local_and_http(real_build, tmp_path, bomb):
+    build = copy_build(real_build, tmp_path)
+    (build / "val-000000.tar").write_bytes(gzip_bomb(GIB) if bomb == "gzip" else sparse_tar(GIB))
+    reseal(build, "val")
+    assert (build / "val-000000.tar").stat().st_size < 2 << 20
+    with ShardServer(build) as server:
+        for source in (build, server.url):
+            proc, peak_mb, seconds = run_measured("verify", source)
+            assert proc.returncode == 1, proc.stderr
+            assert "Traceback" not in proc.stderr + proc.stdout
+            assert "val-000000.tar: not a readable tar shard" in proc.stdout
+            assert WHY[bomb] in proc.stdout
+            assert peak_mb < BASELINE_MB and seconds < 60, (peak_mb, seconds)  # before: 2.7 GB, 8 s
+    # train/evaluate/check read through the same stream: the shard is skipped and counted, the rest read.
+    stream = ShardStream(load_manifest(build), "val", 10_000)
+    read = sum(len(b.y) for b in stream)
+    assert stream.skipped_blocks >= 1 and read == load_manifest(build).samples("val") - \
+        load_manifest(build).shards("val")[0].samples
+
+
+def test_check_on_a_gzip_shard_is_a_counted_skip(real_build, tmp_path):
+    build = copy_build(real_build, tmp_path)
+    (build / "train-000000.tar").write_bytes(gzip_bomb(GIB))
+    reseal(build, "train")
+    proc, peak_mb, _ = run_measured("check", build, "--set", "train.batch_size=4")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    assert "skipping: " in proc.stderr and "train-000000.tar" in proc.stderr
+    assert peak_mb < BASELINE_MB, peak_mb
+
+
+def test_member_larger_than_a_block_is_refused_from_its_header(real_build, tmp_path, capsys):
+    build = copy_build(real_build, tmp_path)
+    limit = member_limits(load_manifest(build))["label.npy"]
+    with tarfile.open(build / "val-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("000000.label.npy")
+        info.size = limit + 1
+        tar.addfile(info, io.BytesIO(bytes(limit + 1)))
+    reseal(build, "val")
+    stream = ShardStream(load_manifest(build), "val", 10_000)
+    list(stream)
+    assert stream.skipped_blocks >= 1
+    assert f"claims {limit + 1} bytes; a block of this build holds at most {limit}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_odd_member_types_are_refused(real_build, tmp_path, capsys, kind):
+    build = copy_build(real_build, tmp_path)
+    with tarfile.open(build / "val-000000.tar", "w") as tar:
+        info = tarfile.TarInfo("000000.mel.npy")
+        info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.FIFOTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    reseal(build, "val")
+    stream = ShardStream(load_manifest(build), "val", 10_000)
+    list(stream)
+    assert stream.skipped_blocks >= 1 and "is not a plain file" in capsys.readouterr().err
+
+
+def npy_with_header(array: np.ndarray, header: str) -> bytes:
+    """An .npy file with a hand-written header dict (padded as numpy pads it) and `array`'s bytes."""
+    text = header.encode("latin1")
+    text += b" " * (-(len(text) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + array.tobytes()
+
+
+def test_non_integer_npy_shape_is_a_counted_skip_in_verify_and_train(real_build, tmp_path):
+    build = copy_build(real_build, tmp_path)
+    shard = build / "train-000000.tar"
+    with tarfile.open(shard) as src:
+        members = [(m.name, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(shard, "w") as dst:
+        for name, data in members:
+            if name.endswith("00000000.mel.npy"):
+                mel = np.load(io.BytesIO(data))
+                shape = f"({mel.shape[0]}, {mel.shape[1]}, {float(mel.shape[2])})"
+                data = npy_with_header(mel, f"{{'descr': '<f2', 'fortran_order': False, 'shape': {shape}, }}")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    reseal(build, "train")
+    proc, _, _ = run_measured("verify", build)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "has non-integer dimensions" in proc.stdout and "train-000000.tar key train-00000000" in proc.stdout
+    proc, _, _ = run_measured("train", "--shards", build, "--out", tmp_path / "run", "--quiet",
+                              *[a for s in ["model.width=8", "train.epochs=1", "train.batch_size=16",
+                                            "train.num_workers=0", "train.sanity_steps=0",
+                                            "train.warmup_epochs=0"] for a in ("--set", s)])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["skipped_blocks"]["train"] == 1
