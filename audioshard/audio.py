@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import warnings
 import wave
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -129,8 +130,37 @@ def _probe_rate(path: Path, ffmpeg: str) -> int:
     raise AudioError(f"{path}: ffmpeg found no audio stream in it")
 
 
+MIN_RATE, MAX_RATE = 1_000, 768_000  # Hz: below telephone speech, above the fastest studio formats
+MAX_RATE_TERMS = 1_000  # largest reduced rate pair resampled exactly (see resample_ratio)
+
+
+def check_rate(path: str | Path, rate: int) -> None:
+    """A rate outside MIN_RATE..MAX_RATE is a broken or hostile header: resampling from it could make
+    hours of output from seconds of input."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz; "
+                         "the header is damaged, or convert the file (e.g. ffmpeg -ar 16000)")
+
+
+def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """(o, n): the rates as a reduced fraction with both terms <= MAX_RATE_TERMS, exact for every
+    common pair (44100 -> 16000 is 441 -> 160). torchaudio's kernel holds about n x (o + 13) taps,
+    so an odd rate such as 15999 -> 16000 (coprime) would need 16000 x 16012 (GBs); the nearest
+    bounded ratio (here 1 -> 1) is within 1/MAX_RATE_TERMS (0.1 %, 1.7 cents) and usually far closer."""
+    exact = Fraction(new_rate, orig_rate)
+    if max(exact.numerator, exact.denominator) <= MAX_RATE_TERMS:
+        return exact.denominator, exact.numerator
+    if exact < 1:
+        near = exact.limit_denominator(MAX_RATE_TERMS)
+        return near.denominator, max(1, near.numerator)
+    near = (1 / exact).limit_denominator(MAX_RATE_TERMS)
+    return max(1, near.numerator), near.denominator
+
+
 def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32."""
+    """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32.
+    The rate ratio is `resample_ratio`'s, exact for common rates, bounded for odd ones."""
+    orig_rate, new_rate = resample_ratio(orig_rate, new_rate)
     if orig_rate == new_rate:
         return samples
     # oneDNN prepares a new convolution kernel for every input length (each file's), which costs more
@@ -150,6 +180,7 @@ def _resampler(orig_rate: int, new_rate: int) -> torch.nn.Module:
 def load(path: str | Path, sample_rate: int) -> np.ndarray:
     """Decode, mix to mono and resample: the one way audio enters audioshard (build and predict)."""
     samples, rate = decode(path)
+    check_rate(path, rate)
     if samples.size == 0:  # a header with no frames: nothing to resample (torchaudio would fail on it)
         raise AudioError(f"{path}: no audio samples in the file (a header without audio data)")
     if not np.isfinite(peak_amplitude(samples)):

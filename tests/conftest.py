@@ -67,10 +67,15 @@ _MEASURE = ("import resource, subprocess, sys, time; t = time.monotonic(); "
             "file=sys.stderr); sys.exit(rc)")
 
 
-def run_measured(*args, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `python -m audioshard ARGS`: (the process, its peak RSS in MB, wall seconds)."""
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "audioshard", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+def measure(command: list, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `command`: (the process, its peak RSS in MB, wall seconds)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, command)], capture_output=True, text=True,
+                          timeout=timeout)
     proc.stderr, _, last = proc.stderr.rstrip("\n").rpartition("\n")  # the wrapper's line comes last
     _, peak_kb, seconds = last.split()
     return proc, int(peak_kb) / 1024, float(seconds)
+
+
+def run_measured(*args, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
+    """`python -m audioshard ARGS`, measured."""
+    return measure([sys.executable, "-m", "audioshard", *args], timeout)

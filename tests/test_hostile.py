@@ -11,13 +11,15 @@ import functools
 import io
 import json
 import shutil
+import sys
 import tarfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_measured
+import soundfile as sf
+from conftest import DCS, measure, pick, run_measured
 from http_server import ShardServer
 
 from audioshard.manifest import load_manifest, sha256_file
@@ -166,3 +168,75 @@ def test_non_integer_npy_shape_is_a_counted_skip_in_verify_and_train(real_build,
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["skipped_blocks"]["train"] == 1
+
+
+# --- odd sample rates ------------------------------------------------------------------------------
+
+ODD_RATE_READER = """
+import sys
+import numpy as np
+from audioshard.predict import ChunkReader
+chunks = np.concatenate([c for c, _ in ChunkReader(sys.argv[1], 16000, 2.0)])
+np.save(sys.argv[2], chunks)
+"""
+
+
+def odd_rate_copies(tmp_path: Path, rate: int, count: int = 6) -> tuple[Path, Path]:
+    """`count` real 16 kHz recordings cut to 3.5 s, and the same audio truly resampled to `rate` (scipy's
+    exact polyphase filter), in raw16/drone and rawodd/drone."""
+    from scipy.signal import resample_poly
+
+    for name in ("raw16", "rawodd"):
+        (tmp_path / name / "drone").mkdir(parents=True)
+    for i, path in enumerate(pick(DCS / "drone", count)):
+        samples, source_rate = sf.read(path, dtype="float32")
+        assert source_rate == 16000
+        samples = np.resize(samples, 56000)  # 3.5 s: two chunks, the second clear of the min_fraction edge
+        sf.write(tmp_path / "raw16" / "drone" / f"{i}.wav", samples, 16000, subtype="FLOAT")
+        odd = resample_poly(samples, rate, 16000).astype(np.float32)
+        sf.write(tmp_path / "rawodd" / "drone" / f"{i}.wav", odd, rate, subtype="FLOAT")
+    return tmp_path / "raw16", tmp_path / "rawodd"
+
+
+def mel_by_source(build: Path) -> dict[str, np.ndarray]:
+    manifest = load_manifest(build)
+    out: dict[str, list] = {}
+    for split in manifest.split_names:
+        for batch in ShardStream(manifest, split, 10_000):
+            for x, source, start in zip(batch.x, batch.source, batch.start, strict=True):
+                out.setdefault(f"{manifest.sources(split)[int(source)]}@{float(start)}", []).append(x.float().numpy())
+    return {k: v[0] for k, v in out.items()}
+
+
+@pytest.mark.parametrize("rate", [15999, 7993])
+def test_odd_sample_rates_build_and_predict_in_bounded_memory(tmp_path, rate):
+    raw16, rawodd = odd_rate_copies(tmp_path, rate)
+    settings = ["--set", "split.val_fraction=0", "--set", "split.test_fraction=0", "--quiet"]
+    proc, peak_mb, seconds = run_measured("build", rawodd, "--out", tmp_path / "odd", *settings)
+    assert proc.returncode == 0, proc.stderr
+    assert peak_mb < BASELINE_MB and seconds < 60, (peak_mb, seconds)  # before (15999 Hz): 8.6 GB, 41 s
+    assert run_measured("build", raw16, "--out", tmp_path / "b16", *settings)[0].returncode == 0
+    odd, ref = mel_by_source(tmp_path / "odd"), mel_by_source(tmp_path / "b16")
+    assert len(odd) == len(ref) == 12
+    for key, mel in ref.items():
+        # dB features of the same sound: 15999 Hz is read as 16000 (6e-5 off), 7993 Hz keeps its band below 3 kHz
+        bands = slice(None) if rate == 15999 else slice(0, 40)
+        assert np.abs(odd[key][0, bands] - mel[0, bands]).mean() < 0.5, key
+    # predict's streaming reader takes the same bounded path
+    proc, peak_mb, seconds = measure([sys.executable, "-c", ODD_RATE_READER, rawodd / "drone" / "0.wav",
+                                      tmp_path / "chunks.npy"])
+    assert proc.returncode == 0 and peak_mb < BASELINE_MB and seconds < 30, (proc.stderr, peak_mb)
+    assert np.load(tmp_path / "chunks.npy").shape == (2, 32000)
+
+
+@pytest.mark.parametrize("rate", [200, 999])
+def test_sample_rates_outside_the_sane_range_are_skipped_with_the_reason(tmp_path, rate):
+    (tmp_path / "raw" / "drone").mkdir(parents=True)
+    sf.write(tmp_path / "raw" / "drone" / "slow.wav", np.zeros(rate * 60, np.float32), rate)
+    from audioshard.audio import AudioError, load
+    from audioshard.predict import ChunkReader
+
+    with pytest.raises(AudioError, match=f"slow.wav: sample rate {rate} Hz is outside 1000..768000 Hz"):
+        load(tmp_path / "raw" / "drone" / "slow.wav", 16000)
+    with pytest.raises(AudioError, match=f"sample rate {rate} Hz is outside"):
+        list(ChunkReader(tmp_path / "raw" / "drone" / "slow.wav", 16000, 2.0))
