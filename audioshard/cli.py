@@ -67,7 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from audioshard.info import format_info
     from audioshard.manifest import load_manifest
 
-    manifest = load_manifest(args.source)
+    manifest = load_manifest(args.source, _config(args).fetcher())  # [shards] timeouts and retries apply
     print(format_info(manifest.data, args.source, verbose=args.verbose))
     return 0
 

@@ -141,13 +141,11 @@ def load_manifest(source: str | Path, fetcher: Fetcher = DEFAULT_FETCHER) -> Man
         raise ManifestError(f"{root}: no such folder (expected a build folder from `audioshard build`, or a URL)")
     location = join(root, MANIFEST_NAME)
     try:
-        raw = fetcher.read(location)
+        data = fetcher.read_json(location)
     except SourceError as exn:
         raise ManifestError(f"{location}: cannot read the manifest ({exn}); is this the output of "
                             "`audioshard build`, and did the build finish?") from exn
-    try:
-        data = json.loads(raw)
-    except ValueError as exn:
+    except (ValueError, RecursionError) as exn:  # RecursionError: JSON nested thousands deep
         raise ManifestError(f"{location}: not valid JSON ({exn})") from exn
     if not isinstance(data, dict):
         raise ManifestError(f"{location}: expected a JSON object")

@@ -22,10 +22,12 @@ import soundfile as sf
 from conftest import DCS, measure, pick, run_measured
 from http_server import ShardServer
 
-from audioshard.manifest import load_manifest, sha256_file
+from audioshard.manifest import ManifestError, load_manifest, sha256_file
+from audioshard.remote import Fetcher
 from audioshard.stream import ShardStream, member_limits
 
 GIB = 1 << 30
+FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)
 # A CLI run that reads a small build peaks at ~760 MB here (importing torch alone: 650 MB); a bomb that
 # got read would add at least its 1 GiB.
 BASELINE_MB = 1100
@@ -240,3 +242,58 @@ def test_sample_rates_outside_the_sane_range_are_skipped_with_the_reason(tmp_pat
         load(tmp_path / "raw" / "drone" / "slow.wav", 16000)
     with pytest.raises(AudioError, match=f"sample rate {rate} Hz is outside"):
         list(ChunkReader(tmp_path / "raw" / "drone" / "slow.wav", 16000, 2.0))
+
+
+# --- HTTP: redirects, deadlines, sizes ------------------------------------------------------------
+
+
+def test_redirects_to_another_server_or_scheme_are_refused(real_build):
+    with ShardServer(real_build) as server, ShardServer(real_build) as other:
+        server.faults["/manifest.json"] = ["redirect:/manifest.json?same-server"]
+        assert load_manifest(server.url, FAST).samples("val") > 0  # within one server: followed
+        for target in (f"{other.url}manifest.json", "ftp://127.0.0.1/manifest.json"):
+            server.faults["/manifest.json"] = [f"redirect:{target}"]
+            proc = run_measured("info", server.url)[0]
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr
+            assert f"{server.url}manifest.json: HTTP 302 redirects to {target}, another server" in proc.stderr
+        assert other.hits["/manifest.json"] == 0
+        server.faults["/val-000000.tar"] = [f"redirect:{other.url}val-000000.tar"]
+        proc = run_measured("verify", server.url)[0]
+        assert proc.returncode == 1 and f"{server.url}val-000000.tar: HTTP 302 redirects to" in proc.stdout
+        assert other.hits["/val-000000.tar"] == 0
+
+
+def test_a_trickling_server_hits_the_per_file_deadline(real_build):
+    with ShardServer(real_build, trickle_seconds=0.2) as server:  # every byte well within the timeout
+        server.faults["/manifest.json"] = ["trickle"]
+        proc, _, seconds = run_measured("info", server.url, "--set", "shards.http_timeout=0.5",
+                                        "--set", "shards.http_retries=0")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "the download took over 5 s (a stalled or trickling server" in proc.stderr
+        assert seconds < 20  # before: held as long as each byte came within the timeout (65 s seen)
+
+
+def test_an_endless_manifest_is_cut_at_64_mb_and_a_shard_at_its_manifest_size(real_build, tmp_path):
+    with ShardServer(real_build) as server:
+        server.faults["/manifest.json"] = ["endless"]
+        proc, peak_mb, _ = run_measured("info", server.url)
+        assert proc.returncode == 2 and "over 64 MB; not an audioshard manifest" in proc.stderr
+        assert peak_mb < BASELINE_MB, peak_mb  # before: a 300 MB manifest took 1.1 GB
+        server.faults["/val-000000.tar"] = ["endless"] * 3
+        stream = ShardStream(load_manifest(server.url, FAST), "val", 10_000)
+        assert sum(len(b.y) for b in stream) < stream.manifest.samples("val") and stream.skipped_blocks == 1
+    big = copy_build(real_build, tmp_path)
+    with open(big / "manifest.json", "r+b") as stream:
+        stream.truncate(65 << 20)  # a sparse file: 65 MB to stat, nothing on disk
+    proc = run_measured("info", big)[0]
+    assert proc.returncode == 2 and "over 64 MB; not an audioshard manifest" in proc.stderr
+
+
+def test_a_truncated_manifest_is_retried_then_named(real_build):
+    with ShardServer(real_build) as server:
+        server.faults["/manifest.json"] = ["truncate", "ok"]
+        assert load_manifest(server.url, FAST).samples("val") > 0
+        assert server.hits["/manifest.json"] == 2
+        server.faults["/manifest.json"] = ["truncate"] * 3
+        with pytest.raises(ManifestError, match="does not parse .*truncated.*gave up after 3 attempts"):
+            load_manifest(server.url, FAST)
