@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import resource
 import shutil
@@ -423,12 +424,15 @@ def test_fuzz_random_tar_members(real_build, members):
                             "features.n_fft", "model.name", "augment.enabled", "shards.block_size",
                             "split.val_fraction", "audio.extensions", "train.bogus", "nope.x"]))
 def test_fuzz_config_values(key, value):
+    text = repr(value) if isinstance(value, float) else json.dumps(value)  # floats as TOML: nan, inf, -inf
     try:
-        cfg = load_config(overrides=[f"{key}={json.dumps(value)}"])
+        cfg = load_config(overrides=[f"{key}={text}"])
     except ConfigError as exn:
         assert key.split(".")[0] in str(exn) or "=" in str(exn)
     else:
         assert cfg.train.lr > 0 and cfg.audio.sample_rate > 0
+        floats = [v for section in cfg.to_dict().values() for v in section.values() if isinstance(v, float)]
+        assert all(map(math.isfinite, floats))
 
 
 @FUZZ

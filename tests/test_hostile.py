@@ -297,3 +297,37 @@ def test_a_truncated_manifest_is_retried_then_named(real_build):
         server.faults["/manifest.json"] = ["truncate"] * 3
         with pytest.raises(ManifestError, match="does not parse .*truncated.*gave up after 3 attempts"):
             load_manifest(server.url, FAST)
+
+
+# --- NaN and inf -----------------------------------------------------------------------------------
+
+TINY = ["model.width=8", "train.epochs=2", "train.batch_size=16", "train.num_workers=0", "train.sanity_steps=0",
+        "train.warmup_epochs=0"]
+
+
+def sets(settings: list[str]) -> list[str]:
+    return [a for s in settings for a in ("--set", s)]
+
+
+@pytest.mark.parametrize("setting", ["augment.noise_std=nan", "train.ema_epochs=nan", "train.ema_epochs=inf",
+                                     "features.top_db=nan", "train.lr=-inf", "shards.http_timeout=inf"])
+def test_nan_and_inf_settings_are_refused_on_the_command_line(setting):
+    proc = run_measured("config", "--set", setting)[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    key, _, value = setting.partition("=")
+    assert f"{key} must be a finite number, got {float(value)!r}" in proc.stderr
+
+
+def test_nan_in_a_toml_file_is_refused(tmp_path):
+    (tmp_path / "bad.toml").write_text("[train]\nema_epochs = nan\n[augment]\nnoise_std = 0.1\n")
+    proc = run_measured("config", "--config", tmp_path / "bad.toml")[0]
+    assert proc.returncode == 2 and "train.ema_epochs must be a finite number, got nan" in proc.stderr
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(real_build, tmp_path):
+    proc = run_measured("train", "--shards", real_build, "--out", tmp_path / "run", "--quiet",
+                        *sets([*TINY, "train.lr=1e30"]))[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the training loss became NaN or infinite in epoch 1 at step" in proc.stderr
+    assert "Lower train.lr (now 1e+30), e.g. --set train.lr=1e+29" in proc.stderr
+    assert not (tmp_path / "run" / "best_model.pt").exists() and not (tmp_path / "run" / "metrics.json").exists()
