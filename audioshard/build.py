@@ -16,6 +16,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import io
@@ -381,10 +382,13 @@ def clean(out_dir: str | Path) -> list[Path]:
     if not (out_dir / MANIFEST_NAME).exists() and not (out_dir / MARKER_NAME).exists():
         raise BuildError(f"{out_dir}: does not look like an audioshard build (no {MANIFEST_NAME} or {MARKER_NAME}); "
                          "refusing to delete anything there")
-    removed = own_outputs(out_dir)
-    for path in removed:
-        path.unlink()
+    with locked(out_dir):
+        removed = own_outputs(out_dir)
+        for path in removed:
+            path.unlink()
     for part_dir in sorted(out_dir.glob("part-*-of-*")):  # part builds of a job array
+        if part_dir.is_symlink():  # a link to another build's folder: that build is not ours to delete
+            continue
         if part_dir.is_dir() and ((part_dir / MANIFEST_NAME).exists() or (part_dir / MARKER_NAME).exists()):
             removed += clean(part_dir)
     if not any(out_dir.iterdir()):
@@ -642,25 +646,47 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
             raise BuildError(f"--part {index}/{count}: expected 0 <= I < N")
         out_dir = out_dir / f"part-{index}-of-{count}"
         fingerprint = f"{job}-part-{index}-of-{count}"
-    if _prepare_out_dir(out_dir, fingerprint, force):
-        manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-        return BuildResult(out_dir, manifest, up_to_date=True)
+    with locked(out_dir):
+        if _prepare_out_dir(out_dir, fingerprint, force):
+            manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+            return BuildResult(out_dir, manifest, up_to_date=True)
 
-    staging = out_dir / STAGING_NAME
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
-    staging.mkdir()
+        staging = out_dir / STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
+        staging.mkdir()
+        try:
+            manifest = _build_into(staging, input_path, found, cfg, workers, progress, part, fingerprint, job)
+        except BaseException as exn:  # the previous build (if any) stays intact
+            shutil.rmtree(staging, ignore_errors=True)
+            (out_dir / MARKER_NAME).unlink(missing_ok=True)
+            if not isinstance(exn, OSError):
+                raise
+            where = f" ({exn.filename})" if exn.filename else ""
+            raise BuildError(f"writing the build failed{where}: {exn.strerror or exn}; nothing in {out_dir} was "
+                             "replaced. Free some space (or fix the permission) and run the same command again"
+                             ) from exn
+        _commit(out_dir, staging, manifest)
+        return BuildResult(out_dir, manifest)
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path):
+    """Hold an exclusive flock on the folder itself while a build (or merge, or clean) works in it: a
+    second one fails at once instead of writing a manifest that describes the other's shards. A lock on
+    the folder leaves no file behind, and the kernel releases it when the process dies (never stale)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        manifest = _build_into(staging, input_path, found, cfg, workers, progress, part, fingerprint, job)
-    except BaseException as exn:  # the previous build (if any) stays intact
-        shutil.rmtree(staging, ignore_errors=True)
-        (out_dir / MARKER_NAME).unlink(missing_ok=True)
-        if not isinstance(exn, OSError):
-            raise
-        where = f" ({exn.filename})" if exn.filename else ""
-        raise BuildError(f"writing the build failed{where}: {exn.strerror or exn}; nothing in {out_dir} was "
-                         "replaced. Free some space (or fix the permission) and run the same command again") from exn
-    _commit(out_dir, staging, manifest)
-    return BuildResult(out_dir, manifest)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"{out_dir}: another audioshard build, merge or clean is working in this folder now; "
+                             "wait for it to finish, or choose another --out") from None
+        except OSError:  # a file system without flock on folders (some NFS): go on unlocked, as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Config, workers: int | None,
@@ -797,6 +823,13 @@ def merge_parts(out_dir: str | Path) -> dict[str, Any]:
     each shard records the offset of its part's sources in the merged `sources` list.
     """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise BuildError(f"{out_dir}: no such folder (the --out of the part builds)")
+    with locked(out_dir):
+        return _merge_parts(out_dir)
+
+
+def _merge_parts(out_dir: Path) -> dict[str, Any]:
     parts = []
     for path in sorted(out_dir.glob("part-*-of-*/" + MANIFEST_NAME)):
         parts.append((path.parent.name, json.loads(path.read_text(encoding="utf-8"))))

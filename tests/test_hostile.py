@@ -7,10 +7,13 @@ a real HTTP server on 127.0.0.1, a real full tmpfs.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tarfile
 import zlib
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import DCS, measure, pick, run_measured
+from conftest import DCS, link_tree, measure, pick, run_measured
 from http_server import ShardServer
 
 from audioshard.manifest import ManifestError, load_manifest, sha256_file
@@ -331,3 +334,51 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(real_build, tmp_path
     assert "the training loss became NaN or infinite in epoch 1 at step" in proc.stderr
     assert "Lower train.lr (now 1e+30), e.g. --set train.lr=1e+29" in proc.stderr
     assert not (tmp_path / "run" / "best_model.pt").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+# --- concurrent builds, clean -----------------------------------------------------------------------
+
+
+def test_a_second_build_into_a_busy_folder_fails_at_once(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 6, "car": 6})
+    out = tmp_path / "shards"
+    out.mkdir()
+    holder = os.open(out, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running build holds
+    try:
+        proc, _, seconds = run_measured("build", raw, "--out", out, "--quiet")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"{out}: another audioshard build, merge or clean is working in this folder now" in proc.stderr
+        assert seconds < 30 and not any(out.iterdir())
+        assert run_measured("clean", out)[0].returncode == 2  # not a build yet: refused before the lock
+    finally:
+        os.close(holder)
+    assert run_measured("build", raw, "--out", out, "--quiet")[0].returncode == 0
+
+
+def test_two_builds_started_together_leave_one_consistent_build(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 24, "car": 16, "speech": 24})
+    out = tmp_path / "shards"
+    settings = [["--set", "split.seed=1"], ["--set", "split.seed=2"]]  # two different builds
+    procs = [subprocess.Popen([sys.executable, "-m", "audioshard", "build", raw, "--out", out, "--quiet",
+                               "--set", "shards.workers=1", *extra], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for extra in settings]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2)
+    assert "another audioshard build" in loser or "already holds a different build" in loser
+    assert "Traceback" not in loser
+    proc = run_measured("verify", out)[0]
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_clean_does_not_follow_a_symlinked_part_folder(real_build, tmp_path):
+    other = copy_build(real_build, tmp_path)
+    mine = tmp_path / "mine"
+    shutil.copytree(real_build, mine)
+    (mine / "part-0-of-2").symlink_to(other, target_is_directory=True)
+    before = sorted(p.name for p in other.iterdir())
+    proc = run_measured("clean", mine)[0]
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in other.iterdir()) == before
+    assert sorted(p.name for p in mine.iterdir()) == ["part-0-of-2"]
