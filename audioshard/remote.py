@@ -98,12 +98,12 @@ class Fetcher:
     verify_local: bool = True
     backoff: float = 0.5
 
-    def read_json(self, location: str) -> Any:
-        """A JSON file (the manifest) of at most MAX_JSON_BYTES, parsed. Over HTTP, a body that does not
-        parse is retried like a truncated download: a server can cut a body short with a matching
-        Content-Length. Raises SourceError, or ValueError for a local file that is not JSON."""
+    def read(self, location: str, parse=None) -> bytes:
+        """A whole small file (the manifest), at most MAX_JSON_BYTES. Over HTTP, a body that `parse`
+        (raising ValueError) refuses is retried like a truncated download: a server can cut a body
+        short with a matching Content-Length."""
         if is_url(location):
-            return json.loads(self._download(location, None, None, None, parse=json.loads))
+            return self._download(location, None, None, None, parse=parse)
         _refuse_other_schemes(location)
         try:
             size = os.stat(location).st_size
@@ -112,7 +112,11 @@ class Fetcher:
             raise SourceError(f"{location}: {exn.strerror}") from exn
         if data is None:
             raise _too_long(location, None, size)
-        return json.loads(data)
+        return data
+
+    def read_json(self, location: str) -> Any:
+        """A JSON file read as `read` reads it, parsed (ValueError for a local file that is not JSON)."""
+        return json.loads(self.read(location, parse=json.loads))
 
     def open_shard(self, location: str, size: int | None = None, sha256: str | None = None) -> BinaryIO:
         """A readable stream of a shard whose size (and, when remote, sha256) match the manifest."""

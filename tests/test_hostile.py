@@ -12,22 +12,28 @@ import functools
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from conftest import DCS, link_tree, measure, pick, run_measured
 from http_server import ShardServer
 
+from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from audioshard.config import load_config
 from audioshard.manifest import ManifestError, load_manifest, sha256_file
 from audioshard.remote import Fetcher
 from audioshard.stream import ShardStream, member_limits
+from audioshard.train import train
 
 GIB = 1 << 30
 FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)
@@ -382,3 +388,79 @@ def test_clean_does_not_follow_a_symlinked_part_folder(real_build, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in other.iterdir()) == before
     assert sorted(p.name for p in mine.iterdir()) == ["part-0-of-2"]
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(real_build, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("hostile_run")
+    train(str(real_build), run, load_config(overrides=[*TINY, "train.epochs=1"]), progress=False)
+    return run / "best_model.pt"
+
+
+def edited_checkpoint(source: Path, target: Path, edit) -> Path:
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    save_checkpoint(target, state)
+    return target
+
+
+def test_a_forged_width_is_refused_before_the_model_is_built(tiny_checkpoint, tmp_path):
+    path = edited_checkpoint(tiny_checkpoint, tmp_path / "wide.pt", lambda s: s["model_args"].update(width=3000))
+    wav = next((DCS / "drone").glob("*.wav"))
+    proc, peak_mb, _ = run_measured("predict", "--checkpoint", path, wav)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{path}: not a usable audioshard checkpoint: model_args width = 3000, expected an integer in 1..256" \
+        in proc.stderr
+    assert peak_mb < BASELINE_MB, peak_mb  # before: 13.6 GB asked for
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["model_args"].update(name="evil"), "model_args must name one of seed_cnn, cnn6"),
+    (lambda s: s["model_args"].update(num_classes=10**9), "num_classes = 1000000000, expected an integer"),
+    (lambda s: s["model_args"].update(width="32"), "width = '32', expected an integer"),
+    (lambda s: s["model_args"].update(exec="x"), "model_args has keys ['exec'] that cnn6 does not take"),
+    (lambda s: s.pop("classes"), "'classes' must be a list of num_classes names"),
+    (lambda s: s["normalization"].update(std=float("nan")), "'normalization' must hold a finite mean"),
+    (lambda s: s["features"].update(n_mels=10**6), "at most 1024 mels"),
+    (lambda s: s["features"].pop("hop_length"), "'features' must hold sample_rate"),
+    (lambda s: s["features"].update(chunk_seconds=float("inf")), "chunk_seconds = inf, expected a finite number"),
+])
+def test_checkpoint_schema_is_checked_before_use(tiny_checkpoint, tmp_path, edit, message):
+    path = edited_checkpoint(tiny_checkpoint, tmp_path / "bad.pt", edit)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(path)
+
+
+def test_wrongly_shaped_weights_are_a_clear_error(tiny_checkpoint, tmp_path):
+    path = edited_checkpoint(tiny_checkpoint, tmp_path / "shape.pt",
+                             lambda s: s["model"].update({"head.weight": torch.zeros(5, 5)}))
+    with pytest.raises(CheckpointError, match="weights do not fit its model_args: .*head.weight"):
+        model_from_checkpoint(load_checkpoint(path))
+
+
+def deflated_checkpoint(source: Path, target: Path, tensor_bytes: int) -> Path:
+    """A real torch.save checkpoint holding a `tensor_bytes` tensor, re-zipped with deflate: ~1 MB per GiB.
+    The tensor is torch.empty (never touched, so it costs no memory here)."""
+    state = torch.load(source, weights_only=True)
+    state["model"]["bomb"] = torch.empty(tensor_bytes, dtype=torch.uint8)
+    plain = target.with_suffix(".plain")
+    save_checkpoint(plain, state)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            with src.open(info) as reader, dst.open(info.filename, "w", force_zip64=True) as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+    plain.unlink()
+    return target
+
+
+def test_a_checkpoint_that_inflates_is_refused_from_its_zip_directory(tiny_checkpoint, tmp_path):
+    path = deflated_checkpoint(tiny_checkpoint, tmp_path / "bomb.pt", GIB)
+    assert path.stat().st_size < 8 << 20
+    wav = next((DCS / "drone").glob("*.wav"))
+    proc, peak_mb, _ = run_measured("predict", "--checkpoint", path, wav)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "its zip entries inflate to" in proc.stderr and "torch.save never compresses" in proc.stderr
+    assert peak_mb < BASELINE_MB, peak_mb  # before: a 1 GiB tensor from a 4.7 MB file
