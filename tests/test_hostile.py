@@ -464,3 +464,31 @@ def test_a_checkpoint_that_inflates_is_refused_from_its_zip_directory(tiny_check
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "its zip entries inflate to" in proc.stderr and "torch.save never compresses" in proc.stderr
     assert peak_mb < BASELINE_MB, peak_mb  # before: a 1 GiB tensor from a 4.7 MB file
+
+
+# --- plots -------------------------------------------------------------------------------------------
+
+CONFUSION_SCRIPT = """
+import sys
+from pathlib import Path
+import numpy as np
+from audioshard.evaluate import save_confusion_matrix
+n, out = int(sys.argv[1]), Path(sys.argv[2])
+rng = np.random.default_rng(0)
+y = rng.integers(0, n, 50 * n)
+save_confusion_matrix(out, y, np.where(rng.random(len(y)) < 0.7, y, rng.integers(0, n, len(y))),
+                      [f"class-{i}" + "x" * (i % 7) * 50 for i in range(n)], "test")
+"""
+
+
+@pytest.mark.parametrize("classes", [150, 1000])
+def test_confusion_matrix_stays_bounded_for_many_classes(tmp_path, classes):
+    import matplotlib.image
+
+    out = tmp_path / "test_confusion_matrix.png"
+    proc, peak_mb, seconds = measure([sys.executable, "-c", CONFUSION_SCRIPT, classes, out])
+    assert proc.returncode == 0, proc.stderr
+    assert seconds < 20 and peak_mb < BASELINE_MB, (seconds, peak_mb)  # before, 150 classes: 27 s, 3.5 GB
+    assert matplotlib.image.imread(out).shape[0] <= 2000  # 20 inches at 100 dpi
+    counts = np.loadtxt(out.with_suffix(".csv"), delimiter=",")
+    assert counts.shape == (classes, classes) and counts.sum() == 50 * classes
