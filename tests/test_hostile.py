@@ -7,6 +7,7 @@ a real HTTP server on 127.0.0.1, a real full tmpfs.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import io
@@ -27,12 +28,15 @@ import soundfile as sf
 import torch
 from conftest import DCS, link_tree, measure, pick, run_measured
 from http_server import ShardServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from audioshard.config import load_config
+from audioshard.info import format_info
 from audioshard.manifest import ManifestError, load_manifest, sha256_file
 from audioshard.remote import Fetcher
-from audioshard.stream import ShardStream, member_limits
+from audioshard.stream import ShardDataError, ShardStream, decode_npy, member_limits
 from audioshard.train import train
 
 GIB = 1 << 30
@@ -492,3 +496,100 @@ def test_confusion_matrix_stays_bounded_for_many_classes(tmp_path, classes):
     assert matplotlib.image.imread(out).shape[0] <= 2000  # 20 inches at 100 dpi
     counts = np.loadtxt(out.with_suffix(".csv"), delimiter=",")
     assert counts.shape == (classes, classes) and counts.sum() == 50 * classes
+
+
+# --- manifest schema ---------------------------------------------------------------------------------
+
+
+def edit_manifest(build: Path, edit) -> None:
+    data = json.loads((build / "manifest.json").read_text())
+    edit(data)
+    (build / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["splits"]["val"]["shards"][0].update(sha256=None), "has no valid sha256"),
+    (lambda d: d.update(block_size=0), "block_size = 0, expected an integer in 1..4096"),
+    (lambda d: d.update(block_size=4096, features={**d["features"], "n_mels": 1024}), "exceeds 256 MB"),
+    (lambda d: d.pop("classes"), "'classes' must be a list"),
+    (lambda d: d["features"].update(n_mels="64"), "features n_mels = '64', expected a positive integer"),
+    (lambda d: d["normalization"].update(std=0), "'normalization' must hold a finite mean and a positive std"),
+    (lambda d: d["splits"]["val"]["shards"][0].update(samples=-1), "has a negative count"),
+    (lambda d: d["splits"]["val"].update(samples=10**9), "'samples' must equal the sum"),
+    (lambda d: d["splits"]["val"]["class_counts"].pop("car"), "'class_counts' must give a count for every class"),
+    (lambda d: d["splits"]["val"]["shards"][0].pop("bytes"), "must hold file, samples, sha256 and bytes"),
+    (lambda d: d.update(skipped=[{"path": 1}]), "'skipped' must be a list of {path, reason}"),
+])
+def test_manifest_schema_is_checked_at_load(real_build, tmp_path, edit, message):
+    build = copy_build(real_build, tmp_path)
+    edit_manifest(build, edit)
+    proc = run_measured("info", build)[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{build}/manifest.json: not a usable manifest: " in proc.stderr and message in proc.stderr
+
+
+# --- property test: hostile but well-formed headers, manifests, checkpoints -------------------------
+
+HOSTILE = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+ODD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                       st.text(max_size=8), st.lists(st.integers(-3, 3), max_size=3), st.just({}))
+
+
+@HOSTILE
+@given(shape=st.lists(st.one_of(st.integers(-2, 2**40), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)),
+                      max_size=4),
+       descr=st.sampled_from(["<f2", "<f4", "|O", "<i2", "float16", "x", ""]), fortran=ODD_VALUES)
+def test_property_hostile_npy_headers_give_only_shard_errors(real_build, shape, descr, fortran):
+    header = f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {tuple(shape)!r}, }}"
+    member = npy_with_header(np.zeros(8 * 64 * 63, np.float16), header)
+    try:
+        decode_npy(member, "<f2", (64, 63), 8, "hostile.tar key k mel.npy")
+    except ShardDataError as exn:
+        assert "hostile.tar key k" in str(exn)
+
+
+@HOSTILE
+@given(path=st.lists(st.sampled_from(["classes", "features", "block_size", "normalization", "splits", "skipped",
+                                      "n_mels", "sample_rate", "chunk_seconds", "hop_length", "mean", "std", "val",
+                                      "shards", 0, "samples", "sha256", "bytes", "sources", "class_counts"]),
+                     min_size=1, max_size=4), value=ODD_VALUES)
+def test_property_hostile_manifests_give_only_manifest_errors(real_build, tmp_path_factory, path, value):
+    data = json.loads((real_build / "manifest.json").read_text())
+    node = data
+    for key in path[:-1]:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            break
+    else:
+        if isinstance(node, dict) or (isinstance(node, list) and isinstance(path[-1], int) and node):
+            node[path[-1]] = value
+    build = tmp_path_factory.mktemp("m")
+    (build / "manifest.json").write_text(json.dumps(data, allow_nan=True))
+    try:
+        manifest = load_manifest(build)
+    except ManifestError as exn:
+        assert str(build) in str(exn)
+    else:  # what a valid manifest promises: every reader-facing property works
+        format_info(manifest.data, str(build))
+        assert member_limits(manifest)["mel.npy"] < 300 << 20
+        for split in manifest.split_names:
+            manifest.shards(split), manifest.sources(split), manifest.samples(split)
+
+
+@HOSTILE
+@given(key=st.sampled_from(["model_args", "classes", "features", "normalization", "model"]),
+       inner=st.sampled_from(["name", "num_classes", "width", "dropout", "input_norm", "mean", "std", "n_mels",
+                              "hop_length", "sample_rate", "chunk_seconds", "dtype", None]),
+       value=ODD_VALUES)
+def test_property_hostile_checkpoint_dicts_give_only_checkpoint_errors(tiny_checkpoint, tmp_path_factory, key,
+                                                                        inner, value):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    if inner is None or not isinstance(state[key], dict):
+        state[key] = value
+    else:
+        state[key][inner] = value
+    path = tmp_path_factory.mktemp("c") / "x.pt"
+    save_checkpoint(path, state)
+    with contextlib.suppress(CheckpointError):  # the only error allowed out
+        model_from_checkpoint(load_checkpoint(path))
