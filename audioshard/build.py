@@ -44,7 +44,7 @@ from audioshard.acquire.common import provenance_rows
 from audioshard.audio import AudioError, choppinator, load, peak_amplitude
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
-from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
+from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, block_problem, write_json_atomic
 from audioshard.split import SPLITS, Source, group_of, split_sources
 
 MARKER_NAME = ".audioshard-build"
@@ -635,6 +635,8 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         BuildResult with the manifest as written (or as found, when the build was already up to date).
     """
     out_dir = Path(out_dir)
+    if problem := block_problem(cfg.shards.block_size, FeatureParams.from_config(cfg)):
+        raise BuildError(f"these settings would make shards no reader accepts: {problem}")  # before any work
     found = discover(input_path, cfg)
     if not found.sources:
         raise BuildError(f"{input_path}: no usable audio files found "

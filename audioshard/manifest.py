@@ -161,12 +161,8 @@ def _schema_problem(data: dict[str, Any]) -> str:
         features = FeatureParams.from_dict(data.get("features"))
     except TypeError:
         return "'features' must hold " + ", ".join(f.name for f in dataclasses.fields(FeatureParams))
-    if problem := feature_params_problem(features):
+    if problem := block_problem(block_size, features):
         return problem
-    if type(block_size) is not int or not 0 < block_size <= MAX_BLOCK_SIZE:
-        return f"block_size = {block_size!r:.50}, expected an integer in 1..{MAX_BLOCK_SIZE}"
-    if block_size * math.prod(features.shape) * 2 > MAX_BLOCK_BYTES:
-        return f"a block of {block_size} chunks of {features.shape} exceeds {MAX_BLOCK_BYTES >> 20} MB"
     if not isinstance(norm, dict) or not _is_number(norm.get("mean")) or not _is_number(norm.get("std")) \
             or not norm["std"] > 0:
         return "'normalization' must hold a finite mean and a positive std"
@@ -176,6 +172,17 @@ def _schema_problem(data: dict[str, Any]) -> str:
         if problem := _split_problem(info, classes):
             return f"split {name!r:.50}: {problem}"
     return _report_problem(data)
+
+
+def block_problem(block_size: Any, features: FeatureParams) -> str:
+    """What a reader would refuse in these block and feature settings ('' if nothing); `build` checks it too."""
+    if problem := feature_params_problem(features):
+        return problem
+    if type(block_size) is not int or not 0 < block_size <= MAX_BLOCK_SIZE:
+        return f"block_size = {block_size!r:.50}, expected an integer in 1..{MAX_BLOCK_SIZE}"
+    if block_size * math.prod(features.shape) * 2 > MAX_BLOCK_BYTES:
+        return f"a block of {block_size} chunks of {features.shape} exceeds {MAX_BLOCK_BYTES >> 20} MB"
+    return ""
 
 
 def _split_problem(info: Any, classes: list[str]) -> str:

@@ -593,3 +593,10 @@ def test_property_hostile_checkpoint_dicts_give_only_checkpoint_errors(tiny_chec
     save_checkpoint(path, state)
     with contextlib.suppress(CheckpointError):  # the only error allowed out
         model_from_checkpoint(load_checkpoint(path))
+
+
+def test_build_refuses_settings_its_readers_would_refuse(tmp_path):
+    raw = link_tree(tmp_path / "raw", {"drone": 2, "car": 2})
+    proc = run_measured("build", raw, "--out", tmp_path / "out", "--set", "shards.block_size=5000")[0]
+    assert proc.returncode == 2 and "block_size = 5000, expected an integer in 1..4096" in proc.stderr
+    assert not (tmp_path / "out").exists()
