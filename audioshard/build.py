@@ -414,7 +414,11 @@ def _prepare_out_dir(out_dir: Path, fingerprint: str, force: bool) -> bool:
                              "folder, or pass --force to write into it anyway")
         # --force, or an interrupted build (marker, no manifest): build anew; old outputs go at commit.
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}), encoding="utf-8")
+    try:
+        marker.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}), encoding="utf-8")
+    except OSError as exn:
+        raise BuildError(f"cannot start a build in {out_dir} ({exn.strerror or exn}); nothing was replaced. "
+                         "Free some space (or fix the permission) and run the same command again") from exn
     return False
 
 
@@ -667,7 +671,11 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
             raise BuildError(f"writing the build failed{where}: {exn.strerror or exn}; nothing in {out_dir} was "
                              "replaced. Free some space (or fix the permission) and run the same command again"
                              ) from exn
-        _commit(out_dir, staging, manifest)
+        try:
+            _commit(out_dir, staging, manifest)
+        except OSError as exn:  # no manifest is written unless the commit completes: the next run rebuilds
+            raise BuildError(f"writing the build into {out_dir} failed at the end ({exn.strerror or exn}); it has "
+                             "no manifest now. Free some space and run the same command again") from exn
         return BuildResult(out_dir, manifest)
 
 

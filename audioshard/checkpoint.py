@@ -47,9 +47,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except BaseException as exn:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exn, OSError):  # disk full, quota: say so, and that the previous file is still good
-            raise CheckpointError(f"writing {path} failed ({exn.strerror or exn}); the previous {path.name} (if any) "
-                                  "is intact. Free some space and continue with --resume") from exn
+        # Disk full, quota: say so, and that the previous file is still good. torch.save reports a failed
+        # write as a RuntimeError ("PytorchStreamWriter failed writing file ..."), not an OSError.
+        if isinstance(exn, (OSError, RuntimeError)):
+            reason = getattr(exn, "strerror", None) or str(exn).splitlines()[0][:300]
+            raise CheckpointError(f"writing {path} failed ({reason}); the previous {path.name} (if any) is intact. "
+                                  "Free some space and continue with --resume") from exn
         raise
 
 

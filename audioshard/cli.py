@@ -412,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             ShardDataError, PredictError, ExportError, AcquireError, AdaptError) as exn:
         print(f"audioshard {args.command}: error: {exn}", file=sys.stderr)
         return 2
+    except OSError as exn:  # the machine, not the data: a full disk, a permission, a vanished file
+        where = f": {exn.filename}" if exn.filename else ""
+        print(f"audioshard {args.command}: error: {exn.strerror or exn}{where}; free some space or fix the "
+              "permission, then run the same command again (--resume for train)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -49,11 +49,16 @@ class ShardInfo:
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the whole new one, never half of it."""
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file so that readers see the old file or the whole new one (never 0 bytes on a full disk)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, ensure_ascii=False)
+            stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; a manifest is meant to be served and shared

@@ -39,7 +39,7 @@ from audioshard.checkpoint import check_compatible, load_checkpoint, save_checkp
 from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
 from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
-from audioshard.manifest import Manifest, load_manifest
+from audioshard.manifest import Manifest, load_manifest, write_text_atomic
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
 from audioshard.stream import ShardStream, make_loader
 
@@ -252,7 +252,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
     _check_data(manifest, cfg, dist)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+        write_text_atomic(run_dir / "config.toml", dump_toml(cfg))  # a full disk leaves the old file, not 0 bytes
 
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm)

@@ -79,3 +79,21 @@ def measure(command: list, timeout: float = 300) -> tuple[subprocess.CompletedPr
 def run_measured(*args, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
     """`python -m audioshard ARGS`, measured."""
     return measure([sys.executable, "-m", "audioshard", *args], timeout)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 2 MB file system (tmpfs; mounting needs root, which the test machine has): writes past
+    it fail with ENOSPC exactly as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path, leave: int = 0) -> None:
+    """Take all but `leave` bytes of the file system at `mount`."""
+    stats = os.statvfs(mount)
+    with open(mount / "filler", "wb") as stream:
+        stream.write(bytes(max(0, stats.f_bavail * stats.f_frsize - leave)))

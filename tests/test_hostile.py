@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DCS, link_tree, measure, pick, run_measured
+from conftest import DCS, fill_disk, link_tree, measure, pick, run_measured
 from http_server import ShardServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -600,3 +600,34 @@ def test_build_refuses_settings_its_readers_would_refuse(tmp_path):
     proc = run_measured("build", raw, "--out", tmp_path / "out", "--set", "shards.block_size=5000")[0]
     assert proc.returncode == 2 and "block_size = 5000, expected an integer in 1..4096" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- a real full disk ------------------------------------------------------------------------------
+
+
+def test_build_on_a_full_disk_is_a_clear_error_from_start_to_end(tmp_path, small_disk):
+    raw = link_tree(tmp_path / "raw", {"drone": 40, "car": 40, "speech": 40})  # ~3 MB of shards
+    proc = run_measured("build", raw, "--out", small_disk / "shards", "--quiet", "--set", "shards.workers=1")[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "writing the build failed" in proc.stderr and "No space left on device" in proc.stderr
+    assert not (small_disk / "shards" / "manifest.json").exists()
+    fill_disk(small_disk)  # now even the build's start marker cannot be written
+    proc = run_measured("build", raw, "--out", small_disk / "again", "--quiet")[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot start a build in {small_disk / 'again'} (No space left on device)" in proc.stderr
+
+
+def test_training_on_a_full_disk_is_a_clear_error_and_config_toml_is_never_half_written(real_build, small_disk):
+    run = small_disk / "run"
+    fill_disk(small_disk, leave=96 << 10)  # config.toml fits, a checkpoint does not
+    proc = run_measured("train", "--shards", real_build, "--out", run, "--quiet", *sets(TINY))[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"writing {run / 'last.pt'} failed (" in proc.stderr and "continue with --resume" in proc.stderr
+    assert "[train]" in (run / "config.toml").read_text()
+    (small_disk / "filler").unlink()
+    (run / "config.toml").unlink()
+    fill_disk(small_disk)
+    proc = run_measured("train", "--shards", real_build, "--out", run, "--quiet", *sets(TINY))[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "No space left on device" in proc.stderr and "free some space" in proc.stderr
+    assert not (run / "config.toml").exists() and not list(run.glob(".config.toml.*"))  # not left at 0 bytes
