@@ -15,9 +15,15 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
@@ -36,6 +42,7 @@ from audioshard.config import load_config
 from audioshard.info import format_info
 from audioshard.manifest import ManifestError, load_manifest, sha256_file
 from audioshard.remote import Fetcher
+from audioshard.serve import serving
 from audioshard.stream import ShardDataError, ShardStream, decode_npy, member_limits
 from audioshard.train import train
 
@@ -631,3 +638,44 @@ def test_training_on_a_full_disk_is_a_clear_error_and_config_toml_is_never_half_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "No space left on device" in proc.stderr and "free some space" in proc.stderr
     assert not (run / "config.toml").exists() and not list(run.glob(".config.toml.*"))  # not left at 0 bytes
+
+
+# --- serve ------------------------------------------------------------------------------------------
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as exn:
+        return exn.code
+
+
+def test_serve_gives_only_the_builds_own_files(real_build, tmp_path):
+    build = copy_build(real_build, tmp_path)
+    (build / "passwd.tar").symlink_to("/etc/passwd")
+    (build / "etc").symlink_to("/etc", target_is_directory=True)
+    (build / ".staging").mkdir()
+    (build / ".staging" / "train-000000.tar").write_bytes(b"partial")
+    (build / ".manifest.json.x.tmp").write_text("{}")
+    (build / "sub").mkdir()
+    with serving(build) as url:
+        assert http_status(url + "manifest.json") == 200 and http_status(url + "val-000000.tar") == 200
+        for path in ("passwd.tar", "etc/passwd", "", "sub/", "sub", ".staging/train-000000.tar",
+                     ".manifest.json.x.tmp", "%2e%2e/%2e%2e/etc/passwd", "./.staging/train-000000.tar"):
+            assert http_status(url + path) == 404, path
+
+
+def test_serve_bounds_idle_connections_and_their_threads(real_build):
+    with serving(real_build, timeout=1.0, max_connections=8) as url:
+        host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+        before = threading.active_count()
+        idle = [socket.create_connection((host, port)) for _ in range(200)]  # connect, send nothing
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 8  # before: 200 threads, held forever
+        time.sleep(2.0)  # past the request timeout: every idle connection is closed
+        assert threading.active_count() - before <= 1
+        assert http_status(url + "manifest.json") == 200
+        for sock in idle:
+            sock.close()
