@@ -58,6 +58,7 @@ class _BoundedServer(http.server.ThreadingHTTPServer):
     """A thread per connection, at most MAX_CONNECTIONS of them: idle or slow clients cannot pile up threads."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's 5 makes a burst of clients wait for SYN retries)
 
     def __init__(self, *args, max_connections: int = MAX_CONNECTIONS, **kwargs):
         super().__init__(*args, **kwargs)
