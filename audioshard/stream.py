@@ -217,8 +217,9 @@ def _finite_float16(values: np.ndarray) -> bool:
     return not np.any((values.view(np.uint16) & 0x7C00) == 0x7C00)
 
 
-def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.ndarray]:
-    """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key."""
+def decode_block(sample: dict[str, Any], manifest: Manifest, sources: int | None = None) -> dict[str, np.ndarray]:
+    """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key.
+    `sources`: how many recordings the block's `source` indices may point at (unchecked if None)."""
     where = f"{sample.get('__url__')} key {sample.get('__key__')}"
     missing = [m for m in BLOCK_MEMBERS if m not in sample]
     if missing:
@@ -235,6 +236,11 @@ def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.nda
         raise ShardDataError(f"{where}: label out of range 0..{len(manifest.classes) - 1}")
     if not _finite_float16(mel):
         raise ShardDataError(f"{where}: NaN or infinite values in mel.npy")
+    # Out-of-range sources would silently merge or misattribute recordings in the recording-level results.
+    if source.min() < 0 or (sources is not None and source.max() >= sources):
+        raise ShardDataError(f"{where}: source index out of range 0..{(sources or 2**31) - 1}")
+    if not np.isfinite(start).all() or start.min() < 0:
+        raise ShardDataError(f"{where}: start times must be finite seconds >= 0")
     return {"x": mel, "y": label, "source": source, "start": start}
 
 
@@ -294,7 +300,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return total
 
     def _blocks(self, tasks: list[ReadTask]) -> Iterator[dict[str, np.ndarray]]:
-        limits = member_limits(self.manifest)
+        limits, sources = member_limits(self.manifest), len(self.manifest.sources(self.split))
         for task in tasks:
             location = self.manifest.shard_location(task.shard)
             sizes = block_sizes(task.shard, self.manifest.block_size)[task.offset::task.stride]
@@ -311,7 +317,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                         continue
                     blocks += 1
                     try:
-                        block = decode_block(sample, self.manifest)
+                        block = decode_block(sample, self.manifest, sources - task.shard.source_offset)
                     except ShardDataError as exn:
                         bad += 1
                         self._bad(exn)

@@ -679,3 +679,46 @@ def test_serve_bounds_idle_connections_and_their_threads(real_build):
         assert http_status(url + "manifest.json") == 200
         for sock in idle:
             sock.close()
+
+
+# --- values inside blocks -----------------------------------------------------------------------------
+
+
+def replace_member(shard: Path, suffix: str, make) -> None:
+    """Rewrite the first block's `suffix` member of a tar shard with `make(old array)`."""
+    with tarfile.open(shard) as src:
+        members = [(m.name, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(shard, "w") as dst:
+        for name, data in members:
+            if name.endswith(f"00000000.{suffix}"):
+                buffer = io.BytesIO()
+                np.save(buffer, make(np.load(io.BytesIO(data))), allow_pickle=False)
+                data = buffer.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("suffix, make, message", [
+    ("source.npy", lambda a: np.full_like(a, 10**6), "source index out of range 0.."),
+    ("source.npy", lambda a: np.full_like(a, -1), "source index out of range 0.."),
+    ("start.npy", lambda a: np.full_like(a, np.nan), "start times must be finite seconds >= 0"),
+    ("start.npy", lambda a: np.full_like(a, -5.0), "start times must be finite seconds >= 0"),
+])
+def test_out_of_range_sources_and_bad_starts_are_refused(real_build, tmp_path, suffix, make, message):
+    build = copy_build(real_build, tmp_path)
+    replace_member(build / "val-000000.tar", suffix, make)
+    reseal(build, "val")
+    proc = run_measured("verify", build)[0]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "val-000000.tar key val-00000000: " + message in proc.stdout
+
+
+def test_a_source_index_one_past_the_split_is_refused(real_build, tmp_path, capsys):
+    build = copy_build(real_build, tmp_path)
+    count = len(load_manifest(build).sources("val"))
+    replace_member(build / "val-000000.tar", "source.npy", lambda a: np.full_like(a, count))
+    reseal(build, "val")
+    stream = ShardStream(load_manifest(build), "val", 10_000)
+    assert all(int(b.source.max()) < count for b in stream) and stream.skipped_blocks == 1
+    assert f"source index out of range 0..{count - 1}" in capsys.readouterr().err
