@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, classificat
 from audioshard.augment import BatchTransform
 from audioshard.manifest import Manifest
 from audioshard.models import MIN_ADAPT_EXAMPLES, AdaptError, adapt_batchnorm
-from audioshard.stream import ShardStream, make_loader
+from audioshard.stream import ShardDataError, ShardStream, make_loader
 
 
 @torch.inference_mode()
@@ -55,6 +55,10 @@ def predict_split(model: torch.nn.Module, manifest: Manifest, split: str, device
         torch_dist.all_gather_object(gathered, (out, skipped))
         out = {k: np.concatenate([g[0][k] for g in gathered]) for k in out}
         skipped = sum(g[1] for g in gathered)
+    if not len(out["y"]) and manifest.samples(split):  # every rank agrees: the counts are gathered
+        raise ShardDataError(f"nothing readable in the {split} split of {manifest.root}: {skipped} bad blocks or "
+                             f"shards skipped (the lines above say why); check them with `audioshard verify "
+                             f"{manifest.root}`")
     order = np.lexsort((out["start"], out["source"]))
     return {**{k: v[order] for k, v in out.items()}, "skipped_blocks": skipped}
 

@@ -352,7 +352,11 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                     if bad_first_pass is None:
                         bad_first_pass = train_data.skipped_blocks - bad_before
                     batches = iter(train_loader)
-                    batch = next(batches)
+                    batch = next(batches, None)
+                    if batch is None:  # not one readable block for this rank
+                        raise TrainingError(f"nothing readable in the train split of {shards}: "
+                                            f"{train_data.skipped_blocks} bad blocks or shards skipped (the lines "
+                                            f"above say why); check them with `audioshard verify {shards}`") from None
                 if TRACE_DIR:
                     seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))
                 x = batch.x.to(device, non_blocking=pin)

@@ -722,3 +722,23 @@ def test_a_source_index_one_past_the_split_is_refused(real_build, tmp_path, caps
     stream = ShardStream(load_manifest(build), "val", 10_000)
     assert all(int(b.source.max()) < count for b in stream) and stream.skipped_blocks == 1
     assert f"source index out of range 0..{count - 1}" in capsys.readouterr().err
+
+
+# --- a split with nothing readable ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_with_nothing_readable_is_a_clear_error(real_build, tiny_checkpoint, tmp_path, split):
+    build = copy_build(real_build, tmp_path)
+    for index, shard in enumerate(load_manifest(build).shards(split)):
+        (build / shard.file).write_bytes(b"not a tar" * 100)
+        reseal(build, split, index)
+    proc = run_measured("train", "--shards", build, "--out", tmp_path / "run", "--quiet", *sets(TINY))[0]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"nothing readable in the {split} split of {build}" in proc.stderr
+    assert f"audioshard verify {build}" in proc.stderr
+    if split == "val":  # before: a crash inside scikit-learn, after the whole training run
+        proc = run_measured("evaluate", "--checkpoint", tiny_checkpoint, "--shards", build, "--split", "val",
+                            "--out", tmp_path / "e")[0]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"nothing readable in the val split of {build}" in proc.stderr
