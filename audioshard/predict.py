@@ -50,6 +50,7 @@ from audioshard.audio import (
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
+from audioshard.csvsafe import cell
 from audioshard.features import FeatureParams, log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 
@@ -572,6 +573,7 @@ class _Writer:
     def header(self) -> None:
         probs = [f"p_{c}" for c in self.classes]
         if self.csv is not None:
+            probs = [cell(p) for p in probs]  # class names and paths: text, never a spreadsheet formula
             self.csv.writerow(["file", "start", "end", "class", "probability", *probs] if self.per_chunk else
                               ["file", "class", "probability", *probs, "chunks", "seconds"])
         elif self.fmt == "table":
@@ -588,10 +590,11 @@ class _Writer:
         if self.csv is not None:
             if self.per_chunk:
                 for s, e, p in zip(pred.starts, pred.ends, pred.chunk_probabilities, strict=True):
-                    self.csv.writerow([pred.path, f"{s:.3f}", f"{e:.3f}", self.classes[int(p.argmax())],
+                    self.csv.writerow([cell(pred.path), f"{s:.3f}", f"{e:.3f}", cell(self.classes[int(p.argmax())]),
                                        f"{p.max():.6f}", *(f"{v:.6f}" for v in p)])
             else:
-                self.csv.writerow([pred.path, pred.label, f"{pred.probability:.6f}", *(f"{v:.6f}" for v in probs),
+                self.csv.writerow([cell(pred.path), cell(pred.label), f"{pred.probability:.6f}",
+                                   *(f"{v:.6f}" for v in probs),
                                    len(pred.starts), f"{pred.seconds:.3f}"])
             self.out.flush()
             return

@@ -8,6 +8,7 @@ a real HTTP server on 127.0.0.1, a real full tmpfs.
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import functools
 import io
@@ -742,3 +743,33 @@ def test_a_split_with_nothing_readable_is_a_clear_error(real_build, tiny_checkpo
                             "--out", tmp_path / "e")[0]
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert f"nothing readable in the val split of {build}" in proc.stderr
+
+
+# --- spreadsheet formulas ---------------------------------------------------------------------------
+
+FORMULAS = ["=HYPERLINK(\"http://evil.example\",\"x\")", "+1+cmd|' /C calc'!A0", "@SUM(A1)"]
+
+
+def test_predict_csv_never_starts_a_cell_with_a_formula(tiny_checkpoint, tmp_path):
+    path = edited_checkpoint(tiny_checkpoint, tmp_path / "named.pt", lambda s: s.update(classes=FORMULAS))
+    wav = tmp_path / "-2+3.wav"
+    shutil.copy(next((DCS / "drone").glob("*.wav")), wav)
+    for per_chunk in ([], ["--per-chunk"]):
+        proc = run_measured("predict", "--checkpoint", path, wav, "--format", "csv", *per_chunk)[0]
+        assert proc.returncode == 0, proc.stderr
+        rows = list(csv.reader(io.StringIO(proc.stdout)))
+        cells = [c for row in rows for c in row]
+        assert not [c for c in cells if c.startswith(("=", "+", "-", "@"))], cells
+        assert f"'{wav}" not in cells and str(wav) in cells[len(rows[0]):]  # an absolute path is left as it is
+        assert any(c in {f"'{f}" for f in FORMULAS} for c in rows[1])
+
+
+def test_sources_csv_keeps_site_text_as_text_and_ids_exact(tmp_path):
+    from audioshard.acquire.common import SourcesFile, read_sources
+
+    sources = SourcesFile(tmp_path)
+    sources.add({"path": "drone/x.wav", "label": "drone", "extractor": "youtube", "id": "-dQw4w9WgXc",
+                 "title": FORMULAS[0], "uploader": "@evil", "license": "+cc"})
+    row = read_sources(tmp_path)[0]
+    assert (row["title"], row["uploader"], row["license"]) == (f"'{FORMULAS[0]}", "'@evil", "'+cc")
+    assert row["id"] == "-dQw4w9WgXc" and SourcesFile(tmp_path).has("drone", None, None, "youtube -dQw4w9WgXc")
