@@ -153,6 +153,7 @@ def _group_by_origin(input_path: Path, sources: list[Source]) -> list[Source]:
 
 def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
     found = Discovery(sources=[])
+    lines: list[int] = []  # the CSV line of each source
     with open(csv_path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.DictReader(stream)
         columns = set(reader.fieldnames or [])
@@ -176,6 +177,30 @@ def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
                 continue
             group = (row.get("group") or "").strip() or group_of(rel, cfg.split.group_regex)
             found.sources.append(Source(str(path.resolve()), rel, label, group, split))
+            lines.append(line)
+    return _drop_duplicates(found, lines, csv_path.name)
+
+
+def _drop_duplicates(found: Discovery, lines: list[int], name: str) -> Discovery:
+    """One recording listed twice is used once; listed with two labels it is not used at all (which label
+    is right is for the CSV's author to say). Each dropped row is reported with its line."""
+    first: dict[str, tuple[int, Source]] = {}
+    labels: dict[str, set[str]] = {}
+    for line, source in zip(lines, found.sources, strict=True):
+        first.setdefault(source.path, (line, source))
+        labels.setdefault(source.path, set()).add(source.label)
+    kept = []
+    for line, source in zip(lines, found.sources, strict=True):
+        first_line = first[source.path][0]
+        if len(labels[source.path]) > 1:
+            found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file is listed with "
+                                  f"labels {', '.join(sorted(labels[source.path]))}; give it one label"})
+        elif first_line != line:
+            found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file as line "
+                                  f"{first_line} (used once)"})
+        else:
+            kept.append(source)
+    found.sources = kept
     return found
 
 

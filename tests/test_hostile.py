@@ -773,3 +773,24 @@ def test_sources_csv_keeps_site_text_as_text_and_ids_exact(tmp_path):
     row = read_sources(tmp_path)[0]
     assert (row["title"], row["uploader"], row["license"]) == (f"'{FORMULAS[0]}", "'@evil", "'+cc")
     assert row["id"] == "-dQw4w9WgXc" and SourcesFile(tmp_path).has("drone", None, None, "youtube -dQw4w9WgXc")
+
+
+# --- CSV input ---------------------------------------------------------------------------------------
+
+
+def test_csv_rows_naming_one_file_twice_are_reported(tmp_path):
+    drones, cars = pick(DCS / "drone", 8), pick(DCS / "car", 8)
+    rows = [f"{p},drone" for p in drones] + [f"{p},car" for p in cars]
+    rows += [f"{drones[0]},car", f"{cars[0]},car", f"{cars[1]},car"]  # a conflict, then two plain repeats
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    proc = run_measured("build", tmp_path / "list.csv", "--out", tmp_path / "out", "--quiet")[0]
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    reasons = {(s["path"], s["reason"]) for s in manifest["skipped"]}
+    assert (str(drones[0]), "list.csv line 2: the same file is listed with labels car, drone; give it one label") \
+        in reasons
+    assert (str(drones[0]), "list.csv line 18: the same file is listed with labels car, drone; give it one label") \
+        in reasons
+    assert (str(cars[0]), "list.csv line 19: the same file as line 10 (used once)") in reasons
+    used = [s for split in manifest["splits"].values() for s in split["sources"]]
+    assert len(used) == len(set(used)) == 15 and str(drones[0]) not in used
