@@ -794,3 +794,44 @@ def test_csv_rows_naming_one_file_twice_are_reported(tmp_path):
     assert (str(cars[0]), "list.csv line 19: the same file as line 10 (used once)") in reasons
     used = [s for split in manifest["splits"].values() for s in split["sources"]]
     assert len(used) == len(set(used)) == 15 and str(drones[0]) not in used
+
+
+# --- audio files that would decode to more than build holds ---------------------------------------------
+
+
+def forged_flac(path: Path, claimed_samples: int) -> Path:
+    """A real one-second FLAC whose STREAMINFO claims `claimed_samples` (the 36-bit total-samples field)."""
+    sf.write(path, np.full(16000, 0.1, np.float32), 16000)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO comes first
+    fields = int.from_bytes(data[18:26], "big")
+    data[18:26] = ((fields & ~((1 << 36) - 1)) | claimed_samples).to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_audio_longer_than_build_holds_is_skipped_before_decoding(tmp_path, monkeypatch):
+    raw = link_tree(tmp_path / "raw", {"drone": 4, "car": 4})
+    forged_flac(raw / "drone" / "forged.flac", (1 << 36) - 1)
+    proc, peak_mb, _ = run_measured("build", raw, "--out", tmp_path / "out", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    skipped = json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]
+    assert [s["path"] for s in skipped] == ["drone/forged.flac"]
+    assert "68719476735 frames x 1 channels are more than audioshard build decodes" in skipped[0]["reason"]
+    assert peak_mb < BASELINE_MB, peak_mb
+    # the same bound on real data, through each decoder (wave, libsndfile, ffmpeg): a 10-s file with the
+    # limit lowered to 5 s
+    import audioshard.audio as audio
+
+    monkeypatch.setattr(audio, "MAX_DECODED_SAMPLES", 5 * 16000)
+    wav = next((DCS / "drone").glob("*.wav"))
+    samples, rate = sf.read(wav, dtype="float32")
+    for name, subtype in (("long.wav", "PCM_16"), ("long.flac", "PCM_16"), ("long.m4a", None)):
+        target = tmp_path / name
+        if subtype:
+            sf.write(target, np.resize(samples, 10 * rate), rate, subtype=subtype)
+        else:
+            sf.write(tmp_path / "src.wav", np.resize(samples, 10 * rate), rate)
+            subprocess.run(["ffmpeg", "-v", "error", "-i", tmp_path / "src.wav", target], check=True)
+        with pytest.raises(audio.AudioError, match=f"{name}: .* are more than audioshard build decodes"):
+            audio.decode(target)
