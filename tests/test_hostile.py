@@ -161,7 +161,7 @@ def test_odd_member_types_are_refused(real_build, tmp_path, capsys, kind):
 
 def npy_with_header(array: np.ndarray, header: str) -> bytes:
     """An .npy file with a hand-written header dict (padded as numpy pads it) and `array`'s bytes."""
-    text = header.encode("latin1")
+    text = header.encode("utf-8")  # any bytes: the reader decodes them as latin-1
     text += b" " * (-(len(text) + 11) % 64) + b"\n"
     return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + array.tobytes()
 
