@@ -573,7 +573,6 @@ class _Writer:
     def header(self) -> None:
         probs = [f"p_{c}" for c in self.classes]
         if self.csv is not None:
-            probs = [cell(p) for p in probs]  # class names and paths: text, never a spreadsheet formula
             self.csv.writerow(["file", "start", "end", "class", "probability", *probs] if self.per_chunk else
                               ["file", "class", "probability", *probs, "chunks", "seconds"])
         elif self.fmt == "table":
@@ -590,6 +589,7 @@ class _Writer:
         if self.csv is not None:
             if self.per_chunk:
                 for s, e, p in zip(pred.starts, pred.ends, pred.chunk_probabilities, strict=True):
+                    # class names and paths as text, never a spreadsheet formula (the header's start with "p_")
                     self.csv.writerow([cell(pred.path), f"{s:.3f}", f"{e:.3f}", cell(self.classes[int(p.argmax())]),
                                        f"{p.max():.6f}", *(f"{v:.6f}" for v in p)])
             else:
