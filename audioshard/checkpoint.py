@@ -117,7 +117,7 @@ def _schema_problem(state: dict[str, Any]) -> str:
 
 
 def _model_args_problem(args: Any) -> str:
-    if not isinstance(args, dict) or args.get("name") not in MODELS:
+    if not isinstance(args, dict) or not isinstance(args.get("name"), str) or args["name"] not in MODELS:
         return f"model_args must name one of {', '.join(MODELS)} (got {args!r:.200})"
     unknown = set(args) - set(inspect.signature(MODELS[args["name"]]).parameters) - {"name"}
     if unknown:

@@ -431,6 +431,7 @@ def test_a_forged_width_is_refused_before_the_model_is_built(tiny_checkpoint, tm
 
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s["model_args"].update(name="evil"), "model_args must name one of seed_cnn, cnn6"),
+    (lambda s: s["model_args"].update(name={}), "model_args must name one of seed_cnn, cnn6"),  # found by hypothesis
     (lambda s: s["model_args"].update(num_classes=10**9), "num_classes = 1000000000, expected an integer"),
     (lambda s: s["model_args"].update(width="32"), "width = '32', expected an integer"),
     (lambda s: s["model_args"].update(exec="x"), "model_args has keys ['exec'] that cnn6 does not take"),
