@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import warnings
 import wave
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
     if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
         try:
             data, rate = _read_soundfile(path)
+        except AudioError:
+            raise
         except Exception as exn:  # libsndfile raises LibsndfileError/RuntimeError for bad data
             if shutil.which("ffmpeg") is None:
                 raise AudioError(f"{path}: not decodable by libsndfile ({exn}); the file is corrupt or not audio"
@@ -63,12 +67,29 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
     return _decode_ffmpeg(path)
 
 
+MAX_DECODED_SAMPLES = 1 << 28  # samples x channels `build` decodes at once: 1 GiB of float32 (4.6 h at 16 kHz)
+
+
+def check_length(path: Path, frames: int, channels: int) -> None:
+    """`build` holds a whole recording in memory: refuse one longer than MAX_DECODED_SAMPLES before reading
+    it (a forged header, or a small FLAC of silence that decodes ~1000x its size)."""
+    if frames * channels > MAX_DECODED_SAMPLES:
+        raise _too_long(path, f"{frames} frames x {channels} channels are")
+
+
+def _too_long(path: Path, amount: str) -> AudioError:
+    return AudioError(f"{path}: {amount} more than audioshard build decodes at once ({MAX_DECODED_SAMPLES} "
+                      "samples); split it, e.g. ffmpeg -i IN -f segment -segment_time 3600 OUT-%03d.wav "
+                      "(predict streams files of any length)")
+
+
 def _read_soundfile(path: Path) -> tuple[np.ndarray, int]:
     """(frames, channels) float32 and the rate. 16-bit PCM (most WAV/FLAC) is read as int16 and scaled
     by 1/32768 in numpy: the same values libsndfile's own float conversion gives, 2-3x faster."""
     if path.suffix.lower() == ".wav" and (plain := _read_pcm16_wav(path)) is not None:
         return plain
     with sf.SoundFile(str(path)) as stream:
+        check_length(path, stream.frames, stream.channels)
         if stream.subtype == "PCM_16":
             data = _pcm16_to_float(stream.read(dtype="int16", always_2d=True))
         else:
@@ -86,6 +107,9 @@ def _read_pcm16_wav(path: Path) -> tuple[np.ndarray, int] | None:
             if stream.getsampwidth() != 2 or stream.getcomptype() != "NONE":
                 return None
             channels, rate = stream.getnchannels(), stream.getframerate()
+            # A header may claim more frames than the file holds (0xFFFFFFFF from streaming writers): only
+            # what the file can hold counts.
+            check_length(path, min(stream.getnframes(), path.stat().st_size // (2 * channels)), channels)
             raw = stream.readframes(stream.getnframes())
     except (wave.Error, EOFError, ValueError):
         return None
@@ -110,11 +134,18 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     rate = _probe_rate(path, ffmpeg)
     cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
            "-f", "f32le", "-acodec", "pcm_f32le", "-"]
-    proc = subprocess.run(cmd, capture_output=True, timeout=3600)
-    if proc.returncode != 0 or not proc.stdout:
-        reason = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    limit = 4 * MAX_DECODED_SAMPLES  # bytes of float32 output
+    with tempfile.TemporaryFile() as errors, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
+        out = proc.stdout.read(limit + 1)  # never more: a small compressed file can decode to any length
+        if len(out) > limit:
+            proc.kill()
+            raise _too_long(path, "its decoded samples are")
+        returncode = proc.wait(timeout=3600)
+        errors.seek(0)
+        reason = errors.read().decode("utf-8", "replace").strip().splitlines()
+    if returncode != 0 or not out:
         raise AudioError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio stream'})")
-    return np.frombuffer(proc.stdout, dtype="<f4").copy(), rate
+    return np.frombuffer(out, dtype="<f4").copy(), rate
 
 
 def _probe_rate(path: Path, ffmpeg: str) -> int:
@@ -129,8 +160,37 @@ def _probe_rate(path: Path, ffmpeg: str) -> int:
     raise AudioError(f"{path}: ffmpeg found no audio stream in it")
 
 
+MIN_RATE, MAX_RATE = 1_000, 768_000  # Hz: below telephone speech, above the fastest studio formats
+MAX_RATE_TERMS = 1_000  # largest reduced rate pair resampled exactly (see resample_ratio)
+
+
+def check_rate(path: str | Path, rate: int) -> None:
+    """A rate outside MIN_RATE..MAX_RATE is a broken or hostile header: resampling from it could make
+    hours of output from seconds of input."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz; "
+                         "the header is damaged, or convert the file (e.g. ffmpeg -ar 16000)")
+
+
+def resample_ratio(orig_rate: int, new_rate: int) -> tuple[int, int]:
+    """(o, n): the rates as a reduced fraction with both terms <= MAX_RATE_TERMS, exact for every
+    common pair (44100 -> 16000 is 441 -> 160). torchaudio's kernel holds about n x (o + 13) taps,
+    so an odd rate such as 15999 -> 16000 (coprime) would need 16000 x 16012 (GBs); the nearest
+    bounded ratio (here 1 -> 1) is within 1/MAX_RATE_TERMS (0.1 %, 1.7 cents) and usually far closer."""
+    exact = Fraction(new_rate, orig_rate)
+    if max(exact.numerator, exact.denominator) <= MAX_RATE_TERMS:
+        return exact.denominator, exact.numerator
+    if exact < 1:
+        near = exact.limit_denominator(MAX_RATE_TERMS)
+        return near.denominator, max(1, near.numerator)
+    near = (1 / exact).limit_denominator(MAX_RATE_TERMS)
+    return max(1, near.numerator), near.denominator
+
+
 def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
-    """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32."""
+    """Band-limited resampling with torchaudio (sinc interpolation). (N,) float32 -> (M,) float32.
+    The rate ratio is `resample_ratio`'s, exact for common rates, bounded for odd ones."""
+    orig_rate, new_rate = resample_ratio(orig_rate, new_rate)
     if orig_rate == new_rate:
         return samples
     # oneDNN prepares a new convolution kernel for every input length (each file's), which costs more
@@ -150,6 +210,7 @@ def _resampler(orig_rate: int, new_rate: int) -> torch.nn.Module:
 def load(path: str | Path, sample_rate: int) -> np.ndarray:
     """Decode, mix to mono and resample: the one way audio enters audioshard (build and predict)."""
     samples, rate = decode(path)
+    check_rate(path, rate)
     if samples.size == 0:  # a header with no frames: nothing to resample (torchaudio would fail on it)
         raise AudioError(f"{path}: no audio samples in the file (a header without audio data)")
     if not np.isfinite(peak_amplitude(samples)):

@@ -16,6 +16,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import io
@@ -43,7 +44,7 @@ from audioshard.acquire.common import provenance_rows
 from audioshard.audio import AudioError, choppinator, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
 from audioshard.features import FeatureParams, log_mel
-from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, write_json_atomic
+from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, block_problem, write_json_atomic
 from audioshard.split import SPLITS, Source, group_of, split_sources
 
 MARKER_NAME = ".audioshard-build"
@@ -152,6 +153,7 @@ def _group_by_origin(input_path: Path, sources: list[Source]) -> list[Source]:
 
 def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
     found = Discovery(sources=[])
+    lines: list[int] = []  # the CSV line of each source
     with open(csv_path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.DictReader(stream)
         columns = set(reader.fieldnames or [])
@@ -175,6 +177,30 @@ def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
                 continue
             group = (row.get("group") or "").strip() or group_of(rel, cfg.split.group_regex)
             found.sources.append(Source(str(path.resolve()), rel, label, group, split))
+            lines.append(line)
+    return _drop_duplicates(found, lines, csv_path.name)
+
+
+def _drop_duplicates(found: Discovery, lines: list[int], name: str) -> Discovery:
+    """One recording listed twice is used once; listed with two labels it is not used at all (which label
+    is right is for the CSV's author to say). Each dropped row is reported with its line."""
+    first: dict[str, tuple[int, Source]] = {}
+    labels: dict[str, set[str]] = {}
+    for line, source in zip(lines, found.sources, strict=True):
+        first.setdefault(source.path, (line, source))
+        labels.setdefault(source.path, set()).add(source.label)
+    kept = []
+    for line, source in zip(lines, found.sources, strict=True):
+        first_line = first[source.path][0]
+        if len(labels[source.path]) > 1:
+            found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file is listed with "
+                                  f"labels {', '.join(sorted(labels[source.path]))}; give it one label"})
+        elif first_line != line:
+            found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file as line "
+                                  f"{first_line} (used once)"})
+        else:
+            kept.append(source)
+    found.sources = kept
     return found
 
 
@@ -391,10 +417,13 @@ def clean(out_dir: str | Path) -> list[Path]:
     if not (out_dir / MANIFEST_NAME).exists() and not (out_dir / MARKER_NAME).exists():
         raise BuildError(f"{out_dir}: does not look like an audioshard build (no {MANIFEST_NAME} or {MARKER_NAME}); "
                          "refusing to delete anything there")
-    removed = own_outputs(out_dir)
-    for path in removed:
-        path.unlink()
+    with locked(out_dir):
+        removed = own_outputs(out_dir)
+        for path in removed:
+            path.unlink()
     for part_dir in sorted(out_dir.glob("part-*-of-*")):  # part builds of a job array
+        if part_dir.is_symlink():  # a link to another build's folder: that build is not ours to delete
+            continue
         if part_dir.is_dir() and ((part_dir / MANIFEST_NAME).exists() or (part_dir / MARKER_NAME).exists()):
             removed += clean(part_dir)
     if not any(out_dir.iterdir()):
@@ -420,7 +449,11 @@ def _prepare_out_dir(out_dir: Path, fingerprint: str, force: bool) -> bool:
                              "folder, or pass --force to write into it anyway")
         # --force, or an interrupted build (marker, no manifest): build anew; old outputs go at commit.
     out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}), encoding="utf-8")
+    try:
+        marker.write_text(json.dumps({"fingerprint": fingerprint, "started": time.time()}), encoding="utf-8")
+    except OSError as exn:
+        raise BuildError(f"cannot start a build in {out_dir} ({exn.strerror or exn}); nothing was replaced. "
+                         "Free some space (or fix the permission) and run the same command again") from exn
     return False
 
 
@@ -641,6 +674,8 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         BuildResult with the manifest as written (or as found, when the build was already up to date).
     """
     out_dir = Path(out_dir)
+    if problem := block_problem(cfg.shards.block_size, FeatureParams.from_config(cfg)):
+        raise BuildError(f"these settings would make shards no reader accepts: {problem}")  # before any work
     found = discover(input_path, cfg)
     if not found.sources:
         raise BuildError(f"{input_path}: no usable audio files found "
@@ -652,25 +687,51 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
             raise BuildError(f"--part {index}/{count}: expected 0 <= I < N")
         out_dir = out_dir / f"part-{index}-of-{count}"
         fingerprint = f"{job}-part-{index}-of-{count}"
-    if _prepare_out_dir(out_dir, fingerprint, force):
-        manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-        return BuildResult(out_dir, manifest, up_to_date=True)
+    with locked(out_dir):
+        if _prepare_out_dir(out_dir, fingerprint, force):
+            manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+            return BuildResult(out_dir, manifest, up_to_date=True)
 
-    staging = out_dir / STAGING_NAME
-    shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
-    staging.mkdir()
+        staging = out_dir / STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted build
+        staging.mkdir()
+        try:
+            manifest = _build_into(staging, input_path, found, cfg, workers, progress, part, fingerprint, job)
+        except BaseException as exn:  # the previous build (if any) stays intact
+            shutil.rmtree(staging, ignore_errors=True)
+            (out_dir / MARKER_NAME).unlink(missing_ok=True)
+            if not isinstance(exn, OSError):
+                raise
+            where = f" ({exn.filename})" if exn.filename else ""
+            raise BuildError(f"writing the build failed{where}: {exn.strerror or exn}; nothing in {out_dir} was "
+                             "replaced. Free some space (or fix the permission) and run the same command again"
+                             ) from exn
+        try:
+            _commit(out_dir, staging, manifest)
+        except OSError as exn:  # no manifest is written unless the commit completes: the next run rebuilds
+            raise BuildError(f"writing the build into {out_dir} failed at the end ({exn.strerror or exn}); it has "
+                             "no manifest now. Free some space and run the same command again") from exn
+        return BuildResult(out_dir, manifest)
+
+
+@contextlib.contextmanager
+def locked(out_dir: Path):
+    """Hold an exclusive flock on the folder itself while a build (or merge, or clean) works in it: a
+    second one fails at once instead of writing a manifest that describes the other's shards. A lock on
+    the folder leaves no file behind, and the kernel releases it when the process dies (never stale)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        manifest = _build_into(staging, input_path, found, cfg, workers, progress, part, fingerprint, job)
-    except BaseException as exn:  # the previous build (if any) stays intact
-        shutil.rmtree(staging, ignore_errors=True)
-        (out_dir / MARKER_NAME).unlink(missing_ok=True)
-        if not isinstance(exn, OSError):
-            raise
-        where = f" ({exn.filename})" if exn.filename else ""
-        raise BuildError(f"writing the build failed{where}: {exn.strerror or exn}; nothing in {out_dir} was "
-                         "replaced. Free some space (or fix the permission) and run the same command again") from exn
-    _commit(out_dir, staging, manifest)
-    return BuildResult(out_dir, manifest)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"{out_dir}: another audioshard build, merge or clean is working in this folder now; "
+                             "wait for it to finish, or choose another --out") from None
+        except OSError:  # a file system without flock on folders (some NFS): go on unlocked, as before
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Config, workers: int | None,
@@ -810,6 +871,13 @@ def merge_parts(out_dir: str | Path) -> dict[str, Any]:
     each shard records the offset of its part's sources in the merged `sources` list.
     """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise BuildError(f"{out_dir}: no such folder (the --out of the part builds)")
+    with locked(out_dir):
+        return _merge_parts(out_dir)
+
+
+def _merge_parts(out_dir: Path) -> dict[str, Any]:
     parts = []
     for path in sorted(out_dir.glob("part-*-of-*/" + MANIFEST_NAME)):
         parts.append((path.parent.name, json.loads(path.read_text(encoding="utf-8"))))

@@ -7,18 +7,26 @@ It is read with `torch.load(weights_only=True)`, which refuses pickled code (tor
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from audioshard.features import FeatureParams, feature_params_problem
 from audioshard.manifest import Manifest
-from audioshard.models import build_model
+from audioshard.models import MODELS, build_model
 
 CHECKPOINT_FORMAT = "audioshard-checkpoint"
 CHECKPOINT_VERSION = 1
+MAX_WIDTH = 256  # cnn6 at width 256: ~75 M parameters (300 MB); the default is 32
+MAX_CLASSES = 100_000
+MAX_CHECKPOINT_BYTES = 4 << 30  # last.pt at MAX_WIDTH with Adam's two moments and averaged weights: ~1.5 GB
 
 
 class CheckpointError(ValueError):
@@ -39,16 +47,21 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except BaseException as exn:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exn, OSError):  # disk full, quota: say so, and that the previous file is still good
-            raise CheckpointError(f"writing {path} failed ({exn.strerror or exn}); the previous {path.name} (if any) "
-                                  "is intact. Free some space and continue with --resume") from exn
+        # Disk full, quota: say so, and that the previous file is still good. torch.save reports a failed
+        # write as a RuntimeError ("PytorchStreamWriter failed writing file ..."), not an OSError.
+        if isinstance(exn, (OSError, RuntimeError)):
+            reason = getattr(exn, "strerror", None) or str(exn).splitlines()[0][:300]
+            raise CheckpointError(f"writing {path} failed ({reason}); the previous {path.name} (if any) is intact. "
+                                  "Free some space and continue with --resume") from exn
         raise
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict, read without unpickling, its sizes and schema checked before use."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exn:  # UnpicklingError for pickled code, RuntimeError for a truncated zip, ...
@@ -57,12 +70,82 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               "or carry pickled code, which audioshard never loads") from exn
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an audioshard checkpoint")
+    check_schema(state, str(path))
     return state
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip of stored (uncompressed) entries, so what torch.load allocates is at most
+    the file's own size. Refuse a zip whose entries inflate beyond that (a 4.7 MB file made a 1 GiB
+    tensor), and files over MAX_CHECKPOINT_BYTES, from the central directory, before reading any entry."""
+    size = path.stat().st_size
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes; audioshard checkpoints are at most "
+                              f"{MAX_CHECKPOINT_BYTES >> 20} MB (model.width <= {MAX_WIDTH})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip: torch.load refuses it, or reads the legacy format, which does not inflate
+    if inflated > size:
+        raise CheckpointError(f"{path}: its zip entries inflate to {inflated} bytes from a {size}-byte file; "
+                              "torch.save never compresses, so this is not a checkpoint audioshard wrote")
+
+
+def check_schema(state: dict[str, Any], where: str) -> None:
+    """The keys every audioshard checkpoint has, with sane types and sizes, so that nothing is built
+    from a forged `model_args` (width 3000 asked for 13.6 GB) and no later step meets a KeyError."""
+    problem = _schema_problem(state)
+    if problem:
+        raise CheckpointError(f"{where}: not a usable audioshard checkpoint: {problem}")
+
+
+def _schema_problem(state: dict[str, Any]) -> str:
+    weights, classes, norm = state.get("model"), state.get("classes"), state.get("normalization")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "'model' is not a dict of tensors"
+    problem = _model_args_problem(state.get("model_args"))
+    if problem:
+        return problem
+    if not isinstance(classes, list) or len(classes) != state["model_args"]["num_classes"] or not all(
+            isinstance(c, str) for c in classes):
+        return "'classes' must be a list of num_classes names"
+    if not isinstance(norm, dict) or not all(type(norm.get(k)) is float and math.isfinite(norm[k])
+                                             for k in ("mean", "std")) or not norm["std"] > 0:
+        return "'normalization' must hold a finite mean and a positive std"
+    return _features_problem(state.get("features"))
+
+
+def _model_args_problem(args: Any) -> str:
+    if not isinstance(args, dict) or not isinstance(args.get("name"), str) or args["name"] not in MODELS:
+        return f"model_args must name one of {', '.join(MODELS)} (got {args!r:.200})"
+    unknown = set(args) - set(inspect.signature(MODELS[args["name"]]).parameters) - {"name"}
+    if unknown:
+        return f"model_args has keys {sorted(unknown)!r:.200} that {args['name']} does not take"
+    for key, top in (("num_classes", MAX_CLASSES), ("width", MAX_WIDTH)):
+        if type(args.get(key)) is not int or not 1 <= args[key] <= top:
+            return f"model_args {key} = {args.get(key)!r:.50}, expected an integer in 1..{top}"
+    dropout, norm = args.get("dropout", 0.0), args.get("input_norm", "none")
+    if type(dropout) not in (int, float) or not 0 <= dropout <= 1 or norm not in ("none", "chunk", "band"):
+        return f"model_args dropout {dropout!r:.50} (0..1) or input_norm {norm!r:.50} is not valid"
+    return ""
+
+
+def _features_problem(features: Any) -> str:
+    try:
+        params = FeatureParams.from_dict(features)
+    except TypeError:
+        return f"'features' must hold {', '.join(f.name for f in dataclasses.fields(FeatureParams))}"
+    return feature_params_problem(params)
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     model = build_model(state["model_args"])
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exn:  # missing, unexpected or wrongly shaped weights (torch names each)
+        detail = " ".join(line.strip() for line in str(exn).splitlines()[:2])  # torch names the first tensor
+        raise CheckpointError(f"the checkpoint's weights do not fit its model_args: {detail:.400}") from exn
     model.eval()
     return model
 

@@ -67,7 +67,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from audioshard.info import format_info
     from audioshard.manifest import load_manifest
 
-    manifest = load_manifest(args.source)
+    manifest = load_manifest(args.source, _config(args).fetcher())  # [shards] timeouts and retries apply
     print(format_info(manifest.data, args.source, verbose=args.verbose))
     return 0
 
@@ -411,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, BuildError, ManifestError, CheckpointError, SourceError, TrainingError, AudioError,
             ShardDataError, PredictError, ExportError, AcquireError, AdaptError) as exn:
         print(f"audioshard {args.command}: error: {exn}", file=sys.stderr)
+        return 2
+    except OSError as exn:  # the machine, not the data: a full disk, a permission, a vanished file
+        where = f": {exn.filename}" if exn.filename else ""
+        print(f"audioshard {args.command}: error: {exn.strerror or exn}{where}; free some space or fix the "
+              "permission, then run the same command again (--resume for train)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -182,6 +183,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML (file or --set) has nan and inf; no setting means either
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
             return float(value)
     elif isinstance(default, str):
         if isinstance(value, str):

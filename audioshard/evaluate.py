@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, classificat
 from audioshard.augment import BatchTransform
 from audioshard.manifest import Manifest
 from audioshard.models import MIN_ADAPT_EXAMPLES, AdaptError, adapt_batchnorm
-from audioshard.stream import ShardStream, make_loader
+from audioshard.stream import ShardDataError, ShardStream, make_loader
 
 
 @torch.inference_mode()
@@ -55,6 +55,10 @@ def predict_split(model: torch.nn.Module, manifest: Manifest, split: str, device
         torch_dist.all_gather_object(gathered, (out, skipped))
         out = {k: np.concatenate([g[0][k] for g in gathered]) for k in out}
         skipped = sum(g[1] for g in gathered)
+    if not len(out["y"]) and manifest.samples(split):  # every rank agrees: the counts are gathered
+        raise ShardDataError(f"nothing readable in the {split} split of {manifest.root}: {skipped} bad blocks or "
+                             f"shards skipped (the lines above say why); check them with `audioshard verify "
+                             f"{manifest.root}`")
     order = np.lexsort((out["start"], out["source"]))
     return {**{k: v[order] for k, v in out.items()}, "skipped_blocks": skipped}
 
@@ -96,6 +100,9 @@ def summarize(pred: dict[str, np.ndarray], classes: list[str], loss: float | Non
     return result
 
 
+MAX_ANNOTATED, MAX_TICKS, MAX_FIGURE_INCHES = 40, 100, 20.0
+
+
 def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], title: str) -> None:
     import matplotlib
 
@@ -103,18 +110,28 @@ def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, cl
     import matplotlib.pyplot as plt
 
     matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
-    size = max(4.0, 0.6 * len(classes) + 2)
+    n = len(classes)
+    # Bounded for any class count: the figure stops growing at MAX_FIGURE_INCHES, cells get their count
+    # written only up to MAX_ANNOTATED classes and tick labels only up to MAX_TICKS (every k-th beyond):
+    # one text object per cell made 150 classes take 27 s and 3.5 GB.
+    size = min(MAX_FIGURE_INCHES, max(4.0, 0.6 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    ticks = range(0, n, max(1, -(-n // MAX_TICKS)))
+    names = [classes[i][:40] for i in ticks]  # a class name can be any length
+    ax.set_xticks(ticks, names, rotation=45 if n <= MAX_ANNOTATED else 90, ha="right",
+                  fontsize=None if n <= MAX_ANNOTATED else 5)
+    ax.set_yticks(ticks, names, fontsize=None if n <= MAX_ANNOTATED else 5)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_title(title if n <= MAX_ANNOTATED else f"{title}; {n} classes, counts in {Path(path).stem}.csv")
+    if n <= MAX_ANNOTATED:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    else:  # the counts themselves, where a picture cannot show them
+        np.savetxt(Path(path).with_suffix(".csv"), matrix, fmt="%d", delimiter=",")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

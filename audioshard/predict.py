@@ -38,10 +38,20 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from audioshard.audio import SOUNDFILE_EXTENSIONS, AudioError, _probe_rate, choppinator, resample, silent_chunks
+from audioshard.audio import (
+    SOUNDFILE_EXTENSIONS,
+    AudioError,
+    _probe_rate,
+    check_rate,
+    choppinator,
+    resample,
+    resample_ratio,
+    silent_chunks,
+)
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
+from audioshard.csvsafe import cell
 from audioshard.features import FeatureParams, log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 
@@ -79,8 +89,7 @@ class StreamingResampler:
 
     def __init__(self, orig_rate: int, new_rate: int):
         self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
-        gcd = math.gcd(self.orig_rate, self.new_rate)
-        self.o, self.n = self.orig_rate // gcd, self.new_rate // gcd
+        self.o, self.n = resample_ratio(self.orig_rate, self.new_rate)  # reduced, and bounded for odd rates
         # torchaudio's filter half-length in input samples, plus one for rounding.
         width = math.ceil(LOWPASS_FILTER_WIDTH * self.o / (min(self.o, self.n) * ROLLOFF)) + 1
         self.context = self.o * (width // self.o + 2)  # a multiple of o, > width + o
@@ -171,6 +180,11 @@ def open_audio(path: str | Path, block_seconds: float) -> tuple[int, Iterator[np
             except AudioError as ffmpeg_exn:
                 raise AudioError(f"{path}: corrupt or not audio (libsndfile: {exn}; "
                                  f"ffmpeg: {str(ffmpeg_exn).removeprefix(f'{path}: ')})") from exn
+        try:
+            check_rate(path, handle.samplerate)
+        except AudioError:
+            handle.close()
+            raise
         return int(handle.samplerate), _soundfile_blocks(handle, path, max(1, int(block_seconds * handle.samplerate)))
     return _open_ffmpeg(path, block_seconds)
 
@@ -194,6 +208,7 @@ def _open_ffmpeg(path: Path, block_seconds: float) -> tuple[int, Iterator[np.nda
         raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not installed "
                          "(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)")
     rate = _probe_rate(path, ffmpeg)
+    check_rate(path, rate)
     return rate, _ffmpeg_blocks(ffmpeg, path, rate, max(1, int(block_seconds * rate)))
 
 
@@ -590,10 +605,12 @@ class _Writer:
         if self.csv is not None:
             if self.per_chunk:
                 for s, e, p in zip(pred.starts, pred.ends, pred.chunk_probabilities, strict=True):
-                    self.csv.writerow([pred.path, f"{s:.3f}", f"{e:.3f}", self.classes[int(p.argmax())],
+                    # class names and paths as text, never a spreadsheet formula (the header's start with "p_")
+                    self.csv.writerow([cell(pred.path), f"{s:.3f}", f"{e:.3f}", cell(self.classes[int(p.argmax())]),
                                        f"{p.max():.6f}", *(f"{v:.6f}" for v in p)])
             else:
-                self.csv.writerow([pred.path, pred.label, f"{pred.probability:.6f}", *(f"{v:.6f}" for v in probs),
+                self.csv.writerow([cell(pred.path), cell(pred.label), f"{pred.probability:.6f}",
+                                   *(f"{v:.6f}" for v in probs),
                                    len(pred.starts), f"{pred.seconds:.3f}"])
             self.out.flush()
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import io
+import json
 import os
 import tempfile
 import time
@@ -22,10 +23,13 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 SPOOL_BYTES = 64 << 20  # remote shards larger than this are spooled to a temporary file, not kept in memory
+MAX_JSON_BYTES = 64 << 20  # a manifest: ~1 KB per shard and per skipped file; 64 MB is a build of ~50,000 shards
+DEADLINE_TIMEOUTS = 10  # one download may take this many read timeouts in all (a trickling server)
+PIECE_BYTES = 1 << 20  # bytes per read of an HTTP body
 
 
 class SourceError(OSError):
@@ -50,6 +54,22 @@ class IntegrityError(SourceError):
     """A shard's bytes do not match the manifest (size or sha256): truncated, corrupt or tampered."""
 
 
+class _SameServerRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme and host: a build's files are read from the server
+    named, never from wherever a redirect (or a tampered server) points, nor over another protocol."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlparse(req.full_url), urllib.parse.urlparse(newurl)
+        if (old.scheme, old.netloc) != (new.scheme, new.netloc):
+            raise SourceError(f"{req.full_url}: HTTP {code} redirects to {newurl}, another server or scheme; "
+                              "audioshard follows redirects within one server only: use the final URL if you "
+                              "trust it")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameServerRedirects)
+
+
 class _Retry(Exception):
     """A transient failure worth another attempt."""
 
@@ -63,7 +83,8 @@ class Fetcher:
     """How to read build files: timeouts, retries, and an optional verified local cache.
 
     Args:
-        timeout: seconds for each connect and each read on HTTP(S).
+        timeout: seconds for each connect and each read on HTTP(S); one whole download may take
+            DEADLINE_TIMEOUTS times this (a server trickling bytes cannot hold a reader forever).
         retries: further attempts after a transient failure (with backoff 0.5 s, 1 s, 2 s, ...).
         cache_dir: keep verified copies of remote shards here ("" = no cache); safe to share
             between processes (files appear atomically under their sha256).
@@ -77,18 +98,25 @@ class Fetcher:
     verify_local: bool = True
     backoff: float = 0.5
 
-    def read(self, location: str) -> bytes:
-        """The whole file (used for the manifest)."""
-        if not is_url(location):
-            _refuse_other_schemes(location)
-            try:
-                return Path(location).read_bytes()
-            except OSError as exn:
-                raise SourceError(f"{location}: {exn.strerror}") from exn
-        with tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES) as sink:
-            self._download(location, sink, None, None)
-            sink.seek(0)
-            return sink.read()
+    def read(self, location: str, parse=None) -> bytes:
+        """A whole small file (the manifest), at most MAX_JSON_BYTES. Over HTTP, a body that `parse`
+        (raising ValueError) refuses is retried like a truncated download: a server can cut a body
+        short with a matching Content-Length."""
+        if is_url(location):
+            return self._download(location, None, None, None, parse=parse)
+        _refuse_other_schemes(location)
+        try:
+            size = os.stat(location).st_size
+            data = Path(location).read_bytes() if size <= MAX_JSON_BYTES else None
+        except OSError as exn:
+            raise SourceError(f"{location}: {exn.strerror}") from exn
+        if data is None:
+            raise _too_long(location, None, size)
+        return data
+
+    def read_json(self, location: str) -> Any:
+        """A JSON file read as `read` reads it, parsed (ValueError for a local file that is not JSON)."""
+        return json.loads(self.read(location, parse=json.loads))
 
     def open_shard(self, location: str, size: int | None = None, sha256: str | None = None) -> BinaryIO:
         """A readable stream of a shard whose size (and, when remote, sha256) match the manifest."""
@@ -110,7 +138,7 @@ class Fetcher:
             return stream
         if self.cache_dir and sha256:
             return self._cached(location, size, sha256)
-        if size is not None and size <= SPOOL_BYTES:  # the usual shard: one bytes object, parsed in place
+        if size is not None and size <= SPOOL_BYTES:  # the usual shard: held in memory, parsed in place
             return io.BytesIO(self._download(location, None, size, sha256))
         sink = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned to the caller
         self._download(location, sink, size, sha256)
@@ -136,15 +164,20 @@ class Fetcher:
             raise
         return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
 
-    def _download(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None) -> bytes:
-        """Into `sink`, with retries; or, with no sink and a known size, returned as one bytes object."""
+    def _download(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None,
+                  parse=None) -> bytes:
+        """Into `sink`, with retries; or, with no sink, returned as bytes. `parse` (raising ValueError)
+        checks a body whose size the caller cannot know."""
         delay = self.backoff
         for attempt in range(self.retries + 1):
             if sink is not None:
                 sink.seek(0)
                 sink.truncate()
             try:
-                return self._download_once(location, sink, size, sha256)
+                data = self._download_once(location, sink, size, sha256)
+                if parse is not None:
+                    _parsed(parse, data)
+                return data
             except _Retry as exn:
                 if attempt == self.retries:
                     error = IntegrityError if exn.integrity else SourceError
@@ -153,20 +186,14 @@ class Fetcher:
             delay *= 2
 
     def _download_once(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None) -> bytes:
-        digest = hashlib.sha256()
-        received, data = 0, b""
+        limit = MAX_JSON_BYTES if size is None else size
         try:
-            with urllib.request.urlopen(location, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
-                if sink is None:  # read straight into one object (the socket timeout still bounds each read)
-                    data = response.read(size)
-                    received = len(data) + len(response.read(1))  # a longer body is as wrong as a shorter one
-                    digest.update(data)
-                else:
-                    buffer = memoryview(bytearray(1 << 20))  # reused for every read: no new object per block
-                    while n := response.readinto(buffer):
-                        digest.update(buffer[:n])
-                        sink.write(buffer[:n])
-                        received += n
+            with _OPENER.open(location, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
+                if (declared := _declared_length(response)) > limit:  # refused before reading a byte
+                    raise _too_long(location, size, declared)
+                received, data, digest = self._receive(response, sink, limit)
+        except SourceError:
+            raise
         except urllib.error.HTTPError as exn:
             if exn.code in TRANSIENT_HTTP:
                 raise _Retry(f"HTTP {exn.code} {exn.reason}") from exn
@@ -174,12 +201,55 @@ class Fetcher:
             raise SourceError(f"{location}: HTTP {exn.code} {exn.reason}{hint}") from exn
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exn:
             raise _Retry(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
+        if received > limit:
+            raise _too_long(location, size, received)
         if size is not None and received != size:
             raise _Retry(f"received {received} bytes, the manifest says {size} (truncated download)", integrity=True)
         if sha256 is not None and digest.hexdigest() != sha256:
             raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)",
                          integrity=True)
         return data
+
+    def _receive(self, response, sink: BinaryIO | None, limit: int) -> tuple[int, bytes, Any]:
+        """(bytes received, the body when there is no sink, its sha256): read piece by piece, at most
+        `limit` + one piece, and within DEADLINE_TIMEOUTS x timeout in all."""
+        deadline = time.monotonic() + DEADLINE_TIMEOUTS * self.timeout
+        digest, pieces, received = hashlib.sha256(), [], 0
+        while piece := response.read1(PIECE_BYTES):  # each read waits at most `timeout` (the socket's)
+            digest.update(piece)
+            received += len(piece)
+            if sink is None:
+                pieces.append(piece)
+            else:
+                sink.write(piece)
+            if received > limit:
+                break
+            if time.monotonic() > deadline:
+                raise _Retry(f"the download took over {DEADLINE_TIMEOUTS * self.timeout:g} s (a stalled or "
+                             f"trickling server; {DEADLINE_TIMEOUTS} x shards.http_timeout is allowed per file)")
+        return received, b"".join(pieces), digest
+
+
+def _too_long(location: str, size: int | None, received: int) -> Exception:
+    """A body longer than the manifest says (retried: the next download may be right), or a manifest over
+    MAX_JSON_BYTES (refused: nothing that large is an audioshard manifest)."""
+    if size is not None:
+        return _Retry(f"{received} bytes or more, the manifest says {size}", integrity=True)
+    return SourceError(f"{location}: over {MAX_JSON_BYTES >> 20} MB; not an audioshard manifest")
+
+
+def _declared_length(response) -> int:
+    try:
+        return int(response.headers.get("Content-Length") or 0)
+    except ValueError:  # garbage: http.client reads such a body to the connection's end, bounded by `limit`
+        return 0
+
+
+def _parsed(parse, data: bytes) -> None:
+    try:
+        parse(data)
+    except ValueError as exn:
+        raise _Retry(f"the body does not parse ({exn}): truncated by the server or on the way?") from exn
 
 
 def _open_verified(path: str, size: int, sha256: str) -> BinaryIO | None:

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
 from audioshard.remote import IntegrityError
@@ -90,6 +90,76 @@ def task_samples(task: ReadTask, block_size: int) -> int:
     return sum(block_sizes(task.shard, block_size)[task.offset::task.stride])
 
 
+# --- safe tar reading ---------------------------------------------------------------------------
+
+NPY_HEADER_SLACK = 1 << 16  # magic + header dict of one .npy member (np.save writes 128 bytes)
+MAX_META_BYTES = 1 << 16  # a long-name or pax header (audioshard's own shards have none)
+META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+              tarfile.SOLARIS_XHDTYPE)
+
+
+class UnsafeMemberError(tarfile.TarError):
+    """A tar member no audioshard shard holds (sparse, a link, outsized): refused before it is read.
+    Not a tarfile.HeaderError on purpose: tarfile takes those, past the first member, for the archive's end."""
+
+
+class _PlainTarInfo(tarfile.TarInfo):
+    """Refuses, before tarfile reads them, the headers whose data it would read whole or inflate: a
+    sparse member reads back its holes as zeros (a 10 KB tar can claim GBs), and long-name/pax headers
+    are read into memory at their declared size."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeMemberError(f"member {self.name!r} is a sparse file; shards hold plain files only")
+        if self.type in META_TYPES and self.size > MAX_META_BYTES:
+            raise UnsafeMemberError(f"a {self.size}-byte long-name/pax header; at most {MAX_META_BYTES} are read")
+        return super()._proc_member(tar)
+
+
+COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _refuse_compressed(stream) -> None:
+    """Name a compressed shard for what it is (tarfile alone would say "bad checksum")."""
+    head = stream.read(6)
+    stream.seek(0)
+    for magic, name in COMPRESSED.items():
+        if head.startswith(magic):
+            raise UnsafeMemberError(f"{name}-compressed; audioshard reads plain tar shards only (it never "
+                                    "inflates one: a small compressed shard can expand without bound)")
+
+
+def member_limits(manifest: Manifest) -> dict[str, int]:
+    """The most bytes each block member of this build can hold (a full block plus header room)."""
+    rows, features = manifest.block_size, manifest.features
+    mel = rows * math.prod(features.shape) * np.dtype(features.dtype).itemsize
+    sizes = {"mel.npy": mel, "label.npy": 2 * rows, "source.npy": 4 * rows, "start.npy": 4 * rows}
+    return {name: size + NPY_HEADER_SLACK for name, size in sizes.items()}
+
+
+def tar_members(stream, location: str, limits: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """The block members of a shard, each checked before it is read, as webdataset's sample parts
+    ({"fname", "data", "__url__"}), then {} at the end (what `group_by_keys` expects).
+
+    Plain tars only: mode "r|" never decompresses, where webdataset's "r|*" would inflate a small
+    gzip/bz2/xz shard to any size. Memory per member is bounded by `limits`, from the manifest.
+    """
+    _refuse_compressed(stream)
+    with tarfile.open(fileobj=stream, mode="r|", tarinfo=_PlainTarInfo) as tar:
+        for member in tar:
+            tar.members = []  # a stream has no index to keep: drop each header once seen
+            suffix = member.name.rsplit("/", 1)[-1].split(".", 1)[-1]
+            if suffix not in limits:
+                continue  # skipped by reading past it in small pieces, never as a whole
+            if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or member.sparse is not None:
+                raise UnsafeMemberError(f"member {member.name!r} is not a plain file (type {member.type!r})")
+            if member.size > limits[suffix]:
+                raise UnsafeMemberError(f"member {member.name!r} claims {member.size} bytes; a block of this "
+                                        f"build holds at most {limits[suffix]}: forged or foreign shard")
+            yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": location}
+    yield {}
+
+
 # --- safe decoding -----------------------------------------------------------------------------
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -121,6 +191,8 @@ def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: i
         expected_dtype = False
     if not expected_dtype:
         raise ShardDataError(f"{where}: dtype {descr!r} (fortran={fortran}), expected {np.dtype(dtype).str}")
+    if not all(type(dim) is int for dim in shape):  # 63.0 or True would pass the comparison below
+        raise ShardDataError(f"{where}: shape {shape} has non-integer dimensions")
     if len(shape) != 1 + len(shape_tail) or tuple(shape[1:]) != shape_tail or not 0 < shape[0] <= max_rows:
         raise ShardDataError(f"{where}: shape {shape}, expected (1..{max_rows}, {', '.join(map(str, shape_tail))})")
     payload = memoryview(data)[start + header_len:]
@@ -145,8 +217,9 @@ def _finite_float16(values: np.ndarray) -> bool:
     return not np.any((values.view(np.uint16) & 0x7C00) == 0x7C00)
 
 
-def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.ndarray]:
-    """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key."""
+def decode_block(sample: dict[str, Any], manifest: Manifest, sources: int | None = None) -> dict[str, np.ndarray]:
+    """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key.
+    `sources`: how many recordings the block's `source` indices may point at (unchecked if None)."""
     where = f"{sample.get('__url__')} key {sample.get('__key__')}"
     missing = [m for m in BLOCK_MEMBERS if m not in sample]
     if missing:
@@ -163,6 +236,11 @@ def decode_block(sample: dict[str, Any], manifest: Manifest) -> dict[str, np.nda
         raise ShardDataError(f"{where}: label out of range 0..{len(manifest.classes) - 1}")
     if not _finite_float16(mel):
         raise ShardDataError(f"{where}: NaN or infinite values in mel.npy")
+    # Out-of-range sources would silently merge or misattribute recordings in the recording-level results.
+    if source.min() < 0 or (sources is not None and source.max() >= sources):
+        raise ShardDataError(f"{where}: source index out of range 0..{(sources or 2**31) - 1}")
+    if not np.isfinite(start).all() or start.min() < 0:
+        raise ShardDataError(f"{where}: start times must be finite seconds >= 0")
     return {"x": mel, "y": label, "source": source, "start": start}
 
 
@@ -222,6 +300,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return total
 
     def _blocks(self, tasks: list[ReadTask]) -> Iterator[dict[str, np.ndarray]]:
+        limits, sources = member_limits(self.manifest), len(self.manifest.sources(self.split))
         for task in tasks:
             location = self.manifest.shard_location(task.shard)
             sizes = block_sizes(task.shard, self.manifest.block_size)[task.offset::task.stride]
@@ -232,14 +311,13 @@ class ShardStream(torch.utils.data.IterableDataset):
                 self._bad(ShardDataError(str(exn)))
                 continue
             try:
-                files = tar_file_expander([{"url": location, "stream": stream}],
-                                          select_files=lambda name: name.split(".", 1)[-1] in BLOCK_MEMBERS)
+                files = tar_members(stream, location, limits)
                 for index, sample in enumerate(group_by_keys(files)):
                     if index % task.stride != task.offset:
                         continue
                     blocks += 1
                     try:
-                        block = decode_block(sample, self.manifest)
+                        block = decode_block(sample, self.manifest, sources - task.shard.source_offset)
                     except ShardDataError as exn:
                         bad += 1
                         self._bad(exn)

@@ -39,7 +39,7 @@ from audioshard.checkpoint import check_compatible, load_checkpoint, save_checkp
 from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
 from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
-from audioshard.manifest import Manifest, load_manifest
+from audioshard.manifest import Manifest, load_manifest, write_text_atomic
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
 from audioshard.stream import ShardStream, make_loader
 
@@ -203,6 +203,16 @@ def _score(metrics: dict[str, Any], select: str) -> tuple[float, float]:
     return (value if not math.isnan(value) else -math.inf, -loss if not math.isnan(loss) else -math.inf)
 
 
+def _check_finite_loss(loss_sum: float, first_bad_step: int, epoch: int, cfg: Config) -> None:
+    """Stop before a non-finite loss turns into NaN weights, checkpoints and metrics that look like results."""
+    if math.isfinite(loss_sum):
+        return
+    where = f" at step {first_bad_step + 1}" if first_bad_step >= 0 else " (on another rank)"
+    raise TrainingError(f"the training loss became NaN or infinite in epoch {epoch + 1}{where}: training "
+                        f"diverged. Lower train.lr (now {cfg.train.lr:g}), e.g. --set train.lr={cfg.train.lr / 10:g}; "
+                        "checkpoints of earlier epochs, if any, are kept")
+
+
 def _check_data(manifest: Manifest, cfg: Config, dist: Dist) -> None:
     samples = manifest.samples("train")
     if samples == 0:
@@ -259,7 +269,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                f"{cfg.train.samples_budget:,} examples over {manifest.samples('train'):,} train chunks")
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(dump_toml(cfg), encoding="utf-8")
+        write_text_atomic(run_dir / "config.toml", dump_toml(cfg))  # a full disk leaves the old file, not 0 bytes
 
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm)
@@ -351,14 +361,19 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
                        disable=not (progress and dist.is_main), dynamic_ncols=True)
-            for _ in range(steps):
+            first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss
+            for step in range(steps):
                 try:
                     batch = next(batches)
                 except StopIteration:  # this rank has fewer batches than another: wrap around (equal steps)
                     if bad_first_pass is None:
                         bad_first_pass = train_data.skipped_blocks - bad_before
                     batches = iter(train_loader)
-                    batch = next(batches)
+                    batch = next(batches, None)
+                    if batch is None:  # not one readable block for this rank
+                        raise TrainingError(f"nothing readable in the train split of {shards}: "
+                                            f"{train_data.skipped_blocks} bad blocks or shards skipped (the lines "
+                                            f"above say why); check them with `audioshard verify {shards}`") from None
                 if TRACE_DIR:
                     seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))
                 x = batch.x.to(device, non_blocking=pin)
@@ -380,6 +395,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                 with torch.no_grad():
                     sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                          torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                    first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
+                                                 first_bad_step)  # on the device: no sync per step
                 bar.update(1)
             bar.close()
             if TRACE_DIR:
@@ -387,6 +404,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             if bad_first_pass is None:
                 bad_first_pass = train_data.skipped_blocks - bad_before
             loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), bad_first_pass], device)
+            _check_finite_loss(loss_sum, int(first_bad_step), epoch, cfg)  # every rank: the sum is reduced
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / count,
                                       "train_accuracy": correct / count, "lr": scheduler.get_last_lr()[0],
                                       "steps": steps, "skipped_blocks_train": int(bad)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,43 @@ def real_build(real_raw, tmp_path_factory) -> Path:
 
 TINY_TRAIN = ["model.width=8", "train.epochs=3", "train.batch_size=16", "train.num_workers=0",
               "train.sanity_steps=20", "train.warmup_epochs=0"]
+
+
+# A fresh interpreter that runs the command and reports its peak RSS: ru_maxrss of a process forked
+# straight from pytest would start at pytest's own peak (Linux carries it over fork and exec).
+_MEASURE = ("import resource, subprocess, sys, time; t = time.monotonic(); "
+            "rc = subprocess.run(sys.argv[1:]).returncode; "
+            "print(f'PEAK_KB {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} {time.monotonic() - t:.2f}', "
+            "file=sys.stderr); sys.exit(rc)")
+
+
+def measure(command: list, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `command`: (the process, its peak RSS in MB, wall seconds)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, command)], capture_output=True, text=True,
+                          timeout=timeout)
+    proc.stderr, _, last = proc.stderr.rstrip("\n").rpartition("\n")  # the wrapper's line comes last
+    _, peak_kb, seconds = last.split()
+    return proc, int(peak_kb) / 1024, float(seconds)
+
+
+def run_measured(*args, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float, float]:
+    """`python -m audioshard ARGS`, measured."""
+    return measure([sys.executable, "-m", "audioshard", *args], timeout)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 2 MB file system (tmpfs; mounting needs root, which the test machine has): writes past
+    it fail with ENOSPC exactly as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path, leave: int = 0) -> None:
+    """Take all but `leave` bytes of the file system at `mount`."""
+    stats = os.statvfs(mount)
+    with open(mount / "filler", "wb") as stream:
+        stream.write(bytes(max(0, stats.f_bavail * stats.f_frsize - leave)))

@@ -6,7 +6,8 @@
 
 Faults, consumed one per request for that path: "404", "403", "500", "truncate" (send half the
 body with a Content-Length that matches it), "reset" (drop the connection mid-body), "stall"
-(send headers then hang), "ok".
+(send headers then hang), "trickle" (the body one byte per `trickle_seconds`), "endless" (a body of
+spaces with no Content-Length, until the client hangs up), "redirect:URL" (a 302 to URL), "ok".
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if fault in ("404", "403", "500"):
             self.send_error(int(fault))
             return
+        if fault.startswith("redirect:"):
+            self.send_response(302)
+            self.send_header("Location", fault.removeprefix("redirect:"))
+            self.end_headers()
+            return
+        if fault == "endless":
+            self._endless()
+            return
         path = Path(self.translate_path(self.path))
         if fault == "ok" or not path.is_file():
             return super().do_GET()
@@ -50,14 +59,37 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if fault == "stall":
             time.sleep(owner.stall_seconds)
             return
+        if fault == "trickle":
+            self._trickle(body, owner.trickle_seconds)
+            return
         self.wfile.write(body)
+
+    def _trickle(self, body: bytes, seconds: float) -> None:
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(seconds)
+        except OSError:  # the client gave up: what the test wants
+            pass
+
+    def _endless(self, piece: bytes = b" " * (1 << 16), cap: int = 4 << 30) -> None:
+        self.send_response(200)
+        self.send_header("Connection", "close")  # no Content-Length: the body ends when the connection does
+        self.end_headers()
+        try:
+            for _ in range(cap // len(piece)):
+                self.wfile.write(piece)
+        except OSError:
+            pass
 
 
 class ShardServer:
     """Serve `root` over HTTP on 127.0.0.1 in a background thread."""
 
-    def __init__(self, root: Path, stall_seconds: float = 30.0):
+    def __init__(self, root: Path, stall_seconds: float = 30.0, trickle_seconds: float = 0.2):
         self.root = Path(root)
+        self.trickle_seconds = trickle_seconds
         self.faults: dict[str, list[str]] = defaultdict(list)
         self.hits: Counter = Counter()
         self.stall_seconds = stall_seconds

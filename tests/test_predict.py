@@ -250,8 +250,10 @@ def test_half_an_hour_streams_in_bounded_memory(checkpoint, tmp_path):
     assert len(peaks) == 29  # 1,799 chunks (2 s, every second) in batches of 64
     # All working memory (reading, resampling, a batch of 64 chunks through log-mel and the model) ...
     assert peaks[-1] - result["start"] < 200, summary
-    # ... is reached within the first 4.3 minutes: the other 25.7 minutes cost nothing more.
-    assert peaks[-1] - peaks[3] < 16, summary
+    # ... is reached within the first 4.3 minutes: the other 25.7 minutes cost nothing more than the heap
+    # settling, which moves the peak by one step of up to ~25 MB at a batch that varies from run to run
+    # (seen with and without issue 25's changes); a leak of one batch's audio (8 MB) per batch would add ~200 MB.
+    assert peaks[-1] - peaks[3] < 32, summary
     rows = list(csv.DictReader(io.StringIO(result["csv"])))
     assert len(rows) == 1799
     np.testing.assert_allclose([float(r["start"]) for r in rows], np.arange(1799) * 1.0)

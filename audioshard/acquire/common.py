@@ -27,6 +27,7 @@ from typing import TypeVar
 import soundfile as sf
 
 from audioshard.audio import SOUNDFILE_EXTENSIONS
+from audioshard.csvsafe import cell
 
 SOURCES_NAME = "sources.csv"
 STAGING_NAME = ".audioshard-fetch"  # hidden: `audioshard build` never reads it
@@ -94,6 +95,11 @@ def archive_key(extractor: str, item_id: str) -> str:
     return f"{extractor.lower()} {item_id}"
 
 
+# Columns whose text comes from the site (a video's title...) and is only shown, never used as a key:
+# these are made spreadsheet-safe; path, label, id and the rest must read back exactly as written.
+SITE_TEXT = ("title", "uploader", "license")
+
+
 class SourcesFile:
     """RAW/sources.csv: provenance rows, and the download archive derived from them.
 
@@ -129,6 +135,8 @@ class SourcesFile:
     def add(self, row: dict[str, object]) -> None:
         """Append one provenance row (missing columns are left empty; None becomes "")."""
         row = {c: "" if row.get(c) is None else str(row.get(c)) for c in self.columns}
+        for column in SITE_TEXT:  # free text from the site: shown, never run, by a spreadsheet
+            row[column] = cell(row[column])
         new = not self.path.exists() or self.path.stat().st_size == 0
         with open(self.path, "a", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=self.columns)
