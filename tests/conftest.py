@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,23 @@ def fill_disk(mount: Path, leave: int = 0) -> None:
     stats = os.statvfs(mount)
     with open(mount / "filler", "wb") as stream:
         stream.write(bytes(max(0, stats.f_bavail * stats.f_frsize - leave)))
+
+
+def copy_build(real_build: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "build"
+    shutil.copytree(real_build, out)
+    return out
+
+
+def reseal(build: Path, split: str, index: int = 0) -> None:
+    """Make the manifest agree with a shard's new bytes (what a careless or hostile publisher would do:
+    the publisher writes the manifest too, so its checksums prove nothing)."""
+    import json
+
+    from audioshard.manifest import sha256_file
+
+    data = json.loads((build / "manifest.json").read_text())
+    entry = data["splits"][split]["shards"][index]
+    shard = build / entry["file"]
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
+    (build / "manifest.json").write_text(json.dumps(data))

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import SMALL_BUILD, TINY_TRAIN, fill_disk, link_tree
+from conftest import SMALL_BUILD, TINY_TRAIN, copy_build, fill_disk, link_tree, reseal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_build import chunk_table
@@ -50,21 +50,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def copy_build(real_build: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "build"
-    shutil.copytree(real_build, out)
-    return out
-
-
-def reseal(build: Path, split: str, index: int = 0) -> None:
-    """Make the manifest agree with a shard's new bytes (what a careless or hostile publisher would do)."""
-    data = json.loads((build / "manifest.json").read_text())
-    entry = data["splits"][split]["shards"][index]
-    shard = build / entry["file"]
-    entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
-    (build / "manifest.json").write_text(json.dumps(data))
 
 
 def rewrite_shard(shard: Path, edit) -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import DCS, fill_disk, link_tree, measure, pick, run_measured
+from conftest import DCS, copy_build, fill_disk, link_tree, measure, pick, reseal, run_measured
 from http_server import ShardServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from audioshard.config import load_config
 from audioshard.info import format_info
-from audioshard.manifest import ManifestError, load_manifest, sha256_file
+from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher
 from audioshard.serve import serving
 from audioshard.stream import ShardDataError, ShardStream, decode_npy, member_limits
@@ -52,21 +52,6 @@ FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)
 # A CLI run that reads a small build peaks at ~760 MB here (importing torch alone: 650 MB); a bomb that
 # got read would add at least its 1 GiB.
 BASELINE_MB = 1100
-
-
-def copy_build(real_build: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "build"
-    shutil.copytree(real_build, out)
-    return out
-
-
-def reseal(build: Path, split: str, index: int = 0) -> None:
-    """Make the manifest agree with a shard's new bytes: the publisher writes the manifest too."""
-    data = json.loads((build / "manifest.json").read_text())
-    entry = data["splits"][split]["shards"][index]
-    shard = build / entry["file"]
-    entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
-    (build / "manifest.json").write_text(json.dumps(data))
 
 
 @functools.cache
