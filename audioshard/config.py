@@ -103,9 +103,9 @@ class AugmentConfig:
     time_mask_width: int = 8
     freq_masks: int = 1
     freq_mask_width: int = 8
-    freq_warp: float = 0.0
-    time_stretch: float = 0.0
-    background_prob: float = 0.0
+    freq_warp: float = 0.1
+    time_stretch: float = 0.2
+    background_prob: float = 0.5
     background_snr: float = 10.0
     time_shift: float = 0.5
     gain_db: float = 6.0
@@ -114,7 +114,7 @@ class AugmentConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn6"
-    width: int = 32
+    width: int = 64
     dropout: float = 0.2
     input_norm: str = "none"
     init_checkpoint: str = ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -13,7 +14,16 @@ from audioshard.config import load_config
 from audioshard.train import train
 
 FIELDS = ["data", "model", "split_seed", "level", "accuracy", "macro_f1", "balanced_accuracy", "n", "best_epoch",
-          "train_minutes"]
+          "train_minutes", "device"]
+
+
+def device_label() -> str:
+    """What trained (train.device = "auto" picks a GPU when there is one): minutes mean little without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
 
 
 def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[str]], build_overrides: list[str],
@@ -40,7 +50,8 @@ def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[s
                              "level": "recording" if level == "clip" else "chunk",
                              "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
                              "balanced_accuracy": round(m["balanced_accuracy"], 4), "n": m["n"],
-                             "best_epoch": metrics["best_epoch"], "train_minutes": round(minutes, 2)})
+                             "best_epoch": metrics["best_epoch"], "train_minutes": round(minutes, 2),
+                             "device": device_label()})
             write_rows(results_csv, rows)
     return rows
 

@@ -5,7 +5,7 @@
 Builds the shards once per `split.seed` (grouped by recording, stratified by class), trains the
 default model (`cnn6`) and the original network (`seed_cnn`) with the default config, evaluates
 the best checkpoint on the test split, and writes `recipes/results/drone_car_speech.csv` (one row
-per model, seed and level) and a Markdown summary beside it. About 15 minutes on a 2-core CPU.
+per model, seed and level) and a Markdown summary beside it. Minutes per training: README, Results.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     .venv/bin/python recipes/esc50.py [--work /tmp/audioshard-esc50] [--val-folds 4]
     .venv/bin/python recipes/esc50.py --val-folds 1 2 3 4      # rotate: each fold once as val, the others train
+    .venv/bin/python recipes/esc50.py --reuse-build --work W   # train on W/shards-val4 built earlier (another machine)
 
 The whole path with the default config, as a user runs it: a CSV manifest (`path,label,split`)
 with ESC-50's official folds (clips of one source recording share a fold, so nothing leaks),
@@ -19,7 +20,7 @@ import csv
 import time
 from pathlib import Path
 
-from common import dump_summary, write_rows
+from common import device_label, dump_summary, write_rows
 
 from audioshard.build import build_shards
 from audioshard.config import load_config
@@ -41,11 +42,12 @@ def write_listing(data: Path, val_fold: int, path: Path) -> None:
             writer.writerow([str(data / "audio" / clip["filename"]), clip["category"], split])
 
 
-def run_fold(data: Path, work: Path, val_fold: int, overrides: list[str]) -> list[dict]:
-    listing = work / f"fold{val_fold}.csv"
-    write_listing(data, val_fold, listing)
+def run_fold(data: Path, work: Path, val_fold: int, overrides: list[str], reuse_build: bool = False) -> list[dict]:
     shards, run = work / f"shards-val{val_fold}", work / f"run-val{val_fold}"
-    build_shards(listing, shards, load_config(overrides=overrides), force=True, progress=False)
+    if not reuse_build:
+        listing = work / f"fold{val_fold}.csv"
+        write_listing(data, val_fold, listing)
+        build_shards(listing, shards, load_config(overrides=overrides), force=True, progress=False)
     started = time.time()
     metrics = train(str(shards), run, load_config(overrides=overrides), progress=False)
     minutes = round((time.time() - started) / 60, 2)
@@ -56,7 +58,7 @@ def run_fold(data: Path, work: Path, val_fold: int, overrides: list[str]) -> lis
                      "split_seed": f"val=fold{val_fold}", "level": "recording" if level == "clip" else "chunk",
                      "accuracy": round(m["accuracy"], 4), "macro_f1": round(m["macro_f1"], 4),
                      "balanced_accuracy": round(m["balanced_accuracy"], 4), "n": m["n"],
-                     "best_epoch": metrics["best_epoch"], "train_minutes": minutes})
+                     "best_epoch": metrics["best_epoch"], "train_minutes": minutes, "device": device_label()})
     return rows
 
 
@@ -70,10 +72,13 @@ def main() -> None:
                         help="extra setting on top of the defaults (to try a change)")
     parser.add_argument("--out", type=Path, default=ROOT / "recipes" / "results" / "esc50.csv",
                         help="results CSV (a Markdown summary is written beside it)")
+    parser.add_argument("--reuse-build", action="store_true",
+                        help="train on WORK/shards-valN built by an earlier run of this recipe (e.g. built on a CPU "
+                             "machine, trained on a GPU one) instead of building again")
     args = parser.parse_args()
     rows: list[dict] = []
     for fold in args.val_folds:
-        rows += run_fold(args.data, args.work, fold, args.overrides)
+        rows += run_fold(args.data, args.work, fold, args.overrides, args.reuse_build)
         write_rows(args.out, rows)
     dump_summary(rows, args.out.with_suffix(".md"))
 
