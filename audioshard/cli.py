@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
             "optional group,split. Corrupt files are reported and skipped (see `audioshard info`).")
     p.add_argument("input", type=Path, nargs="?", help="class-per-folder directory or CSV file")
     p.add_argument("--out", type=Path, default=Path("shards"), help="output folder")
-    p.add_argument("--workers", type=int, default=None, 
+    p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: shards.workers, 0 = all cores)")
     p.add_argument("--force", action="store_true", help="replace what is in --out")
     p.add_argument("--part", metavar="I/N", help="build only part I of N into OUT/part-I-of-N/ (job arrays: run "

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +45,10 @@ from audioshard.manifest import Manifest, load_manifest, write_text_atomic
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
 from audioshard.stream import ShardStream, make_loader
 
-# Debugging aid: when set, every rank saves the (source, start) of each chunk it trained on per epoch,
-# so that data order and the rank/worker split can be inspected (and are, by the DDP tests).
-TRACE_DIR = os.environ.get("AUDIOSHARD_TRACE_DIR", "")
 
-
-def _trace(epoch: int, rank: int, steps: int, seen: list[torch.Tensor]) -> None:
-    path = Path(TRACE_DIR)
+def _trace(path: Path, epoch: int, rank: int, steps: int, seen: list[torch.Tensor]) -> None:
+    """Debugging aid (AUDIOSHARD_TRACE_DIR): every rank saves the (source, start) of each chunk it trained on
+    per epoch, so that data order and the rank/worker split can be inspected (and are, by the DDP tests)."""
     path.mkdir(parents=True, exist_ok=True)
     pairs = torch.cat(seen).numpy() if seen else np.zeros((0, 2))
     np.savez(path / f"epoch{epoch}-rank{rank}.npz", pairs=pairs, steps=np.array(steps))
@@ -250,214 +249,357 @@ def train(shards: str, run_dir: str | Path, cfg: Config, resume: bool = False, p
 
 def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, progress: bool,
            stop_after_epoch: int | None) -> dict[str, Any]:
-    device = dist.device
     manifest = load_manifest(shards, cfg.fetcher())
-    state = None
-    if resume:
-        last = run_dir / "last.pt"
-        if not last.exists():
-            raise TrainingError(f"--resume: {last} not found; start without --resume")
-        state = load_checkpoint(last)
-        check_compatible(state, manifest, str(last))
-        epochs = cfg.train.epochs
-        cfg = validate(from_dict(state["config"]))
-        cfg.train.epochs = epochs
+    state, cfg = _restore(run_dir, cfg, manifest) if resume else (None, cfg)
+    cfg = _plan(cfg, manifest, dist)
+    writer = RunWriter(run_dir) if dist.is_main else NullWriter()
+    writer.config(cfg)
+    run = _setup(shards, cfg, manifest, dist, resuming=state is not None)
+    if state is not None:
+        run.load(state)
+        print0(f"resuming from {run_dir / 'last.pt'} after epoch {run.start_epoch} of {cfg.train.epochs}")
+    elif cfg.train.sanity_steps:
+        _sanity_or_fail(run)
+    run.finish(state)
+    writer.history(run.history)  # exactly the epochs in last.pt (a crash may have left one more)
+    try:
+        for epoch in range(run.start_epoch, cfg.train.epochs):
+            started = time.time()
+            record = _train_epoch(run, epoch, progress and dist.is_main)
+            metrics = _validate(run, record)
+            record["seconds"] = round(time.time() - started, 2)
+            improved = run.select(epoch, record, metrics)
+            writer.epoch(run, record, improved)
+            if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < cfg.train.epochs:
+                return _stopped(run_dir)
+    except KeyboardInterrupt:
+        return _stopped(run_dir)
+    return finalize(run.model, manifest, run_dir, cfg, run.history, run.best_epoch, dist)
+
+
+def _stopped(run_dir: Path) -> dict[str, Any]:
+    print0(f"stopped; the last finished epoch is saved in {run_dir / 'last.pt'}: continue with --resume")
+    return {}
+
+
+def _restore(run_dir: Path, cfg: Config, manifest: Manifest) -> tuple[dict[str, Any], Config]:
+    """`--resume`: the state in last.pt and the config it was trained with (an explicit train.epochs wins)."""
+    last = run_dir / "last.pt"
+    if not last.exists():
+        raise TrainingError(f"--resume: {last} not found; start without --resume")
+    state = load_checkpoint(last)
+    check_compatible(state, manifest, str(last))
+    saved = validate(from_dict(state["config"]))
+    saved.train.epochs = cfg.train.epochs
+    return state, saved
+
+
+def _plan(cfg: Config, manifest: Manifest, dist: Dist) -> Config:
+    """Check the data against the settings and resolve the automatic schedule."""
     _check_data(manifest, cfg, dist)
     if not cfg.train.epochs:
         cfg.train.epochs = planned_epochs(cfg, manifest.samples("train"))
         print0(f"train.epochs = 0 (auto): {cfg.train.epochs} epochs, about train.samples_budget = "
                f"{cfg.train.samples_budget:,} examples over {manifest.samples('train'):,} train chunks")
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.toml", dump_toml(cfg))  # a full disk leaves the old file, not 0 bytes
+    return cfg
 
+
+@dataclass
+class Run:
+    """What one training run holds: the model and its optimizer, the data, and the record so far."""
+
+    shards: str
+    cfg: Config
+    manifest: Manifest
+    dist: Dist
+    args: dict[str, Any]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    weight: torch.Tensor | None
+    train_data: ShardStream
+    train_loader: Any
+    augment: BatchTransform
+    plain: BatchTransform
+    steps_per_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: tuple[float, float] = (-math.inf, -math.inf)
+    best_epoch: int = -1
+    start_epoch: int = 0
+    averaged: AveragedModel | None = None
+    ddp_model: torch.nn.Module | None = None  # what the train step calls: the model, wrapped under DDP
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What is evaluated, selected and saved: the weight average when there is one."""
+        return self.averaged.module if self.averaged is not None else self.model
+
+    def steps_in(self, epoch: int) -> int:
+        # Every rank runs the same number of steps, or DDP would hang at the last all-reduce:
+        # the most any rank has; ranks with fewer batches wrap around to their first ones.
+        self.train_data.set_epoch(epoch)
+        return max(self.train_data.batches_per_epoch(rank=r) for r in range(self.dist.world_size))
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Continue from a last.pt. With weight averaging, its "model" holds the average (what predict
+        and export load) and the weights being trained are kept beside it."""
+        self.model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state
+                                   else state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history, self.start_epoch = list(state["history"]), int(state["epoch"]) + 1
+        self.best, self.best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def finish(self, state: dict[str, Any] | None) -> None:
+        """Once the weights are final (restored or sanity-checked): start the weight average
+        (train.ema_epochs; restored from `state` when resuming) and wrap the model for DDP."""
+        self.averaged = weight_average(self.model, self.cfg, self.steps_per_epoch)
+        if self.averaged is not None and state is not None and "trained_weights" in state:
+            self.averaged.module.load_state_dict(state["model"])
+            self.averaged.n_averaged.fill_(state["trained_weights"]["n_averaged"])
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            cuda = self.device.type == "cuda"
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if cuda else None)
+
+    def select(self, epoch: int, record: dict[str, Any], metrics: dict[str, Any]) -> bool:
+        """Append the epoch to the history; True when it becomes best_model.pt."""
+        self.history.append(record)
+        if self.cfg.train.select_metric == "last":  # the end of the schedule, whatever val says
+            score = (float(epoch), 0.0)
+        else:
+            has_val = self.manifest.samples("val") > 0
+            score = _score(metrics, self.cfg.train.select_metric if has_val else "loss")
+        if score <= self.best:
+            return False
+        self.best, self.best_epoch = score, epoch
+        return True
+
+    def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Everything `--resume` needs (last.pt); best_model.pt keeps the part predict and export read."""
+        # The [audio] section saved is the build's (chunking rules), so `predict` cuts new recordings
+        # exactly as the shards were cut, whatever the training command's own [audio] said.
+        saved_config = self.cfg.to_dict()
+        saved_config["audio"] = dict(self.manifest.data.get("config", {}).get("audio", saved_config["audio"]))
+        ckpt = {"model": self.eval_model.state_dict(), "model_args": self.args, "classes": self.manifest.classes,
+                "features": self.manifest.features.to_dict(),
+                "normalization": {"mean": self.manifest.mean, "std": self.manifest.std},
+                "config": saved_config, "epoch": epoch, "metrics": record,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "history": self.history, "best_score": list(self.best), "best_epoch": self.best_epoch,
+                "rng": {"torch": torch.get_rng_state()}}
+        if self.averaged is not None:
+            ckpt["trained_weights"] = {"model": self.model.state_dict(), "n_averaged": int(self.averaged.n_averaged)}
+        return ckpt
+
+
+TRAINING_STATE = ("optimizer", "scheduler", "trained_weights")  # in last.pt only
+
+
+class RunWriter:
+    """Every file a run writes and every line it prints per epoch: rank 0's job. Other ranks get a
+    NullWriter, so the loop has no `if rank == 0` of its own."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def config(self, cfg: Config) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_dir / "config.toml", dump_toml(cfg))  # a full disk leaves the old file
+
+    def history(self, history: list[dict[str, Any]]) -> None:
+        with open(self.run_dir / "history.jsonl", "w", encoding="utf-8") as stream:
+            stream.writelines(json.dumps(h) + "\n" for h in history)
+
+    def epoch(self, run: Run, record: dict[str, Any], improved: bool) -> None:
+        ckpt = run.checkpoint(record["epoch"] - 1, record)
+        save_checkpoint(self.run_dir / "last.pt", ckpt)
+        if improved:
+            save_checkpoint(self.run_dir / "best_model.pt", {k: v for k, v in ckpt.items() if k not in TRAINING_STATE})
+        with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(record) + "\n")
+        print0(f"epoch {record['epoch']:>3}/{run.cfg.train.epochs}  train loss {record['train_loss']:.4f} "
+               f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
+               f"acc {record['val_accuracy']:.3f} macro-F1 {record['val_macro_f1']:.3f} "
+               f"recording macro-F1 {record['val_clip_macro_f1']:.3f} | {record['seconds']:.1f}s"
+               f"{'  *best' if improved else ''}")
+
+
+class NullWriter(RunWriter):
+    """The writer of ranks other than 0: writes nothing."""
+
+    def __init__(self):
+        pass
+
+    def config(self, cfg: Config) -> None:
+        pass
+
+    def history(self, history: list[dict[str, Any]]) -> None:
+        pass
+
+    def epoch(self, run: Run, record: dict[str, Any], improved: bool) -> None:
+        pass
+
+
+def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: bool) -> Run:
+    """Model (seeded), optimizer, learning-rate schedule, the train stream and its transforms."""
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm)
     model = build_model(args)
-    if cfg.model.init_checkpoint and state is None:  # a resumed run already holds these weights
+    if cfg.model.init_checkpoint and not resuming:  # a resumed run already holds these weights
         _init_from_checkpoint(model, args, manifest, cfg.model.init_checkpoint)
-    frozen = cfg.model.freeze_backbone
-    if frozen:
+    if cfg.model.freeze_backbone:
         freeze_backbone(model)
-    model = model.to(device)
+    model = model.to(dist.device)
     optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                               weight_decay=cfg.train.weight_decay)
-    weight = class_weights(manifest).to(device) if cfg.train.class_weights else None
-
+    weight = class_weights(manifest).to(dist.device) if cfg.train.class_weights else None
     train_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True,
                              shuffle_blocks=cfg.train.shuffle_blocks, seed=cfg.train.seed,
                              rank=dist.rank, world_size=dist.world_size, strict=cfg.shards.strict)
-    pin = cfg.train.pin_memory and device.type == "cuda"
-    train_loader = make_loader(train_data, cfg.train.num_workers, pin_memory=pin,
+    train_loader = make_loader(train_data, cfg.train.num_workers, pin_memory=_pinned(cfg, dist),
                                prefetch_factor=cfg.train.prefetch_factor)
-    train_transform = BatchTransform.from_manifest(manifest, cfg.augment, enabled=True)
-    plain_transform = BatchTransform(manifest.mean, manifest.std)
+    run = Run(shards, cfg, manifest, dist, args, model, optimizer, None, weight, train_data, train_loader,
+              BatchTransform.from_manifest(manifest, cfg.augment, enabled=True),
+              BatchTransform(manifest.mean, manifest.std), steps_per_epoch=0)
+    run.steps_per_epoch = run.steps_in(0)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, run.steps_per_epoch))
+    return run
 
-    def steps_in(epoch: int) -> int:
-        # Every rank runs the same number of steps, or DDP would hang at the last all-reduce:
-        # the most any rank has; ranks with fewer batches wrap around to their first ones.
-        train_data.set_epoch(epoch)
-        return max(train_data.batches_per_epoch(rank=r) for r in range(dist.world_size))
 
-    steps_per_epoch = steps_in(0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] = (-math.inf, -math.inf)
-    best_epoch, start_epoch = -1, 0
-    if state is not None:
-        # With weight averaging, "model" holds the average (what predict and export load) and the
-        # weights being trained are kept beside it, in last.pt only.
-        model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state else state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start_epoch = list(state["history"]), int(state["epoch"]) + 1
-        best, best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
-        torch.set_rng_state(state["rng"]["torch"])
-        print0(f"resuming from {run_dir / 'last.pt'} after epoch {start_epoch} of {cfg.train.epochs}")
-    elif cfg.train.sanity_steps:
-        probe_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                 rank=dist.rank, world_size=dist.world_size)
-        first_batch = next(iter(probe_data))
-        first, last = sanity_check(model, first_batch, plain_transform, device, cfg.train.sanity_steps, cfg.train.lr,
-                                   frozen)
-        print0(f"sanity check: overfitting one batch of {len(first_batch.y)} for {cfg.train.sanity_steps} steps, "
-               f"loss {first:.4f} -> {last:.4f}")
-        if not last < 0.8 * first:  # a healthy setup drops far more; the plain seed_cnn ~40% in 30 steps
-            raise TrainingError(f"sanity check failed: the loss on one repeated batch went only from {first:.4f} to "
-                                f"{last:.4f}; check the data (labels, normalisation) and train.lr before training")
-    averaged = weight_average(model, cfg, steps_per_epoch)
-    if averaged is not None and state is not None and "trained_weights" in state:
-        averaged.module.load_state_dict(state["model"])
-        averaged.n_averaged.fill_(state["trained_weights"]["n_averaged"])
-    eval_model = averaged.module if averaged is not None else model  # evaluated, selected and saved
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if dist.is_main:  # history.jsonl holds exactly the epochs in last.pt (a crash may have left one more)
-        with open(run_dir / "history.jsonl", "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(h) + "\n" for h in history)
+def _pinned(cfg: Config, dist: Dist) -> bool:
+    return cfg.train.pin_memory and dist.device.type == "cuda"
 
-    # The checkpoint's [audio] section is the build's (chunking rules), so `predict` cuts new recordings
-    # exactly as the shards were cut, whatever the training command's own [audio] said.
-    saved_config = cfg.to_dict()
-    saved_config["audio"] = dict(manifest.data.get("config", {}).get("audio", saved_config["audio"]))
-    has_val = manifest.samples("val") > 0
-    interrupted = False
-    try:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            started = time.time()
-            steps = steps_in(epoch)
-            train_transform.reseed(cfg.train.seed, epoch, dist.rank)
-            torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
-            mix_rng = np.random.default_rng([cfg.train.seed, epoch, dist.rank, 7])
-            ddp_model.train()
-            if frozen:
-                freeze_backbone(model)  # the backbone's BatchNorm layers stay in eval mode
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
-            batches = iter(train_loader)
-            bad_before, bad_first_pass = train_data.skipped_blocks, None
-            seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
-                       disable=not (progress and dist.is_main), dynamic_ncols=True)
-            first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss
-            for step in range(steps):
-                try:
-                    batch = next(batches)
-                except StopIteration:  # this rank has fewer batches than another: wrap around (equal steps)
-                    if bad_first_pass is None:
-                        bad_first_pass = train_data.skipped_blocks - bad_before
-                    batches = iter(train_loader)
-                    batch = next(batches, None)
-                    if batch is None:  # not one readable block for this rank
-                        raise TrainingError(f"nothing readable in the train split of {shards}: "
-                                            f"{train_data.skipped_blocks} bad blocks or shards skipped (the lines "
-                                            f"above say why); check them with `audioshard verify {shards}`") from None
-                if TRACE_DIR:
-                    seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))
-                x = batch.x.to(device, non_blocking=pin)
-                y = batch.y.to(device, non_blocking=pin)
-                x = train_transform(batch._replace(x=x)).x
-                x, y_mix, lam = mixup(x, y, cfg.train.mixup_alpha, mix_rng)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = ddp_model(x)
-                    loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.train.label_smoothing)
-                    if lam < 1.0:
-                        loss = lam * loss + (1 - lam) * F.cross_entropy(
-                            logits.float(), y_mix, weight=weight, label_smoothing=cfg.train.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                if averaged is not None:
-                    averaged.update_parameters(model)
-                with torch.no_grad():
-                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                         torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-                    first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
-                                                 first_bad_step)  # on the device: no sync per step
-                bar.update(1)
-            bar.close()
-            if TRACE_DIR:
-                _trace(epoch, dist.rank, steps, seen)
-            if bad_first_pass is None:
-                bad_first_pass = train_data.skipped_blocks - bad_before
-            loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), bad_first_pass], device)
-            _check_finite_loss(loss_sum, int(first_bad_step), epoch, cfg)  # every rank: the sum is reduced
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / count,
-                                      "train_accuracy": correct / count, "lr": scheduler.get_last_lr()[0],
-                                      "steps": steps, "skipped_blocks_train": int(bad)}
-            if has_val:
-                pred = predict_split(eval_model, manifest, "val", device, cfg.train.batch_size,
-                                     cfg.train.num_workers, cfg.shards.strict)
-                val_loss = F.cross_entropy(torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()).item()
-                metrics = summarize(pred, manifest.classes, loss=val_loss)
-            else:  # no val split: select on the training loss
-                metrics = {"loss": record["train_loss"], "chunk": {"accuracy": math.nan, "macro_f1": math.nan},
-                           "clip": {"macro_f1": math.nan}}
-            record.update({"val_loss": metrics["loss"], "val_accuracy": metrics["chunk"]["accuracy"],
-                           "val_macro_f1": metrics["chunk"]["macro_f1"],
-                           "val_clip_macro_f1": metrics["clip"]["macro_f1"],
-                           "seconds": round(time.time() - started, 2)})
-            history.append(record)
-            if cfg.train.select_metric == "last":  # the end of the schedule, whatever val says
-                score = (float(epoch), 0.0)
-            else:
-                score = _score(metrics, cfg.train.select_metric if has_val else "loss")
-            improved = score > best
-            if improved:
-                best, best_epoch = score, epoch
-            if dist.is_main:
-                ckpt = {"model": eval_model.state_dict(), "model_args": args, "classes": manifest.classes,
-                        "features": manifest.features.to_dict(),
-                        "normalization": {"mean": manifest.mean, "std": manifest.std},
-                        "config": saved_config, "epoch": epoch, "metrics": record,
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "history": history, "best_score": list(best), "best_epoch": best_epoch,
-                        "rng": {"torch": torch.get_rng_state()}}
-                if averaged is not None:
-                    ckpt["trained_weights"] = {"model": model.state_dict(), "n_averaged": int(averaged.n_averaged)}
-                save_checkpoint(run_dir / "last.pt", ckpt)
-                if improved:  # what predict and export need, no training state
-                    save_checkpoint(run_dir / "best_model.pt", {k: v for k, v in ckpt.items() if k not in
-                                                                ("optimizer", "scheduler", "trained_weights")})
-                with open(run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
-                    stream.write(json.dumps(record) + "\n")
-                print0(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train loss {record['train_loss']:.4f} "
-                       f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
-                       f"acc {record['val_accuracy']:.3f} macro-F1 {record['val_macro_f1']:.3f} "
-                       f"recording macro-F1 {record['val_clip_macro_f1']:.3f} | {record['seconds']:.1f}s"
-                       f"{'  *best' if improved else ''}")
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.train.epochs:
-                interrupted = True
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-    if interrupted:
-        print0(f"stopped; the last finished epoch is saved in {run_dir / 'last.pt'}: continue with --resume")
-        return {}
-    return finalize(model, manifest, run_dir, cfg, history, best_epoch, dist)
+
+def _sanity_or_fail(run: Run) -> None:
+    """Overfit one batch first: a setup that cannot learn it fails now, not after hours of training."""
+    cfg = run.cfg
+    probe_data = ShardStream(run.manifest, "train", cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                             rank=run.dist.rank, world_size=run.dist.world_size)
+    first_batch = next(iter(probe_data))
+    first, last = sanity_check(run.model, first_batch, run.plain, run.device, cfg.train.sanity_steps, cfg.train.lr,
+                               cfg.model.freeze_backbone)
+    print0(f"sanity check: overfitting one batch of {len(first_batch.y)} for {cfg.train.sanity_steps} steps, "
+           f"loss {first:.4f} -> {last:.4f}")
+    if not last < 0.8 * first:  # a healthy setup drops far more; the plain seed_cnn ~40% in 30 steps
+        raise TrainingError(f"sanity check failed: the loss on one repeated batch went only from {first:.4f} to "
+                            f"{last:.4f}; check the data (labels, normalisation) and train.lr before training")
+
+
+class _EqualSteps:
+    """`steps` train batches of this rank as (step, batch), wrapping around when it has fewer than
+    another rank (every rank must step equally under DDP). `skipped()`: bad blocks of the first pass
+    (a wrapped pass would count them twice)."""
+
+    def __init__(self, run: Run, steps: int):
+        self.run, self.steps = run, steps
+        self.skipped_before = run.train_data.skipped_blocks
+        self.first_pass: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        data = self.run.train_data
+        batches = iter(self.run.train_loader)
+        for step in range(self.steps):
+            batch = next(batches, None)
+            if batch is None:
+                if self.first_pass is None:
+                    self.first_pass = data.skipped_blocks - self.skipped_before
+                batches = iter(self.run.train_loader)
+                batch = next(batches, None)
+                if batch is None:  # not one readable block for this rank
+                    shards = self.run.shards
+                    raise TrainingError(f"nothing readable in the train split of {shards}: {data.skipped_blocks} "
+                                        "bad blocks or shards skipped (the lines above say why); check them with "
+                                        f"`audioshard verify {shards}`")
+            yield step, batch
+
+    def skipped(self) -> int:
+        if self.first_pass is not None:
+            return self.first_pass
+        return self.run.train_data.skipped_blocks - self.skipped_before
+
+
+def _train_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
+    """One pass over the train split: seeded draws, augmentation and mixup on the device, one optimizer
+    step per batch. Returns the epoch's train record (loss, accuracy and skipped blocks summed over ranks)."""
+    cfg, device = run.cfg, run.device
+    steps = run.steps_in(epoch)
+    run.augment.reseed(cfg.train.seed, epoch, run.dist.rank)
+    torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
+    mix_rng = np.random.default_rng([cfg.train.seed, epoch, run.dist.rank, 7])
+    run.ddp_model.train()
+    if cfg.model.freeze_backbone:
+        freeze_backbone(run.model)  # the backbone's BatchNorm layers stay in eval mode
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss
+    batches = _EqualSteps(run, steps)
+    trace_dir = os.environ.get("AUDIOSHARD_TRACE_DIR", "")
+    seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
+    pin = _pinned(cfg, run.dist)
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
+               disable=not progress, dynamic_ncols=True)
+    for step, batch in batches:
+        if trace_dir:
+            seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))
+        x = run.augment(batch._replace(x=batch.x.to(device, non_blocking=pin))).x
+        y = batch.y.to(device, non_blocking=pin)
+        loss, logits = _step(run, *mixup(x, y, cfg.train.mixup_alpha, mix_rng), y)
+        with torch.no_grad():
+            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
+                                         first_bad_step)  # on the device: no sync per step
+        bar.update(1)
+    bar.close()
+    if trace_dir:
+        _trace(Path(trace_dir), epoch, run.dist.rank, steps, seen)
+    loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), batches.skipped()], device)
+    _check_finite_loss(loss_sum, int(first_bad_step), epoch, cfg)  # every rank: the sum is reduced
+    return {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_accuracy": correct / count,
+            "lr": run.scheduler.get_last_lr()[0], "steps": steps, "skipped_blocks_train": int(bad)}
+
+
+def _step(run: Run, x: torch.Tensor, y_mix: torch.Tensor, lam: float,
+          y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward (bf16 autocast on CUDA), the mixup loss, backward, optimizer and schedule step."""
+    cfg = run.cfg
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+        logits = run.ddp_model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=run.weight, label_smoothing=cfg.train.label_smoothing)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(
+                logits.float(), y_mix, weight=run.weight, label_smoothing=cfg.train.label_smoothing)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.averaged is not None:
+        run.averaged.update_parameters(run.model)
+    return loss, logits
+
+
+def _validate(run: Run, record: dict[str, Any]) -> dict[str, Any]:
+    """Score the val split (chunk and recording level) and add it to `record`; without a val split the
+    training loss stands in."""
+    if run.manifest.samples("val") > 0:
+        cfg = run.cfg
+        pred = predict_split(run.eval_model, run.manifest, "val", run.device, cfg.train.batch_size,
+                             cfg.train.num_workers, cfg.shards.strict)
+        val_loss = F.cross_entropy(torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()).item()
+        metrics = summarize(pred, run.manifest.classes, loss=val_loss)
+    else:
+        metrics = {"loss": record["train_loss"], "chunk": {"accuracy": math.nan, "macro_f1": math.nan},
+                   "clip": {"macro_f1": math.nan}}
+    record.update({"val_loss": metrics["loss"], "val_accuracy": metrics["chunk"]["accuracy"],
+                   "val_macro_f1": metrics["chunk"]["macro_f1"], "val_clip_macro_f1": metrics["clip"]["macro_f1"]})
+    return metrics
 
 
 def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
