@@ -21,11 +21,13 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from audioshard.errors import AudioshardError
+
 # Formats libsndfile reads itself; everything else is handed to ffmpeg.
 SOUNDFILE_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf"}
 
 
-class AudioError(Exception):
+class AudioError(AudioshardError):
     """A file could not be used as audio; the message names the file and the reason."""
 
 

@@ -43,6 +43,7 @@ from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
 from audioshard.audio import AudioError, choppinator, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
+from audioshard.errors import AudioshardError
 from audioshard.features import FeatureParams, log_mel
 from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, block_problem, write_json_atomic
 from audioshard.split import SPLITS, Source, group_of, split_sources
@@ -52,7 +53,7 @@ STAGING_NAME = ".staging"  # a build writes here first; shards move into place o
 SHARD_PATTERN = "{split}-{index:06d}.tar"
 
 
-class BuildError(RuntimeError):
+class BuildError(AudioshardError, RuntimeError):
     """The build cannot go on (bad input folder, nothing usable, refusing to overwrite)."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from audioshard.errors import AudioshardError
 from audioshard.features import FeatureParams, feature_params_problem
 from audioshard.manifest import Manifest
 from audioshard.models import MODELS, build_model
@@ -29,7 +30,7 @@ MAX_CLASSES = 100_000
 MAX_CHECKPOINT_BYTES = 4 << 30  # last.pt at MAX_WIDTH with Adam's two moments and averaged weights: ~1.5 GB
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AudioshardError, ValueError):
     """A checkpoint is unreadable, unsafe, or does not match the shards it is used with."""
 
 

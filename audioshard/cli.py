@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from audioshard import __version__
-from audioshard.config import Config, ConfigError, dump_toml, load_config
+from audioshard.config import Config, dump_toml, load_config
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -393,23 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from audioshard.acquire.common import AcquireError
-    from audioshard.audio import AudioError
-    from audioshard.build import BuildError
-    from audioshard.checkpoint import CheckpointError
-    from audioshard.export import ExportError
-    from audioshard.manifest import ManifestError
-    from audioshard.models import AdaptError
-    from audioshard.predict import PredictError
-    from audioshard.remote import SourceError
-    from audioshard.stream import ShardDataError
-    from audioshard.train import TrainingError
+    from audioshard.errors import AudioshardError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, BuildError, ManifestError, CheckpointError, SourceError, TrainingError, AudioError,
-            ShardDataError, PredictError, ExportError, AcquireError, AdaptError) as exn:
+    except AudioshardError as exn:  # every stage's error: the message names the file and the fix
         print(f"audioshard {args.command}: error: {exn}", file=sys.stderr)
         return 2
     except OSError as exn:  # the machine, not the data: a full disk, a permission, a vanished file

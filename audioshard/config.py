@@ -16,13 +16,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from audioshard.errors import AudioshardError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(AudioshardError, ValueError):
     """A setting is unknown, of the wrong type, or out of range."""
 
 

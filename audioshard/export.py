@@ -30,6 +30,7 @@ import torch
 from audioshard import __version__
 from audioshard.checkpoint import load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
+from audioshard.errors import AudioshardError
 from audioshard.features import AMIN, FeatureParams
 
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -37,7 +38,7 @@ ONNX_OPSET = 17
 PARITY_ATOL = 1e-4  # logits; float32 kernels differ between runtimes in the last bits only
 
 
-class ExportError(RuntimeError):
+class ExportError(AudioshardError, RuntimeError):
     """The model could not be exported, or the export does not reproduce the PyTorch outputs."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from audioshard.errors import AudioshardError
 from audioshard.features import FeatureParams, feature_params_problem
 from audioshard.remote import (
     DEFAULT_FETCHER,
@@ -34,7 +35,7 @@ FORMAT_VERSION = 1
 BLOCK_MEMBERS = ("mel.npy", "label.npy", "source.npy", "start.npy")
 
 
-class ManifestError(ValueError):
+class ManifestError(AudioshardError, ValueError):
     """The manifest is missing, unreadable or inconsistent."""
 
 

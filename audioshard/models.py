@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from audioshard.errors import AudioshardError
+
 
 def normalize_input(x: torch.Tensor, mode: str) -> torch.Tensor:
     """Per-example input normalisation inside the model (so predict and export apply it too).
@@ -134,7 +136,7 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[l
     return sorted(matching), sorted(set(own) - set(matching))
 
 
-class AdaptError(ValueError):
+class AdaptError(AudioshardError, ValueError):
     """The model cannot be adapted (no BatchNorm) or too little data was given to adapt it on."""
 
 

@@ -52,6 +52,7 @@ from audioshard.augment import BatchTransform
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
 from audioshard.csvsafe import cell
+from audioshard.errors import AudioshardError
 from audioshard.features import FeatureParams, log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 
@@ -62,7 +63,7 @@ MAX_RESAMPLE_SAMPLES = 1 << 17  # input samples resampled per torchaudio call (b
 FORMATS = ("table", "csv", "json")
 
 
-class PredictError(ValueError):
+class PredictError(AudioshardError, ValueError):
     """Prediction cannot start (no input files, a bad --plot target, an unusable checkpoint)."""
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from audioshard.errors import AudioshardError
+
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 SPOOL_BYTES = 64 << 20  # remote shards larger than this are spooled to a temporary file, not kept in memory
 MAX_JSON_BYTES = 64 << 20  # a manifest: ~1 KB per shard and per skipped file; 64 MB is a build of ~50,000 shards
@@ -32,7 +34,7 @@ DEADLINE_TIMEOUTS = 10  # one download may take this many read timeouts in all (
 PIECE_BYTES = 1 << 20  # bytes per read of an HTTP body
 
 
-class SourceError(OSError):
+class SourceError(AudioshardError, OSError):
     """A file of a build could not be read; the message names the path or URL and the fix."""
 
 

@@ -33,13 +33,14 @@ import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys
 
+from audioshard.errors import AudioshardError
 from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
 from audioshard.remote import IntegrityError
 
 MAX_REPORTS = 20  # bad-data lines printed per stream before only counting
 
 
-class ShardDataError(ValueError):
+class ShardDataError(AudioshardError, ValueError):
     """A block in a shard is malformed (bad array, wrong shape or dtype, NaN); names shard and key."""
 
 

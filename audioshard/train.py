@@ -40,6 +40,7 @@ from audioshard.augment import BatchTransform
 from audioshard.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
 from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
+from audioshard.errors import AudioshardError
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
 from audioshard.manifest import Manifest, load_manifest, write_text_atomic
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
@@ -54,7 +55,7 @@ def _trace(path: Path, epoch: int, rank: int, steps: int, seen: list[torch.Tenso
     np.savez(path / f"epoch{epoch}-rank{rank}.npz", pairs=pairs, steps=np.array(steps))
 
 
-class TrainingError(RuntimeError):
+class TrainingError(AudioshardError, RuntimeError):
     """Training cannot go on (failed sanity check, unusable data)."""
 
 

@@ -52,3 +52,27 @@ def test_errors_are_one_clear_line(args, message):
     proc = run(*args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_every_stage_error_is_an_audioshard_error_and_keeps_its_builtin_base():
+    """`audioshard` catches one type; library users catching the built-in type (e.g. OSError for a
+    source that cannot be read, ValueError for a bad setting) still do."""
+    from audioshard.acquire.common import AcquireError
+    from audioshard.audio import AudioError
+    from audioshard.build import BuildError
+    from audioshard.checkpoint import CheckpointError
+    from audioshard.config import ConfigError
+    from audioshard.errors import AudioshardError
+    from audioshard.export import ExportError
+    from audioshard.manifest import ManifestError
+    from audioshard.models import AdaptError
+    from audioshard.predict import PredictError
+    from audioshard.remote import IntegrityError, SourceError
+    from audioshard.stream import ShardDataError
+    from audioshard.train import TrainingError
+
+    for error in (AcquireError, AudioError, BuildError, CheckpointError, ConfigError, ExportError, ManifestError,
+                  AdaptError, PredictError, SourceError, IntegrityError, ShardDataError, TrainingError):
+        assert issubclass(error, AudioshardError), error
+    assert issubclass(IntegrityError, OSError) and issubclass(ConfigError, ValueError)
+    assert issubclass(TrainingError, RuntimeError)

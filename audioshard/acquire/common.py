@@ -28,6 +28,7 @@ import soundfile as sf
 
 from audioshard.audio import SOUNDFILE_EXTENSIONS
 from audioshard.csvsafe import cell
+from audioshard.errors import AudioshardError
 
 SOURCES_NAME = "sources.csv"
 STAGING_NAME = ".audioshard-fetch"  # hidden: `audioshard build` never reads it
@@ -39,7 +40,7 @@ MAX_BACKOFF_S = 60.0
 T = TypeVar("T")
 
 
-class AcquireError(RuntimeError):
+class AcquireError(AudioshardError, RuntimeError):
     """A fetch cannot start (bad link file, bad label, missing ffmpeg for cuts...); the message says why."""
 
 
