@@ -1,6 +1,6 @@
 """The fault suite: hostile files, corrupt data, interrupted work, bad configuration, fuzzing.
 
-Each test is one fault; README.md's "Reliability" table maps every fault to its behaviour and to the
+Each test is one fault; docs/reliability.md's table maps every fault to its behaviour and to the
 test here (or in test_http.py / test_stream.py / test_train.py / test_config.py) that proves it.
 Network faults against a real HTTP server live in test_http.py.
 """
