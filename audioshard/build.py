@@ -46,7 +46,8 @@ from audioshard.config import Config
 from audioshard.errors import AudioshardError
 from audioshard.features import FeatureParams, log_mel
 from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, block_problem, write_json_atomic
-from audioshard.split import SPLITS, Source, group_of, split_sources
+from audioshard.names import SPLITS
+from audioshard.split import Source, group_of, split_sources
 
 MARKER_NAME = ".audioshard-build"
 STAGING_NAME = ".staging"  # a build writes here first; shards move into place only when all are written

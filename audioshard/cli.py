@@ -21,6 +21,7 @@ from pathlib import Path
 
 from audioshard import __version__
 from audioshard.config import Config, dump_toml, load_config
+from audioshard.names import EXPORT_FORMATS, PREDICT_FORMATS, SPLITS
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "evaluate a checkpoint on one split (chunk- and recording-level)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt or last.pt")
     p.add_argument("--shards", required=True, help="build folder or http(s) URL of one")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split")
+    p.add_argument("--split", default="test", choices=SPLITS, help="which split")
     p.add_argument("--out", type=Path, required=True, help="folder for reports")
     p.add_argument("--adapt", action="store_true",
                    help="first re-estimate the model's BatchNorm statistics on this split's chunks (no labels "
@@ -310,13 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("show", cmd_show, "plot one chunk's mel spectrogram with its label, source and time")
     p.add_argument("source", help="build folder or http(s) URL of one")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split")
+    p.add_argument("--split", default="train", choices=SPLITS, help="which split")
     p.add_argument("--index", type=int, default=0, help="chunk number within the split (shard order)")
     p.add_argument("--out", type=Path, default=Path("chunk.png"), help="PNG to write")
 
     p = add("check", cmd_check, "pull a few batches through the real pipeline and describe them")
     p.add_argument("source", help="build folder or http(s) URL of one")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="which split")
+    p.add_argument("--split", default="train", choices=SPLITS, help="which split")
     p.add_argument("--batches", type=int, default=3, help="batches to pull")
 
     p = add("serve", cmd_serve, "serve a build folder over HTTP (train from it with --shards http://HOST:PORT/)")
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
             "runs/first/best_model.pt field/ night.flac --per-chunk --format csv > predictions.csv")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="recordings, or folders of them")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt from `audioshard train`")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json"],
+    p.add_argument("--format", default="table", choices=PREDICT_FORMATS,
                    help="table for people; csv (one row per file, or per chunk with --per-chunk); json")
     p.add_argument("--per-chunk", action="store_true", help="add a timeline: each chunk's start, end, class, "
                    "probability")
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
             "PyTorch before it is kept. ONNX needs: pip install 'audioshard[export]'. Example: audioshard export "
             "--checkpoint runs/first/best_model.pt --format onnx --out model.onnx")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt from `audioshard train`")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="export format")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
     p.add_argument("--out", type=Path, required=True, help="file to write (the sidecar is OUT.json)")
 
     p = sub.add_parser("fetch", help="download labelled audio (YouTube and other yt-dlp sites, Google Drive) "

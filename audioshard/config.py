@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from audioshard.errors import AudioshardError
+from audioshard.names import MODEL_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,7 +152,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss"),
-    "model.name": ("seed_cnn", "cnn6", "cnn10"),
+    "model.name": MODEL_NAMES,
     "model.input_norm": ("none", "chunk", "band"),
 }
 

@@ -32,8 +32,8 @@ from audioshard.checkpoint import load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
 from audioshard.errors import AudioshardError
 from audioshard.features import AMIN, FeatureParams
+from audioshard.names import EXPORT_FORMATS
 
-EXPORT_FORMATS = ("onnx", "torchscript")
 ONNX_OPSET = 17
 PARITY_ATOL = 1e-4  # logits; float32 kernels differ between runtimes in the last bits only
 

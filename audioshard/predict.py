@@ -55,12 +55,13 @@ from audioshard.csvsafe import cell
 from audioshard.errors import AudioshardError
 from audioshard.features import FeatureParams, log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
+from audioshard.names import PREDICT_FORMATS
 
 # torchaudio.functional.resample defaults, which `audio.resample` uses: they set the filter's reach.
 LOWPASS_FILTER_WIDTH = 6
 ROLLOFF = 0.99
 MAX_RESAMPLE_SAMPLES = 1 << 17  # input samples resampled per torchaudio call (bounds its working memory)
-FORMATS = ("table", "csv", "json")
+FORMATS = PREDICT_FORMATS
 
 
 class PredictError(AudioshardError, ValueError):

@@ -13,7 +13,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-SPLITS = ("train", "val", "test")
+from audioshard.names import SPLITS
 
 
 @dataclass(frozen=True)

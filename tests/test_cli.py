@@ -76,3 +76,15 @@ def test_every_stage_error_is_an_audioshard_error_and_keeps_its_builtin_base():
         assert issubclass(error, AudioshardError), error
     assert issubclass(IntegrityError, OSError) and issubclass(ConfigError, ValueError)
     assert issubclass(TrainingError, RuntimeError)
+
+
+def test_the_names_users_choose_from_are_the_registries_the_stages_use():
+    from audioshard.models import MODELS
+    from audioshard.names import MODEL_NAMES
+
+    assert tuple(MODELS) == MODEL_NAMES  # every model the settings accept is one the zoo builds
+    for command, option, values in [("evaluate", "--split", "train, val, test"),
+                                    ("predict", "--format", "table, csv, json"),
+                                    ("export", "--format", "onnx, torchscript")]:
+        proc = run(command, option, "bogus", check=False)
+        assert proc.returncode == 2 and values.replace(", ", "', '") in proc.stderr, proc.stderr
