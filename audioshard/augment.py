@@ -139,8 +139,8 @@ class SpecAugment(nn.Module):
             x.add_(self._noise(x, generator), alpha=self.noise_std)
         time = _band_mask(batch, self.time_masks, self.time_mask_width, frames, generator, x.device)
         freq = _band_mask(batch, self.freq_masks, self.freq_mask_width, mels, generator, x.device)
-        # Multiplying by a broadcast 0/1 "keep" vector per axis is ~3x faster on a CPU than building the
-        # full (batch, mels, frames) mask for masked_fill; inputs are finite, so 0 * x is 0.
+        # Multiplying by a broadcast 0/1 "keep" vector per axis is cheaper than building the full
+        # (batch, mels, frames) mask for masked_fill; inputs are finite, so 0 * x is 0.
         x.mul_((~time).to(x.dtype).view(batch, 1, 1, frames))
         if self.freq_masks and self.freq_mask_width:
             x.mul_((~freq).to(x.dtype).view(batch, 1, mels, 1))

@@ -74,8 +74,7 @@ def _files_under(folder: str, found: Discovery) -> list[tuple[str, ...]]:
     links are counted in `found.ignored`, folders that cannot be read named in `found.warnings`.
 
     One `os.scandir` per folder instead of `rglob` + `is_file` + `resolve` per file: the directory
-    entries already say what is a file, so listing 600 files costs a few ms instead of ~100 ms,
-    time that every build spends before any worker can start."""
+    entries already say what is a file, and every build spends this time before any worker can start."""
     files: list[tuple[str, ...]] = []
     pending: list[tuple[str, ...]] = [()]
     while pending:
@@ -227,7 +226,7 @@ def process_files(sources: list[tuple[Source, bool]], cfg: Config) -> list[FileR
     """Decode, resample, chunk and featurise a few files in a row (one task, in any build process).
 
     Their chunks go through `log_mel` together, FEATURE_BATCH at a time: most recordings give only
-    a few chunks, and a call's fixed cost (torch dispatch, ~0.15 ms) paid per file was ~15 % of a
+    a few chunks, and a call's fixed cost (torch dispatch) paid per file was a large share of a
     build of short clips. A long file is featurised on its own right away, so memory stays at one
     file plus a batch. The features of a chunk do not depend on its batch-mates (checked byte for
     byte in the tests). The flag beside each source asks for the sums behind the train split's
@@ -481,8 +480,8 @@ def _keep_freed_memory() -> None:
 
     Every file allocates and frees the same few MB of audio, spectra and features. glibc hands
     buffers over its mmap threshold out as fresh mappings (a fresh process starts that threshold at
-    128 kB), so each buffer was page-faulted in anew: ~3-4x the page faults and ~2x the system time
-    (measured: 21-32k vs 7k faults on 637 files in one process; ~14 % of a 1-worker build's time)."""
+    128 kB), so each buffer was page-faulted in anew, several times the page faults and system time
+    of keeping them (docs/benchmarks.md)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)

@@ -88,7 +88,7 @@ class CNN6(nn.Module):
 
 class CNN10(CNN6):
     """CNN6 with two conv-BN-ReLU layers per block (PANNs' CNN10 layout, at any width): twice the depth
-    for about 3x the compute of CNN6 at the same width."""
+    for more compute than CNN6 at the same width (docs/models.md)."""
 
     convs_per_block = 2
 
