@@ -16,7 +16,7 @@ What it measures
     Both run with 1 and 2 worker processes (`--workers`), in-process for 1 worker. With N workers the
     seed's way uses a multiprocessing pool of N (fork on Linux) with `imap(chunksize=1)` over files,
     results back to the main process, which writes the CSVs; audioshard's calling process works beside
-    N - 1 forked helpers and writes the shards (its own design, see `audioshard.build._results`).
+    N - 1 forked helpers and writes the shards (its own design, see `audioshard.parallel.ordered_map`).
     OMP/MKL/OpenBLAS/numba threads are pinned to 1 before numpy/torch/librosa are imported, so "1
     worker" really is one core for both methods.
 

@@ -61,10 +61,11 @@ def prepare(work: Path, source: Path, target: int) -> dict:
     import numpy as np
     import webdataset as wds
 
-    from audioshard.build import SplitWriter, build_shards
+    from audioshard.build import build_shards
     from audioshard.config import load_config
     from audioshard.manifest import load_manifest, write_json_atomic
     from audioshard.stream import ShardStream
+    from audioshard.writer import SplitWriter
 
     done = work / "prepared.json"
     if done.exists():
