@@ -250,14 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"audioshard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, description: str = ""):
-        p = sub.add_parser(name, help=help_text, description=description or help_text, formatter_class=fmt)
+        p = sub.add_parser(name, help=help_text, description=description or help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(handler=handler)
         _add_config_args(p)
         return p
 
+    _data_commands(add)
+    _training_commands(add)
+    _model_commands(add)
+    _fetch_commands(sub)
+    add("config", cmd_config, "print the resolved settings as TOML (defaults + --config + --set)")
+    return parser
+
+
+
+def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """demo-data, build, info, verify, clean: making and looking after builds."""
     p = add("demo-data", cmd_demo_data, "write a small synthetic 3-class data set (drone, engine, voice)",
             "Synthesise a few minutes of 3-class audio with a fixed seed: drone-like harmonic buzz, engine-like "
             "rumble and formant-like voice. Synthetic: a pipeline check, not a benchmark.")
@@ -291,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("clean", cmd_clean, "remove what a build wrote (refuses folders that are not builds)")
     p.add_argument("dir", type=Path, help="build folder")
 
+
+def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """train, evaluate, and show, check, serve: training on builds and looking inside them."""
     p = add("train", cmd_train, "train a classifier by streaming shards",
             "Train on a build's shards (folder or http(s) URL). Writes best_model.pt, last.pt, history.jsonl, "
             "metrics.json, val/test reports and confusion matrices, pred_labels.npy/true_labels.npy into --out. "
@@ -325,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for other machines)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
 
+
+def _model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """predict, export: using a trained model."""
     p = add("predict", cmd_predict, "predict the class of new recordings (any format, rate and length)",
             "Predict each recording's class with a trained checkpoint: the softmax of the mean of its chunks' "
             "logits, computed with exactly the training features (parameters, normalisation and chunking come "
@@ -357,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
     p.add_argument("--out", type=Path, required=True, help="file to write (the sidecar is OUT.json)")
 
+
+def _fetch_commands(sub) -> None:
+    """fetch youtube, fetch drive: the acquire stage."""
     p = sub.add_parser("fetch", help="download labelled audio (YouTube and other yt-dlp sites, Google Drive) "
                        "into RAW/<label>/ with provenance", description="Build a class-per-folder RAW tree from "
                        "the web: `audioshard fetch youtube --help`, `audioshard fetch drive --help`.")
@@ -388,9 +408,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=3, help="further attempts after a network error (backoff 2, 4, "
                    "8 s...)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds gdown waits for the server (gdown >= 6)")
-
-    add("config", cmd_config, "print the resolved settings as TOML (defaults + --config + --set)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
