@@ -7,21 +7,27 @@ webm, ...) goes through the `ffmpeg` executable when it is installed. Decoding p
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import tempfile
 import warnings
 import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
 
+from audioshard.config import AudioConfig, Config
 from audioshard.errors import AudioshardError
+from audioshard.features import samples_at
 
 # Formats libsndfile reads itself; everything else is handed to ffmpeg.
 SOUNDFILE_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf"}
@@ -43,30 +49,47 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
     Raises:
         AudioError: empty, corrupt or unsupported file, or ffmpeg needed but missing.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exn:
-        raise AudioError(f"{path}: cannot read file ({exn.strerror})") from exn
-    if size == 0:
-        raise AudioError(f"{path}: empty file (0 bytes)")
+    path = _readable_file(path)
     if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
         try:
             data, rate = _read_soundfile(path)
         except AudioError:
             raise
         except Exception as exn:  # libsndfile raises LibsndfileError/RuntimeError for bad data
-            if shutil.which("ffmpeg") is None:
-                raise AudioError(f"{path}: not decodable by libsndfile ({exn}); the file is corrupt or not audio"
-                                 ) from exn
-            try:  # e.g. an MP3 variant or a mislabelled container that libsndfile rejects
-                return _decode_ffmpeg(path)
-            except AudioError as ffmpeg_exn:
-                raise AudioError(f"{path}: corrupt or not audio (libsndfile: {exn}; "
-                                 f"ffmpeg: {str(ffmpeg_exn).removeprefix(f'{path}: ')})") from exn
-        samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-        return np.ascontiguousarray(samples, dtype=np.float32), int(rate)
+            return _ffmpeg_instead(path, exn, _decode_ffmpeg)
+        return _mono(data), int(rate)
     return _decode_ffmpeg(path)
+
+
+def _readable_file(path: str | Path) -> Path:
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exn:
+        raise AudioError(f"{path}: cannot read file ({exn.strerror})") from exn
+    if path.is_dir():
+        raise AudioError(f"{path}: is a folder, not a file")
+    if size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
+    return path
+
+
+def _ffmpeg_instead(path: Path, exn: Exception, decode_with_ffmpeg):
+    """libsndfile rejected a file it should read (an MP3 variant, a mislabelled container): try ffmpeg,
+    and if that fails too, say what both said."""
+    if shutil.which("ffmpeg") is None:
+        raise AudioError(f"{path}: not decodable by libsndfile ({exn}); the file is corrupt or not audio") from exn
+    try:
+        return decode_with_ffmpeg(path)
+    except AudioError as ffmpeg_exn:
+        raise AudioError(f"{path}: corrupt or not audio (libsndfile: {exn}; "
+                         f"ffmpeg: {str(ffmpeg_exn).removeprefix(f'{path}: ')})") from exn
+
+
+def _mono(data: np.ndarray) -> np.ndarray:
+    """(N, channels) -> (N,) float32: the mean of the channels (how every decoder here mixes)."""
+    samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return np.ascontiguousarray(samples, dtype=np.float32)
 
 
 MAX_DECODED_SAMPLES = 1 << 28  # samples x channels `build` decodes at once: 1 GiB of float32 (4.6 h at 16 kHz)
@@ -129,13 +152,8 @@ def _pcm16_to_float(data: np.ndarray) -> np.ndarray:
 
 def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     """Decode through ffmpeg to mono float32 at the file's own rate (probed by ffmpeg itself)."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not installed "
-                         "(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)")
-    rate = _probe_rate(path, ffmpeg)
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
-           "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    ffmpeg, rate = _ffmpeg_and_rate(path)
+    cmd = _ffmpeg_command(ffmpeg, path, rate)
     limit = 4 * MAX_DECODED_SAMPLES  # bytes of float32 output
     with tempfile.TemporaryFile() as errors, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors) as proc:
         out = proc.stdout.read(limit + 1)  # never more: a small compressed file can decode to any length
@@ -148,6 +166,21 @@ def _decode_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
     if returncode != 0 or not out:
         raise AudioError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio stream'})")
     return np.frombuffer(out, dtype="<f4").copy(), rate
+
+
+def _ffmpeg_and_rate(path: Path) -> tuple[str, int]:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not installed "
+                         "(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)")
+    return ffmpeg, _probe_rate(path, ffmpeg)
+
+
+def _ffmpeg_command(ffmpeg: str, path: Path, rate: int) -> list[str]:
+    """ffmpeg decoding the first audio stream to mono float32 at the file's own rate, on stdout:
+    resampling stays with torchaudio, the same for every format."""
+    return [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
+            "-f", "f32le", "-acodec", "pcm_f32le", "-"]
 
 
 def _probe_rate(path: Path, ffmpeg: str) -> int:
@@ -253,26 +286,289 @@ def chunk_starts(num_samples: int, chunk: int, hop: int, min_fraction: float, sh
     return starts
 
 
-def choppinator(samples: np.ndarray, sample_rate: int, chunk_seconds: float, hop_seconds: float = 0.0,
-                min_fraction: float = 0.5, short_clip: str = "pad") -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class ChunkRules:
+    """How a recording is cut into chunks, the same for the build and for predict: kept in a build's
+    manifest and a checkpoint (their `config.audio`) and read back with `from_audio`.
+
+    Attributes:
+        sample_rate: Hz the chunks are cut at (the features' rate).
+        chunk_seconds: chunk length; `hop_seconds` (0 = chunk_seconds) the distance between starts.
+        min_fraction: a trailing partial chunk is kept, zero-padded, if this fraction of a chunk is in no
+            full chunk.
+        short_clip: for clips shorter than one chunk: "pad" with zeros, "repeat" the clip, or "drop" it.
+        silence_peak: chunks whose peak |sample| is below it are silent (0: none are).
+    """
+
+    sample_rate: int
+    chunk_seconds: float
+    hop_seconds: float = 0.0
+    min_fraction: float = 0.5
+    short_clip: str = "pad"
+    silence_peak: float = 0.0
+
+    @property
+    def chunk(self) -> int:
+        """Samples per chunk."""
+        return samples_at(self.chunk_seconds, self.sample_rate)
+
+    @property
+    def hop(self) -> int:
+        """Samples between chunk starts."""
+        return samples_at(self.hop_seconds or self.chunk_seconds, self.sample_rate)
+
+    @classmethod
+    def from_audio(cls, audio: dict[str, Any], sample_rate: int, chunk_seconds: float) -> ChunkRules:
+        """From a manifest's or checkpoint's `config.audio` (rate and length from its features). Keys that
+        older builds did not record take what those builds did (no overlap) or the defaults."""
+        defaults = AudioConfig()
+        skip = audio.get("skip_silent", defaults.skip_silent)
+        silence = float(audio.get("silence_peak", defaults.silence_peak)) if skip else 0.0
+        return cls(sample_rate=int(sample_rate), chunk_seconds=float(chunk_seconds),
+                   hop_seconds=float(audio.get("hop_seconds", 0.0)),
+                   min_fraction=float(audio.get("min_fraction", defaults.min_fraction)),
+                   short_clip=str(audio.get("short_clip", defaults.short_clip)), silence_peak=silence)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ChunkRules:
+        a = cfg.audio
+        return cls(sample_rate=a.sample_rate, chunk_seconds=a.chunk_seconds, hop_seconds=a.hop_seconds,
+                   min_fraction=a.min_fraction, short_clip=a.short_clip,
+                   silence_peak=a.silence_peak if a.skip_silent else 0.0)
+
+
+def choppinator(samples: np.ndarray, rules: ChunkRules) -> tuple[np.ndarray, np.ndarray]:
     """Cut a clip into fixed-length chunks (the original system's name for this step).
 
     Args:
-        samples: (N,) float32 mono audio at `sample_rate`.
-        chunk_seconds: chunk length; `hop_seconds` (0 = same as chunk) sets the overlap.
-        min_fraction: a trailing partial chunk is kept, zero-padded, if it holds this fraction of a chunk.
-        short_clip: for clips shorter than one chunk: "pad" with zeros, "repeat" the clip, or "drop" it.
+        samples: (N,) float32 mono audio at `rules.sample_rate`.
 
     Returns:
         (chunks: (C, chunk_samples) float32, starts: (C,) float64 seconds)
     """
-    chunk = int(round(chunk_seconds * sample_rate))
-    hop = int(round((hop_seconds or chunk_seconds) * sample_rate))
-    starts = chunk_starts(len(samples), chunk, hop, min_fraction, short_clip)
+    chunk, short_clip = rules.chunk, rules.short_clip
+    starts = chunk_starts(len(samples), chunk, rules.hop, rules.min_fraction, short_clip)
     out = np.zeros((len(starts), chunk), dtype=np.float32)
     for i, start in enumerate(starts):
         piece = samples[start:start + chunk]
         if len(piece) < chunk and short_clip == "repeat" and len(samples) < chunk:
             piece = np.tile(samples, -(-chunk // len(samples)))[:chunk]
         out[i, :len(piece)] = piece
-    return out, np.asarray(starts, dtype=np.float64) / sample_rate
+    return out, np.asarray(starts, dtype=np.float64) / rules.sample_rate
+
+
+# torchaudio.functional.resample defaults, which `audio.resample` uses: they set the filter's reach.
+LOWPASS_FILTER_WIDTH = 6
+ROLLOFF = 0.99
+MAX_RESAMPLE_SAMPLES = 1 << 17  # input samples resampled per torchaudio call (bounds its working memory)
+
+
+# --- streamed reading: recordings of any length in bounded memory (predict) ---------------------
+
+
+class StreamingResampler:
+    """Resample a stream piece by piece, giving the samples that resampling it whole would give.
+
+    torchaudio's sinc resampler (`audio.resample`) works in frames: with the rates reduced by their
+    gcd to `o` -> `n`, output frame t (samples t*n .. t*n + n-1) is computed from the input around
+    sample t*o, within `width` samples. Each call resamples a segment that starts at a frame
+    boundary (a multiple of `o` input samples) `context` samples before the first frame it emits,
+    and emits only frames whose whole filter reach lies inside the segment, so no emitted sample
+    sees the zero padding that torchaudio adds at segment edges -- except at the true start and end
+    of the recording, where resampling the whole file sees the same zeros. The `context` samples
+    (a few hundred) around each segment are resampled twice. Output lengths equal torchaudio's for
+    the whole input; values agree to float32 rounding (~1e-7: conv1d sums in another order).
+
+    Args:
+        orig_rate: sample rate of the pushed audio (Hz).
+        new_rate: sample rate of the emitted audio (Hz).
+    """
+
+    def __init__(self, orig_rate: int, new_rate: int):
+        self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
+        self.o, self.n = resample_ratio(self.orig_rate, self.new_rate)  # reduced, and bounded for odd rates
+        # torchaudio's filter half-length in input samples, plus one for rounding.
+        width = math.ceil(LOWPASS_FILTER_WIDTH * self.o / (min(self.o, self.n) * ROLLOFF)) + 1
+        self.context = self.o * (width // self.o + 2)  # a multiple of o, > width + o
+        self.step = self.o * max(1, MAX_RESAMPLE_SAMPLES // self.o)
+        self.buffer = np.zeros(0, dtype=np.float32)  # input from `buffer_start` (a multiple of o) on
+        self.buffer_start = 0
+        self.next_frame = 0  # first output frame not yet emitted
+        self.length = 0  # input samples pushed so far
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        """Add (N,) float32 input; return the output samples that are now final (possibly none)."""
+        if self.o == self.n:
+            self.length += len(samples)
+            return samples
+        out = []
+        # Resample at most `step` new samples per call: torch's conv1d unfolds its input (about
+        # kernel-size floats per output frame), which for a whole block would cost far more than the block.
+        for begin in range(0, len(samples), self.step):
+            piece = samples[begin:begin + self.step]
+            self.length += len(piece)
+            self.buffer = np.concatenate([self.buffer, piece])
+            stop = (self.length - self.context) // self.o
+            if stop > self.next_frame:
+                out.append(self._emit(stop))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def finish(self) -> np.ndarray:
+        """Return the rest of the output, up to the length resampling the whole input would give."""
+        if self.o == self.n or self.length == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(None)
+
+    def _emit(self, stop: int | None) -> np.ndarray:
+        start = self.buffer_start
+        end = self.length if stop is None else stop * self.o + self.context
+        out = resample(self.buffer[: end - start], self.orig_rate, self.new_rate)
+        first = (self.next_frame - start // self.o) * self.n
+        if stop is None:
+            # The length torchaudio gives the whole input (it rounds n*L/o in float32).
+            total = int(torch.ceil(torch.as_tensor(self.n * self.length / self.o)).item())
+            out = out[first: first + max(0, total - self.next_frame * self.n)]
+        else:
+            out = out[first: (stop - start // self.o) * self.n]
+            self.next_frame = stop
+            self.buffer_start = max(0, stop * self.o - self.context)
+            self.buffer = self.buffer[self.buffer_start - start:]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def open_audio(path: str | Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
+    """Open a recording for reading in blocks, decoded as `audio.decode` decodes it.
+
+    Args:
+        path: any file libsndfile reads, or any file ffmpeg reads when ffmpeg is installed.
+        block_seconds: roughly how much audio each block holds.
+
+    Returns:
+        (sample_rate: Hz of the file, blocks: iterator of (N,) float32 mono blocks in [-1, 1]).
+
+    Raises:
+        AudioError: missing, empty, corrupt or unsupported file, or ffmpeg needed but missing (at open,
+            or while reading the blocks).
+    """
+    path = _readable_file(path)
+    if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
+        try:
+            handle = sf.SoundFile(str(path))
+        except Exception as exn:  # LibsndfileError/RuntimeError: fall back to ffmpeg as `decode` does
+            return _ffmpeg_instead(path, exn, lambda p: _open_ffmpeg(p, block_seconds))
+        try:
+            check_rate(path, handle.samplerate)
+        except AudioError:
+            handle.close()
+            raise
+        return int(handle.samplerate), _soundfile_blocks(handle, path, max(1, int(block_seconds * handle.samplerate)))
+    return _open_ffmpeg(path, block_seconds)
+
+
+def _soundfile_blocks(handle: sf.SoundFile, path: Path, frames: int) -> Iterator[np.ndarray]:
+    with handle:
+        while True:
+            try:
+                data = handle.read(frames, dtype="float32", always_2d=True)
+            except Exception as exn:
+                raise AudioError(f"{path}: decoding failed part-way ({exn}); the file is corrupt") from exn
+            if len(data) == 0:
+                return
+            yield _mono(data)
+
+
+def _open_ffmpeg(path: Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
+    ffmpeg, rate = _ffmpeg_and_rate(path)
+    check_rate(path, rate)
+    return rate, _ffmpeg_blocks(ffmpeg, path, rate, max(1, int(block_seconds * rate)))
+
+
+def _ffmpeg_blocks(ffmpeg: str, path: Path, rate: int, frames: int) -> Iterator[np.ndarray]:
+    cmd = _ffmpeg_command(ffmpeg, path, rate)
+    # stderr goes to a file: a pipe nobody reads could fill up and stall ffmpeg.
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
+        try:
+            got = 0
+            while True:
+                data = proc.stdout.read(4 * frames)
+                if not data:
+                    break
+                usable = len(data) - len(data) % 4  # read(n) returns less than n only at the end
+                got += usable
+                yield np.frombuffer(data[:usable], dtype="<f4").astype(np.float32)
+            code = proc.wait()
+            if code != 0 or got == 0:
+                errors.seek(0)
+                reason = errors.read().decode("utf-8", "replace").strip().splitlines()
+                raise AudioError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio stream'})")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stdout.close()
+            proc.wait()
+
+
+class ChunkReader:
+    """The chunks of one recording, read in blocks: what `choppinator(load(path, rate), rules)` returns,
+    without ever holding the whole recording.
+
+    Args:
+        path: the recording.
+        rules: how to cut it (the build's: `ChunkRules.from_audio`).
+        block_chunks: chunks' worth of audio read per block.
+
+    After iteration, `num_samples` is the recording's length at the rules' rate and `source_rate` its own rate.
+    """
+
+    def __init__(self, path: str | Path, rules: ChunkRules, block_chunks: int = 8):
+        self.path, self.rules, self.block_chunks = Path(path), rules, max(1, block_chunks)
+        self.sample_rate, self.chunk, self.hop = rules.sample_rate, rules.chunk, rules.hop
+        self.num_samples = 0
+        self.source_rate: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (chunks: (C, chunk_samples) float32, starts: (C,) int64 sample offsets at the rules' rate)."""
+        rules = self.rules
+        rate, blocks = open_audio(self.path, self.block_chunks * rules.chunk_seconds)
+        self.source_rate, self.num_samples = rate, 0
+        resampler = StreamingResampler(rate, self.sample_rate)
+        pending = np.zeros(0, dtype=np.float32)  # resampled audio not yet in a chunk; starts at `emitted`
+        emitted = 0
+        try:
+            for raw in blocks:
+                if not np.isfinite(raw).all():
+                    raise AudioError(f"{self.path}: contains NaN or infinite sample values")
+                pending, emitted, out = self._full_chunks(pending, resampler.push(raw), emitted)
+                if out is not None:
+                    yield out
+        finally:
+            blocks.close()  # closes the file or stops ffmpeg also when the caller stops early
+        pending, emitted, out = self._full_chunks(pending, resampler.finish(), emitted)
+        if out is not None:
+            yield out
+        if self.num_samples == 0:
+            raise AudioError(f"{self.path}: no audio samples in the file")
+        if self.num_samples < self.chunk:  # the whole clip is in `pending`: the build's own rules apply
+            chunks, _ = choppinator(pending, self.rules)
+            if len(chunks) == 0:
+                raise AudioError(f"{self.path}: {self.num_samples / self.sample_rate:.2f} s is shorter than one "
+                                 f"chunk ({self.rules.chunk_seconds} s) and audio.short_clip = "
+                                 f"{self.rules.short_clip!r}")
+            yield chunks, np.zeros(1, dtype=np.int64)
+        elif (unheard := len(pending) - (self.chunk - self.hop)) > 0 and unheard >= rules.min_fraction * self.chunk:
+            # `pending` starts at the next chunk's start; its first chunk - hop samples are in the last chunk
+            tail = np.zeros((1, self.chunk), dtype=np.float32)
+            tail[0, :len(pending)] = pending
+            yield tail, np.array([emitted], dtype=np.int64)
+
+    def _full_chunks(self, pending: np.ndarray, new: np.ndarray, emitted: int
+                     ) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray] | None]:
+        self.num_samples += len(new)
+        pending = np.concatenate([pending, new]) if len(pending) else new
+        count = (len(pending) - self.chunk) // self.hop + 1 if len(pending) >= self.chunk else 0
+        if count == 0:
+            return pending, emitted, None
+        windows = np.lib.stride_tricks.sliding_window_view(pending, self.chunk)[::self.hop][:count]
+        starts = emitted + self.hop * np.arange(count, dtype=np.int64)
+        return pending[count * self.hop:].copy(), emitted + count * self.hop, (windows.copy(), starts)

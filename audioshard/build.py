@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from audioshard.assemble import SplitTally, TrainStats, build_manifest, build_warnings, merge_manifests
-from audioshard.audio import AudioError, choppinator, load, peak_amplitude, silent_chunks
+from audioshard.audio import AudioError, ChunkRules, choppinator, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
 from audioshard.errors import BuildError
 from audioshard.features import FeatureParams, log_mel
@@ -260,8 +260,7 @@ def _decode_and_cut(source: Source, cfg: Config, params: FeatureParams) -> tuple
     if cfg.audio.skip_silent and peak < cfg.audio.silence_peak:
         return FileResult(source.rel, seconds=seconds, error=f"{source.rel}: silent (peak {peak:.1e} < "
                           f"audio.silence_peak {cfg.audio.silence_peak})"), None
-    chunks, starts = choppinator(samples, params.sample_rate, cfg.audio.chunk_seconds, cfg.audio.hop_seconds,
-                                 cfg.audio.min_fraction, cfg.audio.short_clip)
+    chunks, starts = choppinator(samples, ChunkRules.from_config(cfg))
     if len(chunks) == 0:
         return FileResult(source.rel, seconds=seconds,
                           error=f"{source.rel}: {seconds:.2f} s is shorter than one chunk "

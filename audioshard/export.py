@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from audioshard import __version__
+from audioshard.audio import ChunkRules
 from audioshard.checkpoint import load_checkpoint, model_from_checkpoint
-from audioshard.config import AudioConfig
 from audioshard.errors import AudioshardError
 from audioshard.features import AMIN, FeatureParams
 from audioshard.names import EXPORT_FORMATS
@@ -98,7 +98,7 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> An
 def describe(state: dict[str, Any], fmt: str, parity: float) -> dict[str, Any]:
     """The sidecar: everything needed to turn audio into the model's input and its output into classes."""
     params = FeatureParams.from_dict(state["features"])
-    audio = {**AudioConfig().__dict__, **state.get("config", {}).get("audio", {})}
+    rules = ChunkRules.from_audio(state.get("config", {}).get("audio", {}), params.sample_rate, params.chunk_seconds)
     return {
         "format": fmt,
         "audioshard_version": __version__,
@@ -112,10 +112,10 @@ def describe(state: dict[str, Any], fmt: str, parity: float) -> dict[str, Any]:
         "feature_recipe": {
             "audio": f"mono (mean of channels), resampled to {params.sample_rate} Hz (band-limited sinc, "
                      "torchaudio.functional.resample defaults)",
-            "chunking": {"chunk_seconds": params.chunk_seconds, "chunk_samples": params.chunk_samples,
-                         "hop_seconds": audio["hop_seconds"] or params.chunk_seconds,
-                         "min_fraction": audio["min_fraction"], "short_clip": audio["short_clip"],
-                         "silence_peak": audio["silence_peak"] if audio["skip_silent"] else 0.0,
+            "chunking": {"chunk_seconds": rules.chunk_seconds, "chunk_samples": rules.chunk,
+                         "hop_seconds": rules.hop_seconds or rules.chunk_seconds,
+                         "min_fraction": rules.min_fraction, "short_clip": rules.short_clip,
+                         "silence_peak": rules.silence_peak,
                          "rule": "full chunks every hop_seconds; a last partial chunk is zero-padded and kept if "
                                  ">= min_fraction of a chunk is in no full chunk; a clip shorter than one chunk is "
                                  "padded with zeros ('pad'), looped ('repeat') or dropped ('drop'); chunks whose "

@@ -21,6 +21,11 @@ CHUNKS_PER_PASS = 8  # chunks featurised together (see log_mel)
 AMIN = 1e-10  # power floor before log10: digital silence maps to 10*log10(AMIN) = -100 dB
 
 
+def samples_at(seconds: float, sample_rate: int) -> int:
+    """Samples in `seconds` of audio: the one rounding every chunk and hop length goes through."""
+    return int(round(seconds * sample_rate))
+
+
 @dataclass(frozen=True)
 class FeatureParams:
     """Everything needed to compute the same features again (recorded in manifest and checkpoint)."""
@@ -51,7 +56,7 @@ class FeatureParams:
 
     @property
     def chunk_samples(self) -> int:
-        return int(round(self.chunk_seconds * self.sample_rate))
+        return samples_at(self.chunk_seconds, self.sample_rate)
 
     @property
     def frames(self) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from audioshard.config import Config
+from audioshard.features import FeatureParams
 from audioshard.manifest import MANIFEST_NAME, load_manifest
 from audioshard.split import SPLITS
 
@@ -45,7 +46,7 @@ def format_info(data: dict[str, Any], where: str, verbose: bool = False) -> str:
         "audio: " + ", ".join(f"{s} {data['splits'][s]['audio_seconds'] / 60:.1f} min" for s in splits),
         "shards: " + ", ".join(f"{s} {len(data['splits'][s]['shards'])}" for s in splits)
         + f" ({data['block_size']} chunks per block)",
-        f"features: {f['n_mels']} mels x {1 + round(f['chunk_seconds'] * f['sample_rate']) // f['hop_length']} frames, "
+        f"features: {f['n_mels']} mels x {FeatureParams.from_dict(f).frames} frames, "
         f"{f['chunk_seconds']} s chunks at {f['sample_rate']} Hz, n_fft {f['n_fft']}, hop {f['hop_length']}, "
         f"{f['f_min']:.0f}-{f['f_max']:.0f} Hz, top_db {f['top_db']}",
         f"normalisation (train): mean {data['normalization']['mean']:.2f} dB, "

@@ -11,43 +11,27 @@ are cut as the build cut them (overlapping when `audio.hop_seconds` is below the
 timeline's rows overlap too). A recording's prediction is the softmax of the mean of its chunk logits,
 silent chunks left out as the build left them out: the recording-level rule of `evaluate`.
 
-Long recordings are streamed, never loaded whole: blocks of a few chunks' worth of audio are read
-(`soundfile.SoundFile.read(frames)` for libsndfile formats, pieces of ffmpeg's stdout for the rest),
-mixed to mono and resampled by `StreamingResampler`, which gives the samples that resampling the
-whole file at once (`audio.load`) gives, so chunks start at the same samples and hold the same values
-as at build time. Chunks are gathered into batches of `batch_size` for the model. Memory is bounded
-by one batch, whatever the recording's length (an hour of 48 kHz audio would be 690 MB as float32).
+Long recordings are streamed, never loaded whole (`audio.ChunkReader`: the same decoders, mono mix,
+resampling and `ChunkRules` as the build), so chunks start at the same samples and hold the same
+values as at build time. Chunks are gathered into batches of `batch_size` for the model. Memory is
+bounded by one batch, whatever the recording's length (an hour of 48 kHz audio would be 690 MB as float32).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from audioshard.audio import (
-    SOUNDFILE_EXTENSIONS,
-    AudioError,
-    _probe_rate,
-    check_rate,
-    choppinator,
-    resample,
-    resample_ratio,
-    silent_chunks,
-)
+from audioshard.audio import AudioError, ChunkReader, ChunkRules, silent_chunks
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from audioshard.config import AudioConfig
@@ -57,261 +41,11 @@ from audioshard.features import FeatureParams, log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 from audioshard.names import PREDICT_FORMATS
 
-# torchaudio.functional.resample defaults, which `audio.resample` uses: they set the filter's reach.
-LOWPASS_FILTER_WIDTH = 6
-ROLLOFF = 0.99
-MAX_RESAMPLE_SAMPLES = 1 << 17  # input samples resampled per torchaudio call (bounds its working memory)
 FORMATS = PREDICT_FORMATS
 
 
 class PredictError(AudioshardError, ValueError):
     """Prediction cannot start (no input files, a bad --plot target, an unusable checkpoint)."""
-
-
-# --- streaming audio ---------------------------------------------------------------------------
-
-
-class StreamingResampler:
-    """Resample a stream piece by piece, giving the samples that resampling it whole would give.
-
-    torchaudio's sinc resampler (`audio.resample`) works in frames: with the rates reduced by their
-    gcd to `o` -> `n`, output frame t (samples t*n .. t*n + n-1) is computed from the input around
-    sample t*o, within `width` samples. Each call resamples a segment that starts at a frame
-    boundary (a multiple of `o` input samples) `context` samples before the first frame it emits,
-    and emits only frames whose whole filter reach lies inside the segment, so no emitted sample
-    sees the zero padding that torchaudio adds at segment edges -- except at the true start and end
-    of the recording, where resampling the whole file sees the same zeros. The `context` samples
-    (a few hundred) around each segment are resampled twice. Output lengths equal torchaudio's for
-    the whole input; values agree to float32 rounding (~1e-7: conv1d sums in another order).
-
-    Args:
-        orig_rate: sample rate of the pushed audio (Hz).
-        new_rate: sample rate of the emitted audio (Hz).
-    """
-
-    def __init__(self, orig_rate: int, new_rate: int):
-        self.orig_rate, self.new_rate = int(orig_rate), int(new_rate)
-        self.o, self.n = resample_ratio(self.orig_rate, self.new_rate)  # reduced, and bounded for odd rates
-        # torchaudio's filter half-length in input samples, plus one for rounding.
-        width = math.ceil(LOWPASS_FILTER_WIDTH * self.o / (min(self.o, self.n) * ROLLOFF)) + 1
-        self.context = self.o * (width // self.o + 2)  # a multiple of o, > width + o
-        self.step = self.o * max(1, MAX_RESAMPLE_SAMPLES // self.o)
-        self.buffer = np.zeros(0, dtype=np.float32)  # input from `buffer_start` (a multiple of o) on
-        self.buffer_start = 0
-        self.next_frame = 0  # first output frame not yet emitted
-        self.length = 0  # input samples pushed so far
-
-    def push(self, samples: np.ndarray) -> np.ndarray:
-        """Add (N,) float32 input; return the output samples that are now final (possibly none)."""
-        if self.o == self.n:
-            self.length += len(samples)
-            return samples
-        out = []
-        # Resample at most `step` new samples per call: torch's conv1d unfolds its input (about
-        # kernel-size floats per output frame), which for a whole block would cost far more than the block.
-        for begin in range(0, len(samples), self.step):
-            piece = samples[begin:begin + self.step]
-            self.length += len(piece)
-            self.buffer = np.concatenate([self.buffer, piece])
-            stop = (self.length - self.context) // self.o
-            if stop > self.next_frame:
-                out.append(self._emit(stop))
-        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-    def finish(self) -> np.ndarray:
-        """Return the rest of the output, up to the length resampling the whole input would give."""
-        if self.o == self.n or self.length == 0:
-            return np.zeros(0, dtype=np.float32)
-        return self._emit(None)
-
-    def _emit(self, stop: int | None) -> np.ndarray:
-        start = self.buffer_start
-        end = self.length if stop is None else stop * self.o + self.context
-        out = resample(self.buffer[: end - start], self.orig_rate, self.new_rate)
-        first = (self.next_frame - start // self.o) * self.n
-        if stop is None:
-            # The length torchaudio gives the whole input (it rounds n*L/o in float32).
-            total = int(torch.ceil(torch.as_tensor(self.n * self.length / self.o)).item())
-            out = out[first: first + max(0, total - self.next_frame * self.n)]
-        else:
-            out = out[first: (stop - start // self.o) * self.n]
-            self.next_frame = stop
-            self.buffer_start = max(0, stop * self.o - self.context)
-            self.buffer = self.buffer[self.buffer_start - start:]
-        return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def _mono(data: np.ndarray) -> np.ndarray:
-    """(N, channels) -> (N,) float32, mixed exactly as `audio.decode` mixes."""
-    samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    return np.ascontiguousarray(samples, dtype=np.float32)
-
-
-def open_audio(path: str | Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
-    """Open a recording for reading in blocks, decoded as `audio.decode` decodes it.
-
-    Args:
-        path: any file libsndfile reads, or any file ffmpeg reads when ffmpeg is installed.
-        block_seconds: roughly how much audio each block holds.
-
-    Returns:
-        (sample_rate: Hz of the file, blocks: iterator of (N,) float32 mono blocks in [-1, 1]).
-
-    Raises:
-        AudioError: missing, empty, corrupt or unsupported file, or ffmpeg needed but missing (at open,
-            or while reading the blocks).
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exn:
-        raise AudioError(f"{path}: cannot read file ({exn.strerror})") from exn
-    if path.is_dir():
-        raise AudioError(f"{path}: is a folder, not a file")
-    if size == 0:
-        raise AudioError(f"{path}: empty file (0 bytes)")
-    if path.suffix.lower() in SOUNDFILE_EXTENSIONS:
-        try:
-            handle = sf.SoundFile(str(path))
-        except Exception as exn:  # LibsndfileError/RuntimeError: fall back to ffmpeg as `audio.decode` does
-            if shutil.which("ffmpeg") is None:
-                raise AudioError(f"{path}: not decodable by libsndfile ({exn}); the file is corrupt or not audio"
-                                 ) from exn
-            try:
-                return _open_ffmpeg(path, block_seconds)
-            except AudioError as ffmpeg_exn:
-                raise AudioError(f"{path}: corrupt or not audio (libsndfile: {exn}; "
-                                 f"ffmpeg: {str(ffmpeg_exn).removeprefix(f'{path}: ')})") from exn
-        try:
-            check_rate(path, handle.samplerate)
-        except AudioError:
-            handle.close()
-            raise
-        return int(handle.samplerate), _soundfile_blocks(handle, path, max(1, int(block_seconds * handle.samplerate)))
-    return _open_ffmpeg(path, block_seconds)
-
-
-def _soundfile_blocks(handle: sf.SoundFile, path: Path, frames: int) -> Iterator[np.ndarray]:
-    with handle:
-        while True:
-            try:
-                data = handle.read(frames, dtype="float32", always_2d=True)
-            except Exception as exn:
-                raise AudioError(f"{path}: decoding failed part-way ({exn}); the file is corrupt") from exn
-            if len(data) == 0:
-                return
-            yield _mono(data)
-
-
-def _open_ffmpeg(path: Path, block_seconds: float) -> tuple[int, Iterator[np.ndarray]]:
-    """ffmpeg decodes to mono float32 at the file's own rate; resampling stays with torchaudio (as at build)."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
-        raise AudioError(f"{path}: {path.suffix or 'this'} files need ffmpeg, which is not installed "
-                         "(Debian/Ubuntu: apt-get install ffmpeg; macOS: brew install ffmpeg)")
-    rate = _probe_rate(path, ffmpeg)
-    check_rate(path, rate)
-    return rate, _ffmpeg_blocks(ffmpeg, path, rate, max(1, int(block_seconds * rate)))
-
-
-def _ffmpeg_blocks(ffmpeg: str, path: Path, rate: int, frames: int) -> Iterator[np.ndarray]:
-    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
-           "-f", "f32le", "-acodec", "pcm_f32le", "-"]
-    # stderr goes to a file: a pipe nobody reads could fill up and stall ffmpeg.
-    with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
-        try:
-            got = 0
-            while True:
-                data = proc.stdout.read(4 * frames)
-                if not data:
-                    break
-                usable = len(data) - len(data) % 4  # read(n) returns less than n only at the end
-                got += usable
-                yield np.frombuffer(data[:usable], dtype="<f4").astype(np.float32)
-            code = proc.wait()
-            if code != 0 or got == 0:
-                errors.seek(0)
-                reason = errors.read().decode("utf-8", "replace").strip().splitlines()
-                raise AudioError(f"{path}: ffmpeg could not decode it ({reason[-1] if reason else 'no audio stream'})")
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.stdout.close()
-            proc.wait()
-
-
-class ChunkReader:
-    """The chunks of one recording, read in blocks: what `choppinator(audio.load(path, rate), ...)` returns,
-    without ever holding the whole recording.
-
-    Full chunks every `hop_seconds` (0: `chunk_seconds`); a last partial chunk is kept, zero-padded, when
-    at least `min_fraction` of a chunk is in no full chunk; a recording shorter than one chunk is handled
-    per `short_clip`.
-
-    Args:
-        path: the recording.
-        sample_rate: rate the model's features are computed at (Hz).
-        chunk_seconds: chunk length (s).
-        min_fraction, short_clip, hop_seconds: as `audio.*` of the build.
-        block_chunks: chunks' worth of audio read per block.
-
-    After iteration, `num_samples` is the recording's length at `sample_rate` and `source_rate` its own rate.
-    """
-
-    def __init__(self, path: str | Path, sample_rate: int, chunk_seconds: float, min_fraction: float = 0.5,
-                 short_clip: str = "pad", block_chunks: int = 8, hop_seconds: float = 0.0):
-        self.path, self.sample_rate, self.chunk_seconds = Path(path), int(sample_rate), float(chunk_seconds)
-        self.min_fraction, self.short_clip, self.block_chunks = min_fraction, short_clip, max(1, block_chunks)
-        self.chunk = int(round(chunk_seconds * sample_rate))
-        self.hop = int(round((hop_seconds or chunk_seconds) * sample_rate))  # as `choppinator` rounds it
-        self.num_samples = 0
-        self.source_rate: int | None = None
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yields (chunks: (C, chunk_samples) float32, starts: (C,) int64 sample offsets at `sample_rate`)."""
-        rate, blocks = open_audio(self.path, self.block_chunks * self.chunk_seconds)
-        self.source_rate, self.num_samples = rate, 0
-        resampler = StreamingResampler(rate, self.sample_rate)
-        pending = np.zeros(0, dtype=np.float32)  # resampled audio not yet in a chunk; starts at `emitted`
-        emitted = 0
-        try:
-            for raw in blocks:
-                if not np.isfinite(raw).all():
-                    raise AudioError(f"{self.path}: contains NaN or infinite sample values")
-                pending, emitted, out = self._full_chunks(pending, resampler.push(raw), emitted)
-                if out is not None:
-                    yield out
-        finally:
-            blocks.close()  # closes the file or stops ffmpeg also when the caller stops early
-        pending, emitted, out = self._full_chunks(pending, resampler.finish(), emitted)
-        if out is not None:
-            yield out
-        if self.num_samples == 0:
-            raise AudioError(f"{self.path}: no audio samples in the file")
-        if self.num_samples < self.chunk:  # the whole clip is in `pending`: the build's own rules apply
-            chunks, _ = choppinator(pending, self.sample_rate, self.chunk_seconds, 0.0, self.min_fraction,
-                                    self.short_clip)
-            if len(chunks) == 0:
-                raise AudioError(f"{self.path}: {self.num_samples / self.sample_rate:.2f} s is shorter than one "
-                                 f"chunk ({self.chunk_seconds} s) and audio.short_clip = {self.short_clip!r}")
-            yield chunks, np.zeros(1, dtype=np.int64)
-        elif (unheard := len(pending) - (self.chunk - self.hop)) > 0 and unheard >= self.min_fraction * self.chunk:
-            # `pending` starts at the next chunk's start; its first chunk - hop samples are in the last chunk
-            tail = np.zeros((1, self.chunk), dtype=np.float32)
-            tail[0, :len(pending)] = pending
-            yield tail, np.array([emitted], dtype=np.int64)
-
-    def _full_chunks(self, pending: np.ndarray, new: np.ndarray, emitted: int
-                     ) -> tuple[np.ndarray, int, tuple[np.ndarray, np.ndarray] | None]:
-        self.num_samples += len(new)
-        pending = np.concatenate([pending, new]) if len(pending) else new
-        count = (len(pending) - self.chunk) // self.hop + 1 if len(pending) >= self.chunk else 0
-        if count == 0:
-            return pending, emitted, None
-        windows = np.lib.stride_tricks.sliding_window_view(pending, self.chunk)[::self.hop][:count]
-        starts = emitted + self.hop * np.arange(count, dtype=np.int64)
-        return pending[count * self.hop:].copy(), emitted + count * self.hop, (windows.copy(), starts)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -403,14 +137,8 @@ class Predictor:
             self.classes = list(state["classes"])
             self.params = FeatureParams.from_dict(state["features"])
             norm = state["normalization"]
-            audio = state.get("config", {}).get("audio", {})
-            defaults = AudioConfig()
-            self.min_fraction = float(audio.get("min_fraction", defaults.min_fraction))
-            self.short_clip = str(audio.get("short_clip", defaults.short_clip))
-            self.hop_seconds = float(audio.get("hop_seconds", 0.0))  # older checkpoints: the build had no overlap
-            # the build left silent chunks out of training; leave them out of a recording's verdict too
-            skip_silent = audio.get("skip_silent", defaults.skip_silent)
-            self.silence_peak = float(audio.get("silence_peak", defaults.silence_peak)) if skip_silent else 0.0
+            self.rules = ChunkRules.from_audio(state.get("config", {}).get("audio", {}), self.params.sample_rate,
+                                               self.params.chunk_seconds)
             self.transform = BatchTransform(float(norm["mean"]), float(norm["std"]), augment=None)
             self.device = pick_device(device)
             self.model = model_from_checkpoint(state).to(self.device)
@@ -420,8 +148,7 @@ class Predictor:
 
     def chunks(self, path: str | Path) -> ChunkReader:
         """The recording's chunks at the checkpoint's rate and length, read in blocks."""
-        return ChunkReader(path, self.params.sample_rate, self.params.chunk_seconds, self.min_fraction,
-                           self.short_clip, hop_seconds=self.hop_seconds)
+        return ChunkReader(path, self.rules)
 
     def batches(self, reader: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Regroup a reader's chunks (or several readers' in a row) into batches of `batch_size` (the last one smaller):
@@ -490,7 +217,7 @@ class Predictor:
         for chunks, batch_starts in self.batches(reader):
             logits.append(self.logits(log_mel(chunks, self.params)))
             starts.append(batch_starts)
-            silent.append(silent_chunks(chunks, self.silence_peak))
+            silent.append(silent_chunks(chunks, self.rules.silence_peak))
         start_s = np.concatenate(starts)
         seconds = reader.num_samples / self.params.sample_rate
         ends = np.minimum(start_s + self.params.chunk_seconds, max(seconds, 0.0))

@@ -183,8 +183,8 @@ def test_non_integer_npy_shape_is_a_counted_skip_in_verify_and_train(real_build,
 ODD_RATE_READER = """
 import sys
 import numpy as np
-from audioshard.predict import ChunkReader
-chunks = np.concatenate([c for c, _ in ChunkReader(sys.argv[1], 16000, 2.0)])
+from audioshard.audio import ChunkReader, ChunkRules
+chunks = np.concatenate([c for c, _ in ChunkReader(sys.argv[1], ChunkRules(16000, 2.0))])
 np.save(sys.argv[2], chunks)
 """
 
@@ -241,13 +241,12 @@ def test_odd_sample_rates_build_and_predict_in_bounded_memory(tmp_path, rate):
 def test_sample_rates_outside_the_sane_range_are_skipped_with_the_reason(tmp_path, rate):
     (tmp_path / "raw" / "drone").mkdir(parents=True)
     sf.write(tmp_path / "raw" / "drone" / "slow.wav", np.zeros(rate * 60, np.float32), rate)
-    from audioshard.audio import AudioError, load
-    from audioshard.predict import ChunkReader
+    from audioshard.audio import AudioError, ChunkReader, ChunkRules, load
 
     with pytest.raises(AudioError, match=f"slow.wav: sample rate {rate} Hz is outside 1000..768000 Hz"):
         load(tmp_path / "raw" / "drone" / "slow.wav", 16000)
     with pytest.raises(AudioError, match=f"sample rate {rate} Hz is outside"):
-        list(ChunkReader(tmp_path / "raw" / "drone" / "slow.wav", 16000, 2.0))
+        list(ChunkReader(tmp_path / "raw" / "drone" / "slow.wav", ChunkRules(16000, 2.0)))
 
 
 # --- HTTP: redirects, deadlines, sizes ------------------------------------------------------------

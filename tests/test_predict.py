@@ -17,7 +17,16 @@ import soundfile as sf
 import torch
 from conftest import DCS, TINY_TRAIN
 
-from audioshard.audio import AudioError, choppinator, load, resample, silent_chunks
+from audioshard.audio import (
+    AudioError,
+    ChunkReader,
+    ChunkRules,
+    StreamingResampler,
+    choppinator,
+    load,
+    resample,
+    silent_chunks,
+)
 from audioshard.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from audioshard.cli import main
 from audioshard.config import load_config
@@ -25,7 +34,7 @@ from audioshard.evaluate import predict_split
 from audioshard.export import export_model, sidecar_path
 from audioshard.features import FeatureParams, log_mel
 from audioshard.manifest import load_manifest
-from audioshard.predict import ChunkReader, PredictError, Predictor, StreamingResampler, predict_files
+from audioshard.predict import PredictError, Predictor, predict_files
 from audioshard.stream import ShardStream
 from audioshard.train import train
 
@@ -76,8 +85,9 @@ def test_chunk_reader_cuts_what_choppinator_cuts(tmp_path, seconds, short_clip, 
     path = tmp_path / "clip.wav"
     rng = np.random.default_rng(rate)
     sf.write(path, (0.1 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32), rate, subtype="FLOAT")
-    want, want_starts = choppinator(load(path, 8000), 8000, 0.5, hop, 0.5, short_clip)
-    reader = ChunkReader(path, 8000, 0.5, min_fraction=0.5, short_clip=short_clip, block_chunks=2, hop_seconds=hop)
+    rules = ChunkRules(8000, 0.5, hop_seconds=hop, min_fraction=0.5, short_clip=short_clip)
+    want, want_starts = choppinator(load(path, 8000), rules)
+    reader = ChunkReader(path, rules, block_chunks=2)
     if len(want) == 0:
         with pytest.raises(AudioError, match="shorter than one chunk"):
             list(reader)
@@ -107,7 +117,8 @@ def test_predict_features_are_the_shards_features(checkpoint, real_build, real_r
     for index, rel in enumerate(sources):
         parts = list(predictor.features(real_raw / rel))
         # the build left silent chunks (here: zero padding) out of the shards; predict sees them and flags them
-        heard = ~np.concatenate([silent_chunks(c, predictor.silence_peak) for c, _ in predictor.chunks(real_raw / rel)])
+        peak = predictor.rules.silence_peak
+        heard = ~np.concatenate([silent_chunks(c, peak) for c, _ in predictor.chunks(real_raw / rel)])
         mel = np.concatenate([m for m, _ in parts])[heard]
         starts = np.concatenate([s for _, s in parts])[heard]
         want = sorted(stored[index], key=lambda item: item[0])
@@ -157,8 +168,7 @@ def test_other_formats_rates_and_channels_match_the_build_path(checkpoint, tmp_p
                     str(tmp_path / "drone.m4a")], check=True)
     predictor = Predictor(checkpoint, device="cpu", batch_size=3)
     for name in ("stereo.flac", "drone.m4a"):
-        chunks, _ = choppinator(load(tmp_path / name, params.sample_rate), params.sample_rate, params.chunk_seconds,
-                                predictor.hop_seconds)
+        chunks, _ = choppinator(load(tmp_path / name, params.sample_rate), predictor.rules)
         got = np.concatenate([m for m, _ in predictor.features(tmp_path / name)])
         assert_same_features(got, log_mel(chunks, params))
         assert predictor.predict_file(tmp_path / name).source_rate in (44100, 22050)
