@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from audioshard.assemble import SplitTally, TrainStats, build_manifest, build_warnings, merge_manifests
 from audioshard.audio import AudioError, ChunkRules, choppinator, load, peak_amplitude, silent_chunks
@@ -38,6 +37,7 @@ from audioshard.features import FeatureParams, log_mel
 from audioshard.manifest import FORMAT_VERSION, MANIFEST_NAME, block_problem, write_json_atomic
 from audioshard.names import SPLITS
 from audioshard.parallel import ordered_map
+from audioshard.progress import progress as progress_bar
 from audioshard.split import Source, group_of, split_sources
 from audioshard.writer import SplitWriter
 
@@ -442,7 +442,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     workers = max(1, (workers if workers is not None else cfg.shards.workers) or os.cpu_count() or 1)
     tasks = [jobs[i:i + FILES_PER_TASK] for i in range(0, len(jobs), FILES_PER_TASK)]
     results = ordered_map(functools.partial(process_files, cfg=cfg), tasks, workers)
-    bar = tqdm(total=len(jobs), desc="build", unit="file", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(len(jobs), "build", "file", enabled=progress)
     try:
         for result in results:
             bar.update(1)

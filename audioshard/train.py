@@ -34,7 +34,6 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
 
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import check_compatible, load_checkpoint, save_checkpoint
@@ -44,6 +43,7 @@ from audioshard.errors import AudioshardError
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
 from audioshard.manifest import Manifest, load_manifest, write_text_atomic
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
+from audioshard.progress import progress as progress_bar
 from audioshard.stream import ShardStream, make_loader
 
 
@@ -544,8 +544,8 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
     trace_dir = os.environ.get("AUDIOSHARD_TRACE_DIR", "")
     seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
     pin = _pinned(cfg, run.dist)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", leave=False,
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", "batch", enabled=progress, lines=False,
+                       leave=False)  # off a terminal, the epoch's summary line is the record
     for step, batch in batches:
         if trace_dir:
             seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))

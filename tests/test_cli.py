@@ -88,3 +88,17 @@ def test_the_names_users_choose_from_are_the_registries_the_stages_use():
                                     ("export", "--format", "onnx, torchscript")]:
         proc = run(command, option, "bogus", check=False)
         assert proc.returncode == 2 and values.replace(", ", "', '") in proc.stderr, proc.stderr
+
+
+def test_progress_off_a_terminal_is_a_few_whole_lines(tmp_path):
+    """Logs and CI get lines, not carriage-return redraws: the build a line per tenth of its files, training
+    one line per epoch (its summary), and no bar at all."""
+    run("demo-data", tmp_path / "raw", "--seconds", "30")
+    built = run("build", tmp_path / "raw", "--out", tmp_path / "shards", "--workers", "1")  # not --quiet
+    lines = [line for line in built.stderr.splitlines() if line.startswith("build: ")]
+    assert "\r" not in built.stderr and 2 <= len(lines) <= 11, built.stderr
+    assert lines[-1].startswith(f"build: {lines[-1].split()[1].split('/')[1]}/")  # the last line: all files
+    trained = run("train", "--shards", tmp_path / "shards", "--out", tmp_path / "run",
+                  *[a for s in TINY_TRAIN for a in ("--set", s)])
+    assert "\r" not in trained.stderr + trained.stdout
+    assert sum(line.startswith("epoch ") for line in trained.stdout.splitlines()) == 3  # TINY_TRAIN: 3 epochs
