@@ -5,3 +5,12 @@ acquire -> build (shards + manifest) -> stream (batches) -> train -> evaluate / 
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `audioshard.unblock` without importing torch for every `import audioshard` (the command line's start-up)
+    if name == "unblock":
+        from audioshard.interop import unblock
+
+        return unblock
+    raise AttributeError(f"module 'audioshard' has no attribute {name!r}")
