@@ -13,6 +13,9 @@ import pytest
 
 from audioshard.build import build_shards
 from audioshard.config import load_config
+from audioshard.manifest import load_manifest
+from audioshard.names import SPLITS
+from audioshard.stream import ShardStream
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("AUDIOSHARD_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -151,3 +154,28 @@ def reseal(build: Path, split: str, index: int = 0) -> None:
     shard = build / entry["file"]
     entry["bytes"], entry["sha256"] = shard.stat().st_size, sha256_file(shard)
     (build / "manifest.json").write_text(json.dumps(data))
+
+
+def chunk_table(build):
+    """Every chunk of a build as (split, source path, start, label, features bytes), sorted."""
+    manifest = load_manifest(build)
+    rows = []
+    for split in SPLITS:
+        for batch in ShardStream(manifest, split, 1000):
+            for x, y, s, t in zip(batch.x, batch.y, batch.source, batch.start, strict=True):
+                rows.append((split, manifest.sources(split)[int(s)], float(t), int(y), x.numpy().tobytes()))
+    return sorted(rows)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stream:
+                    fields = stream.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError):
+                pass
+    return found

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import webdataset as wds
-from conftest import DCS, SMALL_BUILD, link_tree
+from conftest import DCS, SMALL_BUILD, chunk_table, link_tree
 
 import audioshard.build as build_module
 from audioshard.audio import chunk_starts
@@ -299,17 +299,6 @@ def test_manifest_records_what_is_needed(real_build):
     data = json.loads((real_build / "manifest.json").read_text())
     assert data["format_version"] == 1 and data["features"]["n_mels"] == 64
     assert data["normalization"]["std"] > 0 and data["config"]["audio"]["sample_rate"] == 16000
-
-
-def chunk_table(build):
-    """Every chunk of a build as (split, source path, start, label, features bytes), sorted."""
-    manifest = load_manifest(build)
-    rows = []
-    for split in SPLITS:
-        for batch in ShardStream(manifest, split, 1000):
-            for x, y, s, t in zip(batch.x, batch.y, batch.source, batch.start, strict=True):
-                rows.append((split, manifest.sources(split)[int(s)], float(t), int(y), x.numpy().tobytes()))
-    return sorted(rows)
 
 
 def test_parts_and_merge_equal_a_one_shot_build(tmp_path):

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import torch
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, children
 from http_server import ShardServer
 
 from audioshard.evaluate import evaluate_checkpoint
@@ -62,20 +62,6 @@ def test_torchrun_2_ranks_from_http(real_build, tmp_path):
     single = evaluate_checkpoint(tmp_path / "run" / "best_model.pt", str(real_build), "val", tmp_path / "eval")
     assert metrics["val"]["chunk"] == single["chunk"] and metrics["val"]["clip"] == single["clip"]
     assert (tmp_path / "run" / "val_confusion_matrix.png").exists()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stream:
-                    fields = stream.read().rsplit(")", 1)[1].split()
-                if int(fields[1]) == pid:
-                    found.append(int(entry))
-            except (OSError, IndexError):
-                pass
-    return found
 
 
 def test_killed_rank_restarts_and_resumes_from_last_checkpoint(real_build, tmp_path):

@@ -25,11 +25,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import SMALL_BUILD, TINY_TRAIN, copy_build, fill_disk, link_tree, reseal
+from conftest import SMALL_BUILD, TINY_TRAIN, children, chunk_table, copy_build, fill_disk, link_tree, reseal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_build import chunk_table
-from test_distributed import children
 
 from audioshard.audio import AudioError, decode
 from audioshard.build import BuildError, build_shards
