@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo
 
-.PHONY: install system-deps demo test lint bench clean-demo
+.PHONY: install system-deps browser demo test lint bench clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ system-deps:
 
 install: $(STAMP) system-deps
 
+# The report page is tested in a real headless browser (tests/test_report.py): Chromium from the OS packages.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get)"; \
+	    $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	      { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
+	  elif command -v brew >/dev/null 2>&1; then brew install --cask chromium; \
+	  else echo "please install chromium with your package manager" >&2; exit 1; fi; }
+
 $(DEMO)/raw:
 	$(BIN)/audioshard demo-data $(DEMO)/raw --seconds 240
 
@@ -44,7 +55,7 @@ demo: install $(DEMO)/raw
 lint: install
 	$(BIN)/ruff check audioshard tests tools recipes
 
-test: install
+test: install browser
 	$(BIN)/ruff check audioshard tests tools recipes
 	$(BIN)/python -m pytest -q
 

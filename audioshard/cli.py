@@ -190,6 +190,13 @@ def cmd_fetch_drive(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from audioshard.report import write_report
+
+    print(f"wrote {write_report(args.run, args.shards)}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(dump_toml(_config(args)), end="")
     return 0
@@ -322,6 +329,13 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--adapt", action="store_true",
                    help="first re-estimate the model's BatchNorm statistics on this split's chunks (no labels "
                         "used): for a split that is data from a new speaker, microphone or site (cnn6 only)")
+
+    p = add("report", cmd_report, "(re)write RUN/report.html: one self-contained page about a training run",
+            "Data, settings, curves, confusion, per-class scores, the recordings the model gets most wrong (with "
+            "their spectrograms) and the run's cost, in one HTML file with everything inline. `train` writes it "
+            "at the end; this rewrites it.")
+    p.add_argument("run", type=Path, help="a run folder of `audioshard train`")
+    p.add_argument("--shards", help="the build, if it has moved since training (default: where metrics.json says)")
 
     p = add("show", cmd_show, "plot one chunk's mel spectrogram with its label, source and time")
     p.add_argument("source", help="build folder or http(s) URL of one")

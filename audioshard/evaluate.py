@@ -142,12 +142,16 @@ def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classe
     """The seed's artifacts for one split: label arrays, confusion matrix PNG, text report; returns metrics.
 
     Files: {label_prefix}pred_labels.npy, {label_prefix}true_labels.npy (chunk level, sorted by
-    source and start), {split}_confusion_matrix.png, {split}_report.txt (chunk- and recording-level).
+    source and start), {split}_predictions.npz (logits, y, source, start), {split}_confusion_matrix.png,
+    {split}_report.txt (chunk- and recording-level).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     y, y_hat = pred["y"], pred["logits"].argmax(1)
     np.save(out_dir / f"{label_prefix}pred_labels.npy", y_hat.astype(np.int64), allow_pickle=False)
     np.save(out_dir / f"{label_prefix}true_labels.npy", y.astype(np.int64), allow_pickle=False)
+    # every chunk's logits and where it comes from: what `audioshard report` draws the page from
+    np.savez(out_dir / f"{split}_predictions.npz", logits=pred["logits"].astype(np.float32), y=y,
+             source=pred["source"], start=pred["start"])
     clip_logits, clip_y, _ = clip_level(pred["logits"], y, pred["source"])
     clip_hat = clip_logits.argmax(1)
     metrics = summarize(pred, classes)

@@ -603,6 +603,23 @@ def _validate(run: Run, record: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def _report(run_dir: Path) -> None:
+    """report.html at the end of a run; a failure to draw it costs the run nothing (it says how to retry)."""
+    from audioshard.report import write_report
+
+    try:
+        print0(f"report: {write_report(run_dir)}")
+    except Exception as exn:  # noqa: BLE001 - the run's results are written already; the page is extra
+        print0(f"note: report.html not written ({type(exn).__name__}: {exn}); retry with `audioshard report "
+               f"{run_dir}`")
+
+
 def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
              best_epoch: int, dist: Dist) -> dict[str, Any]:
     """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
@@ -629,11 +646,16 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         # Bad blocks or shards skipped: while training (each epoch's pass, summed) and in the final evaluation.
         results["skipped_blocks"] = {"train": sum(h.get("skipped_blocks_train", 0) for h in history),
                                      **{s: results[s]["skipped_blocks"] for s in ("val", "test") if s in results}}
+        seconds = [h["seconds"] for h in history]
+        results.update({"shards": manifest.root, "device": _device_name(device), "train_seconds": sum(seconds),
+                        "seconds_per_epoch": sum(seconds) / max(1, len(seconds))})
         write_json(run_dir / "metrics.json", results)
         if history:
             _plot_curves(history, run_dir / "training_curves.png")
+        _report(run_dir)
         print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
-               "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png")
+               "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "
+               "report.html")
     if dist.enabled:
         torch_dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
     return results

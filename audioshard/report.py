@@ -1,0 +1,239 @@
+"""One page about a run: `RUN/report.html`, self-contained (images inline, no network).
+
+    audioshard report runs/first                  # (re)write runs/first/report.html
+    audioshard report runs/first --shards URL     # when the build has moved since training
+
+`train` writes it at the end; this rewrites it from what the run folder holds (metrics.json,
+history.jsonl, config.toml, best_model.pt, the saved predictions of val and test) and the build
+(class counts, audio hours, skipped inputs, and the spectrograms of the recordings the model gets
+most wrong). Drawing stays cheap for any class count: beyond MAX_ANNOTATED classes the confusion
+matrix becomes a table of the most confused pairs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from audioshard.errors import AudioshardError
+from audioshard.evaluate import MAX_ANNOTATED, clip_level
+from audioshard.manifest import Manifest, load_manifest
+from audioshard.names import SPLITS
+from audioshard.stream import ShardStream
+
+WORST = 12  # recordings shown with their spectrogram
+CONFUSED_PAIRS = 25  # rows of the most-confused table (many classes)
+
+
+class ReportError(AudioshardError, ValueError):
+    """The run folder lacks what the report is made from."""
+
+
+def write_report(run_dir: str | Path, shards: str | None = None) -> Path:
+    """Write `run_dir/report.html`; `shards` overrides the build location saved in metrics.json."""
+    run = Path(run_dir)
+    metrics = _read_json(run / "metrics.json")
+    manifest = load_manifest(shards or metrics.get("shards") or "")
+    classes = manifest.classes
+    preds = {s: _predictions(run, s) for s in ("val", "test") if (run / f"{s}_predictions.npz").exists()}
+    body = [_header(run, metrics), _data_section(manifest), _settings_section(run),
+            _curves_section(run, metrics), *[_split_section(run, s, p, classes) for s, p in preds.items()],
+            _worst_section(manifest, preds, classes)]
+    page = PAGE.format(title=html.escape(f"audioshard run {run.name}"), body="\n".join(body))
+    out = run / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exn:
+        raise ReportError(f"{path}: cannot read it ({exn}); is this a finished `audioshard train` run folder?") from exn
+
+
+def _predictions(run: Path, split: str) -> dict[str, np.ndarray]:
+    with np.load(run / f"{split}_predictions.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in ("logits", "y", "source", "start")}
+
+
+def _header(run: Path, metrics: dict[str, Any]) -> str:
+    cells = [("run", run.name), ("device", metrics.get("device", "?")),
+             ("epochs", f"{metrics.get('epochs')} (model of epoch {metrics.get('best_epoch')})"),
+             ("time", f"{metrics.get('train_seconds', 0) / 60:.1f} min, "
+                      f"{metrics.get('seconds_per_epoch', 0):.1f} s an epoch")]
+    for split in ("val", "test"):
+        if split in metrics:
+            clip = metrics[split]["clip"]
+            cells.append((f"{split}: recordings", f"accuracy {clip['accuracy']:.3f}, macro-F1 {clip['macro_f1']:.3f}"))
+    items = "".join(f"<div><b>{html.escape(k)}</b><br>{html.escape(str(v))}</div>" for k, v in cells)
+    return f'<header><h1>{html.escape(run.name)}</h1><div class="facts">{items}</div></header>'
+
+
+def _data_section(manifest: Manifest) -> str:
+    rows = [[name] + [manifest.split(s)["class_counts"].get(name, 0) for s in SPLITS] for name in manifest.classes]
+    hours = {s: manifest.split(s).get("audio_seconds", 0) / 3600 for s in SPLITS}
+    foot = ["audio hours"] + [f"{hours[s]:.2f}" for s in SPLITS]
+    skipped = manifest.data.get("skipped", [])
+    reasons = "".join(f"<li>{html.escape(str(s.get('reason', ''))[:300])}</li>" for s in skipped[:50])
+    more = f"<p>... and {len(skipped) - 50} more (audioshard info -v)</p>" if len(skipped) > 50 else ""
+    return (f"<section><h2>Data</h2><p>{len(manifest.classes)} classes, build at "
+            f"{html.escape(manifest.root)}; chunks per class and split:</p>"
+            + _table(["class", *SPLITS], rows, foot)
+            + f"<h3>Skipped inputs: {len(skipped)}</h3><ul>{reasons}</ul>{more}</section>")
+
+
+def _settings_section(run: Path) -> str:
+    path = run / "config.toml"
+    text = path.read_text(encoding="utf-8") if path.exists() else "(config.toml missing)"
+    keep: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("["):
+            if keep and keep[-1].startswith("["):
+                keep.pop()  # a section none of whose settings is shown
+            keep.append(line)
+        elif line.split("=")[0].strip() in SETTINGS:
+            keep.append(line)
+    return f"<section><h2>Settings that matter</h2><pre>{html.escape(chr(10).join(keep))}</pre></section>"
+
+
+SETTINGS = {"sample_rate", "chunk_seconds", "hop_seconds", "n_mels", "hop_length", "epochs", "samples_budget",
+            "batch_size", "lr", "mixup_alpha", "select_metric", "name", "width", "input_norm", "freq_warp",
+            "time_stretch", "background_prob", "time_shift", "gain_db", "seed"}
+
+
+def _curves_section(run: Path, metrics: dict[str, Any]) -> str:
+    image = run / "training_curves.png"
+    img = _img(image.read_bytes(), "training curves") if image.exists() else "<p>(no curves)</p>"
+    return f"<section><h2>Training</h2>{img}</section>"
+
+
+def _split_section(run: Path, split: str, pred: dict[str, np.ndarray], classes: list[str]) -> str:
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(classes)))
+    clip_logits, clip_y, _ = clip_level(pred["logits"], pred["y"], pred["source"])
+    chunk = precision_recall_fscore_support(pred["y"], pred["logits"].argmax(1), labels=labels, zero_division=0)
+    clip = precision_recall_fscore_support(clip_y, clip_logits.argmax(1), labels=labels, zero_division=0)
+    rows = [[name, *(f"{v[i]:.3f}" for v in clip[:3]), int(clip[3][i]), *(f"{v[i]:.3f}" for v in chunk[:3])]
+            for i, name in enumerate(classes)]
+    table = _table(["class", "recording P", "R", "F1", "recordings", "chunk P", "R", "F1"], rows)
+    return (f"<section><h2>{split}</h2><h3>Confusion (chunk level)</h3>{_confusion(run, split, pred, classes)}"
+            f"<h3>Per class</h3>{table}</section>")
+
+
+def _confusion(run: Path, split: str, pred: dict[str, np.ndarray], classes: list[str]) -> str:
+    image = run / f"{split}_confusion_matrix.png"
+    if len(classes) <= MAX_ANNOTATED and image.exists():
+        return _img(image.read_bytes(), f"{split} confusion matrix")
+    k = len(classes)
+    counts = np.bincount(pred["y"] * k + pred["logits"].argmax(1), minlength=k * k).reshape(k, k)
+    np.fill_diagonal(counts, 0)
+    flat = np.argsort(counts, axis=None)[::-1][:CONFUSED_PAIRS]
+    rows = [[classes[i // k], classes[i % k], int(counts.flat[i])] for i in flat if counts.flat[i] > 0]
+    return f"<p>{k} classes: the most confused pairs</p>" + _table(["true", "predicted as", "chunks"], rows)
+
+
+def _worst_section(manifest: Manifest, preds: dict[str, dict[str, np.ndarray]], classes: list[str]) -> str:
+    """The recordings the model is most confidently wrong about, with the chunk that misled it most."""
+    picks = []
+    for split, pred in preds.items():
+        probs = _softmax(pred["logits"])
+        for source in np.unique(pred["source"]):
+            rows = np.flatnonzero(pred["source"] == source)
+            mean = probs[rows].mean(0)
+            guess, truth = int(mean.argmax()), int(pred["y"][rows[0]])
+            if guess != truth:
+                worst = rows[int(probs[rows, guess].argmax())]
+                picks.append((float(mean[guess]), split, int(source), float(pred["start"][worst]), truth, guess))
+    picks = sorted(picks, reverse=True)[:WORST]
+    thumbs = _thumbnails(manifest, {(p[1], p[2], round(p[3], 3)) for p in picks})
+    cards = "".join(_card(manifest, p, classes, thumbs.get((p[1], p[2], round(p[3], 3)))) for p in picks)
+    return (f"<section><h2>Most wrong recordings</h2><p>{len(picks)} shown, by confidence in the wrong class"
+            f"</p><div class=\"cards\">{cards or '<p>none wrong</p>'}</div></section>")
+
+
+def _card(manifest: Manifest, pick: tuple, classes: list[str], png: bytes | None) -> str:
+    confidence, split, source, start, truth, guess = pick
+    path = manifest.sources(split)[source]
+    img = _img(png, "spectrogram") if png else ""
+    return (f"<div class=\"card\">{img}<p><b>{html.escape(classes[truth])}</b> heard as "
+            f"<b>{html.escape(classes[guess])}</b> ({confidence:.2f})<br><small>{html.escape(split)}: "
+            f"{html.escape(path)} at {start:.1f} s</small></p></div>")
+
+
+def _thumbnails(manifest: Manifest, wanted: set[tuple[str, int, float]]) -> dict[tuple, bytes]:
+    """PNG thumbnails of the wanted chunks (split, source, start), read in one pass per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found: dict[tuple, bytes] = {}
+    for split in {w[0] for w in wanted}:
+        for batch in ShardStream(manifest, split, 256):
+            for x, source, start in zip(batch.x, batch.source, batch.start, strict=True):
+                key = (split, int(source), round(float(start), 3))
+                if key in wanted and key not in found:
+                    fig, ax = plt.subplots(figsize=(2.4, 1.4), dpi=80)
+                    ax.imshow(x[0].numpy().astype(np.float32), origin="lower", aspect="auto", cmap="magma")
+                    ax.axis("off")
+                    fig.tight_layout(pad=0)
+                    buffer = io.BytesIO()
+                    fig.savefig(buffer, format="png")
+                    plt.close(fig)
+                    found[key] = buffer.getvalue()
+    return found
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _table(head: list[str], rows: list[list[Any]], foot: list[Any] | None = None) -> str:
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    tfoot = "<tfoot><tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in foot) + "</tr></tfoot>" if foot else ""
+    return ('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+            + f"</tr></thead><tbody>{cells}</tbody>{tfoot}</table></div>")
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 0; color: #222; }}
+header {{ background: #1f4e79; color: white; padding: 16px 24px; }}
+header h1 {{ margin: 0 0 8px; font-size: 22px; }}
+.facts {{ display: flex; flex-wrap: wrap; gap: 24px; }}
+section {{ padding: 8px 24px; border-bottom: 1px solid #ddd; }}
+table {{ border-collapse: collapse; margin: 8px 0; }}
+td, th {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+.scroll {{ display: inline-block; max-height: 420px; overflow-y: auto; }}
+img {{ max-width: 100%; }}
+.cards {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+.card {{ width: 200px; border: 1px solid #ccc; padding: 6px; }}
+.card img {{ width: 192px; height: 112px; }}
+</style></head>
+<body>
+{body}
+<script>
+// For checks (and curious readers): how many of the page's images decoded.
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.images = images.length;
+  document.body.dataset.decoded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
