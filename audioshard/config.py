@@ -96,6 +96,7 @@ class TrainConfig:
     sanity_steps: int = 30
     select_metric: str = "last"
     ema_epochs: float = 0.0
+    tensorboard: bool = False
 
 
 @dataclass

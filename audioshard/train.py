@@ -401,6 +401,27 @@ class Run:
 
 
 TRAINING_STATE = ("optimizer", "scheduler", "trained_weights")  # in last.pt only
+BOARD_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_clip_macro_f1", "lr")
+
+
+def tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exn:  # torch raises ImportError when the tensorboard package is missing
+        raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install "
+                          "'audioshard[tensorboard]' (or set train.tensorboard = false)") from exn
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _board_confusion(run_dir: Path) -> None:
+    """The val confusion matrix as an image in the run's TensorBoard log, at the end of training."""
+    import matplotlib.image
+
+    image = run_dir / "val_confusion_matrix.png"
+    if image.exists():
+        board = tensorboard_writer(run_dir)
+        board.add_image("val/confusion_matrix", matplotlib.image.imread(image)[..., :3], dataformats="HWC")
+        board.close()
 
 
 class RunWriter:
@@ -409,10 +430,13 @@ class RunWriter:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
+        self.board = None  # a TensorBoard SummaryWriter, with train.tensorboard
 
     def config(self, cfg: Config) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run_dir / "config.toml", dump_toml(cfg))  # a full disk leaves the old file
+        if cfg.train.tensorboard:
+            self.board = tensorboard_writer(self.run_dir)
 
     def history(self, history: list[dict[str, Any]]) -> None:
         with open(self.run_dir / "history.jsonl", "w", encoding="utf-8") as stream:
@@ -425,6 +449,10 @@ class RunWriter:
             save_checkpoint(self.run_dir / "best_model.pt", {k: v for k, v in ckpt.items() if k not in TRAINING_STATE})
         with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key in BOARD_SCALARS:
+                self.board.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
+            self.board.flush()
         print0(f"epoch {record['epoch']:>3}/{run.cfg.train.epochs}  train loss {record['train_loss']:.4f} "
                f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
                f"acc {record['val_accuracy']:.3f} macro-F1 {record['val_macro_f1']:.3f} "
@@ -652,6 +680,8 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         write_json(run_dir / "metrics.json", results)
         if history:
             _plot_curves(history, run_dir / "training_curves.png")
+        if cfg.train.tensorboard:
+            _board_confusion(run_dir)
         _report(run_dir)
         print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
                "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "

@@ -285,3 +285,19 @@ def test_zoo_models_map_a_batch_to_logits_and_cnn10_is_deeper(name):
     assert model(torch.randn(3, 1, 64, 63)).shape == (3, 5)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert convs == {"cnn6": 4, "cnn10": 8}[name]
+
+
+def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "train.tensorboard=true"]), progress=False)
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    for key in ("train/loss", "val/accuracy", "val/clip_macro_f1", "lr"):
+        assert [e.step for e in events.Scalars(key)] == [1, 2, 3], key
+    assert events.Scalars("val/loss")[-1].value == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+    assert events.Images("val/confusion_matrix")
+    off = tmp_path / "off"
+    train(str(real_build), off, load_config(overrides=TINY_TRAIN), progress=False)
+    assert not (off / "tensorboard").exists()  # off by default
