@@ -675,7 +675,8 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         results["skipped_blocks"] = {"train": sum(h.get("skipped_blocks_train", 0) for h in history),
                                      **{s: results[s]["skipped_blocks"] for s in ("val", "test") if s in results}}
         seconds = [h["seconds"] for h in history]
-        results.update({"shards": manifest.root, "device": _device_name(device), "train_seconds": sum(seconds),
+        where = manifest.root if "://" in manifest.root else str(Path(manifest.root).resolve())  # for `report`
+        results.update({"shards": where, "device": _device_name(device), "train_seconds": sum(seconds),
                         "seconds_per_epoch": sum(seconds) / max(1, len(seconds))})
         write_json(run_dir / "metrics.json", results)
         if history:
