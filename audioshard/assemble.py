@@ -15,9 +15,9 @@ from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
 from audioshard.config import Config
 from audioshard.errors import BuildError
-from audioshard.features import FeatureParams
 from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
 from audioshard.names import SPLITS
+from audioshard.params import FeatureParams
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torchaudio
 
 from audioshard.config import AudioConfig, Config
 from audioshard.errors import AudioshardError
-from audioshard.features import samples_at
+from audioshard.params import MAX_RATE, MIN_RATE, samples_at
 
 # Formats libsndfile reads itself; everything else is handed to ffmpeg.
 SOUNDFILE_EXTENSIONS = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif", ".au", ".caf"}
@@ -195,7 +195,6 @@ def _probe_rate(path: Path, ffmpeg: str) -> int:
     raise AudioError(f"{path}: ffmpeg found no audio stream in it")
 
 
-MIN_RATE, MAX_RATE = 1_000, 768_000  # Hz: below telephone speech, above the fastest studio formats
 MAX_RATE_TERMS = 1_000  # largest reduced rate pair resampled exactly (see resample_ratio)
 
 

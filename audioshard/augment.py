@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional
 
 from audioshard.config import AugmentConfig
-from audioshard.features import FeatureParams
+from audioshard.params import FeatureParams
 
 
 def _hz_to_slaney_mel(hz: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from audioshard.errors import AudioshardError
-from audioshard.features import FeatureParams, feature_params_problem
 from audioshard.manifest import Manifest
 from audioshard.models import MODELS, build_model
+from audioshard.params import FeatureParams, feature_params_problem
 
 CHECKPOINT_FORMAT = "audioshard-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from audioshard.config import Config
-from audioshard.features import FeatureParams
 from audioshard.manifest import MANIFEST_NAME, load_manifest
+from audioshard.params import FeatureParams
 from audioshard.split import SPLITS
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from audioshard.features import MAX_FRAMES, MAX_MELS
 from audioshard.manifest import BLOCK_MEMBERS, MAX_BLOCK_SIZE
+from audioshard.params import MAX_FRAMES, MAX_MELS
 from audioshard.stream import NPY_MAGIC, ShardDataError, _finite_float16, _npy_header, decode_npy
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from audioshard.errors import AudioshardError
-from audioshard.features import FeatureParams, feature_params_problem
+from audioshard.params import FeatureParams, feature_params_problem
 from audioshard.remote import (
     DEFAULT_FETCHER,
     Fetcher,
