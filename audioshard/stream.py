@@ -24,7 +24,7 @@ import multiprocessing as mp
 import random
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -300,43 +300,6 @@ class ShardStream(torch.utils.data.IterableDataset):
             total += math.ceil(sum(task_samples(t, self.manifest.block_size) for t in tasks) / self.batch_size)
         return total
 
-    def _blocks(self, tasks: list[ReadTask]) -> Iterator[dict[str, np.ndarray]]:
-        limits, sources = member_limits(self.manifest), len(self.manifest.sources(self.split))
-        for task in tasks:
-            location = self.manifest.shard_location(task.shard)
-            sizes = block_sizes(task.shard, self.manifest.block_size)[task.offset::task.stride]
-            expected, blocks, read, bad = sum(sizes), 0, 0, 0
-            try:
-                stream = self.manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
-            except IntegrityError as exn:  # never read a shard that is not what the manifest promised
-                self._bad(ShardDataError(str(exn)))
-                continue
-            try:
-                files = tar_members(stream, location, limits)
-                for index, sample in enumerate(group_by_keys(files)):
-                    if index % task.stride != task.offset:
-                        continue
-                    blocks += 1
-                    try:
-                        block = decode_block(sample, self.manifest, sources - task.shard.source_offset)
-                    except ShardDataError as exn:
-                        bad += 1
-                        self._bad(exn)
-                        continue
-                    read += len(block["y"])
-                    if task.shard.source_offset:
-                        block["source"] = block["source"] + task.shard.source_offset
-                    yield block
-            except (tarfile.TarError, ValueError, OSError) as exn:  # unreadable tar structure
-                if isinstance(exn, ShardDataError):
-                    raise
-                self._bad(ShardDataError(f"{location}: not a readable tar shard ({exn})"))
-            finally:
-                stream.close()
-            if blocks != len(sizes) or (not bad and read != expected):
-                self._bad(ShardDataError(f"{location}: read {blocks} blocks ({read} chunks) where the manifest "
-                                         f"promises {len(sizes)} ({expected} chunks): truncated or altered shard"))
-
     def _bad(self, exn: ShardDataError) -> None:
         """Skip and count a bad block or shard (or stop, under `strict`); never silently, never slowly."""
         if self.strict:
@@ -355,57 +318,106 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self._skipped.value
 
     def __iter__(self) -> Iterator[Batch]:
+        """The pipeline, stage by stage: this reader's share of the shards -> checked blocks -> shuffled
+        batches -> the transform -> (in a loader worker) packed for the hand-over to the main process."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         if self.transform is not None and hasattr(self.transform, "reseed"):
             self.transform.reseed(self.seed, self.epoch, self.rank, worker)
-        batches = self._batches(self._blocks(self._tasks(worker, workers)), rng)
+        tasks = self._tasks(worker, workers)
+        blocks = (block for task in tasks for block in read_blocks(self.manifest, self.split, task, self._bad))
+        capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
+        batches = batched(blocks, self.batch_size, capacity, rng if self.shuffle else None)
         if self.transform is not None:
             batches = map(self.transform, batches)
-        if info is None:
-            yield from batches
-            return
-        # In a loader worker: hand batches over PACK_BATCHES at a time (unpacked by the loader wrapper).
-        group: list[Batch] = []
-        for batch in batches:
-            group.append(batch)
-            if len(group) == PACK_BATCHES:
-                yield _pack(group)
-                group = []
-        if group:
+        yield from batches if info is None else packed(batches)
+
+
+def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[ShardDataError], None]
+                ) -> Iterator[dict[str, np.ndarray]]:
+    """The blocks of one read task (a shard, every `stride`-th block from `offset`), checked: a shard that
+    is not what the manifest promised, a malformed block or a short shard goes to `bad` (skip and count,
+    or raise), never silently."""
+    limits, sources = member_limits(manifest), len(manifest.sources(split))
+    location = manifest.shard_location(task.shard)
+    sizes = block_sizes(task.shard, manifest.block_size)[task.offset::task.stride]
+    expected, blocks, read, failed = sum(sizes), 0, 0, 0
+    try:
+        stream = manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
+    except IntegrityError as exn:  # never read a shard that is not what the manifest promised
+        bad(ShardDataError(str(exn)))
+        return
+    try:
+        for index, sample in enumerate(group_by_keys(tar_members(stream, location, limits))):
+            if index % task.stride != task.offset:
+                continue
+            blocks += 1
+            try:
+                block = decode_block(sample, manifest, sources - task.shard.source_offset)
+            except ShardDataError as exn:
+                failed += 1
+                bad(exn)
+                continue
+            read += len(block["y"])
+            if task.shard.source_offset:
+                block["source"] = block["source"] + task.shard.source_offset
+            yield block
+    except (tarfile.TarError, ValueError, OSError) as exn:  # unreadable tar structure
+        if isinstance(exn, ShardDataError):
+            raise
+        bad(ShardDataError(f"{location}: not a readable tar shard ({exn})"))
+    finally:
+        stream.close()
+    if blocks != len(sizes) or (not failed and read != expected):
+        bad(ShardDataError(f"{location}: read {blocks} blocks ({read} chunks) where the manifest "
+                           f"promises {len(sizes)} ({expected} chunks): truncated or altered shard"))
+
+
+def batched(blocks: Iterable[dict[str, np.ndarray]], batch_size: int, capacity: int,
+            rng: np.random.Generator | None) -> Iterator[Batch]:
+    """Blocks into batches. With `rng` (shuffling), a buffer of `capacity` chunks: when it is full, whole
+    batches are drawn at random from half of the held chunks and the other half is kept to mix with
+    the blocks that come next. Without, batches in stored order. The last batch may be smaller."""
+    held: list[dict[str, np.ndarray]] = []
+    count = 0
+    for block in blocks:
+        held.append(block)
+        count += len(block["y"])
+        if count >= capacity:
+            keep = capacity // 2 if rng is not None else 0
+            n_emit = (count - keep) // batch_size * batch_size
+            if n_emit:
+                merged = _concat(held)
+                order = rng.permutation(count) if rng is not None else np.arange(count)
+                yield from _emit(merged, order[:n_emit], batch_size)
+                held = [{k: v[order[n_emit:]] for k, v in merged.items()}]
+                count -= n_emit
+    if count:
+        merged = _concat(held)
+        yield from _emit(merged, rng.permutation(count) if rng is not None else np.arange(count), batch_size)
+
+
+def _emit(merged: dict[str, np.ndarray], order: np.ndarray, batch_size: int) -> Iterator[Batch]:
+    """Batches of `merged` taken in `order` (one gather per batch, no full permuted copy)."""
+    for i in range(0, len(order), batch_size):
+        take = order[i:i + batch_size]
+        yield Batch(torch.from_numpy(merged["x"][take]).unsqueeze(1),
+                    torch.from_numpy(merged["y"][take].astype(np.int64)),
+                    torch.from_numpy(merged["source"][take].astype(np.int64)),
+                    torch.from_numpy(merged["start"][take]))
+
+
+def packed(batches: Iterable[Batch]) -> Iterator[Packed]:
+    """In a loader worker: batches handed over PACK_BATCHES at a time (unpacked by the loader wrapper)."""
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == PACK_BATCHES:
             yield _pack(group)
-
-    def _batches(self, blocks: Iterator[dict[str, np.ndarray]], rng: np.random.Generator) -> Iterator[Batch]:
-        """Shuffle buffer over blocks: when `shuffle_blocks` blocks are in, draw whole batches at random
-        from half of the held chunks, and keep the other half to mix with the blocks that come next."""
-        capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
-        held: list[dict[str, np.ndarray]] = []
-        count = 0
-        for block in blocks:
-            held.append(block)
-            count += len(block["y"])
-            if count >= capacity:
-                keep = capacity // 2 if self.shuffle else 0
-                n_emit = (count - keep) // self.batch_size * self.batch_size
-                if n_emit:
-                    merged = _concat(held)
-                    order = rng.permutation(count) if self.shuffle else np.arange(count)
-                    yield from self._emit(merged, order[:n_emit])
-                    held = [{k: v[order[n_emit:]] for k, v in merged.items()}]
-                    count -= n_emit
-        if count:
-            merged = _concat(held)
-            yield from self._emit(merged, rng.permutation(count) if self.shuffle else np.arange(count))
-
-    def _emit(self, merged: dict[str, np.ndarray], order: np.ndarray) -> Iterator[Batch]:
-        """Batches of `merged` taken in `order` (one gather per batch, no full permuted copy)."""
-        for i in range(0, len(order), self.batch_size):
-            take = order[i:i + self.batch_size]
-            yield Batch(torch.from_numpy(merged["x"][take]).unsqueeze(1),
-                        torch.from_numpy(merged["y"][take].astype(np.int64)),
-                        torch.from_numpy(merged["source"][take].astype(np.int64)),
-                        torch.from_numpy(merged["start"][take]))
+            group = []
+    if group:
+        yield _pack(group)
 
 
 def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
