@@ -169,8 +169,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _acquire(module: str):
+    """An acquire module; its downloader (yt-dlp, gdown) is an optional extra."""
+    import importlib
+
+    from audioshard.acquire.common import AcquireError
+
+    try:
+        return importlib.import_module(f"audioshard.acquire.{module}")
+    except ModuleNotFoundError as exn:
+        if exn.name not in ("yt_dlp", "gdown"):
+            raise
+        raise AcquireError(f"`audioshard fetch` needs {exn.name.replace('_', '-')}, which is not installed: "
+                           "pip install 'audioshard[acquire]'") from exn
+
+
 def cmd_fetch_youtube(args: argparse.Namespace) -> int:
-    from audioshard.acquire.youtube import collect_links, fetch_youtube
+    youtube = _acquire("youtube")
+    collect_links, fetch_youtube = youtube.collect_links, youtube.fetch_youtube
 
     _config(args)  # validates --config/--set like every command
     links = collect_links(args.urls, args.label, args.links)
@@ -181,7 +197,7 @@ def cmd_fetch_youtube(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch_drive(args: argparse.Namespace) -> int:
-    from audioshard.acquire.drive import fetch_drive
+    fetch_drive = _acquire("drive").fetch_drive
 
     cfg = _config(args)
     summary = fetch_drive(args.folders, args.label, args.out, extensions=cfg.audio.extensions, retries=args.retries,

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -496,3 +497,17 @@ def test_build_ignores_acquire_files_and_copies_only_used_provenance(tmp_path):
     (raw / "sources.csv").unlink()
     assert build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False).manifest["provenance"] == []
 
+
+
+@pytest.mark.parametrize("source, args, missing", [("youtube", ["--label", "x", "https://example.com/v"], "yt-dlp"),
+                                                    ("drive", ["--label", "x", "FOLDER"], "gdown")])
+def test_fetch_without_its_optional_downloader_says_what_to_install(tmp_path, source, args, missing):
+    """A core install has no yt-dlp or gdown (extra `acquire`): the import fails as it really does
+    (ModuleNotFoundError) and the command says what to install, without a traceback."""
+    module = missing.replace("-", "_")
+    code = (f"import sys; sys.modules[{module!r}] = None; from audioshard.cli import main; "
+            f"sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "fetch", source, *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"needs {missing}" in proc.stderr and "audioshard[acquire]" in proc.stderr
+    assert "Traceback" not in proc.stderr
