@@ -70,6 +70,7 @@ class ShardsConfig:
     http_timeout: float = 30.0
     http_retries: int = 4
     cache_dir: str = ""
+    cache_limit: str = ""
     verify_local: bool = True
     strict: bool = False
 
@@ -143,7 +144,24 @@ class Config:
         from audioshard.remote import Fetcher
 
         return Fetcher(timeout=self.shards.http_timeout, retries=self.shards.http_retries,
-                       cache_dir=self.shards.cache_dir, verify_local=self.shards.verify_local)
+                       cache_dir=self.shards.cache_dir, cache_limit=parse_size(self.shards.cache_limit),
+                       verify_local=self.shards.verify_local)
+
+
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+              "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "20GB", "512MiB", "1.5 TB" or "1000000" ("" or "0": no limit, 0)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "0")
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in SIZE_UNITS:
+        raise ConfigError(f"shards.cache_limit = {text!r:.60} is not a size; write e.g. \"20GB\", \"512MiB\" or "
+                          "a number of bytes (\"\" for no limit)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 # Allowed values for the string settings that pick one behaviour among several.
@@ -241,6 +259,7 @@ def validate(cfg: Config) -> Config:
                           "chunk_seconds (or 0 for chunk_seconds: no overlap)")
     if cfg.features.n_fft > cfg.audio.chunk_seconds * cfg.audio.sample_rate:
         raise ConfigError("features.n_fft is longer than one chunk (audio.chunk_seconds * audio.sample_rate)")
+    parse_size(cfg.shards.cache_limit)  # a bad size fails now, not at the first download
     return cfg
 
 

@@ -11,6 +11,8 @@ transient failures (connection reset, timeouts, 408/429/5xx); 403/404 fail at on
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import io
@@ -90,6 +92,8 @@ class Fetcher:
         retries: further attempts after a transient failure (with backoff 0.5 s, 1 s, 2 s, ...).
         cache_dir: keep verified copies of remote shards here ("" = no cache); safe to share
             between processes (files appear atomically under their sha256).
+        cache_limit: bytes the cache may hold (0 = no limit): after each new shard, the least recently
+            used ones are removed until it fits. A shard larger than the limit is a clear error.
         verify_local: check the sha256 of local shards too before reading them (remote shards
             are always checked); without it only their size is.
     """
@@ -97,6 +101,7 @@ class Fetcher:
     timeout: float = 30.0
     retries: int = 4
     cache_dir: str = ""
+    cache_limit: int = 0
     verify_local: bool = True
     backoff: float = 0.5
 
@@ -154,17 +159,26 @@ class Fetcher:
         if path.exists():
             stream = _open_verified(str(path), path.stat().st_size, sha256)
             if stream is not None:
+                with contextlib.suppress(OSError):  # evicted meanwhile by another process: the stream still reads
+                    os.utime(path)  # "recently used": eviction goes by modification time, oldest first
                 return stream
             path.unlink(missing_ok=True)  # corrupt cache entry: fetch again
+        if self.cache_limit and size is not None and size > self.cache_limit:
+            raise SourceError(f"{location}: {size:,} bytes do not fit in shards.cache_limit ({self.cache_limit:,} "
+                              "bytes); raise the limit to a few shards at least, or set shards.cache_dir = \"\"")
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".tar")
         try:
             with os.fdopen(fd, "w+b") as sink:
                 self._download(location, sink, size, sha256)
-            os.replace(tmp, path)  # atomic: concurrent readers see no file or a verified one
+            with _locked(cache):
+                os.replace(tmp, path)  # atomic: concurrent readers see no file or a verified one
+                stream = open(path, "rb")  # noqa: SIM115 - the caller owns the stream; open before any eviction
+                if self.cache_limit:
+                    _evict(cache, self.cache_limit, keep=path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+        return stream
 
     def _download(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None,
                   parse=None) -> bytes:
@@ -279,3 +293,32 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
 
 
 DEFAULT_FETCHER = Fetcher()
+
+
+@contextlib.contextmanager
+def _locked(cache: Path):
+    """An exclusive flock on the cache folder while a shard is added and others evicted: processes sharing
+    the cache take turns, and the kernel drops the lock of a process that dies."""
+    fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _evict(cache: Path, limit: int, keep: Path) -> None:
+    """Remove the least recently used shards (oldest modification time) until the cache holds at most
+    `limit` bytes; never `keep`. A process still reading an evicted file keeps reading it (POSIX)."""
+    entries = []
+    for path in cache.glob("*.tar"):
+        with contextlib.suppress(FileNotFoundError):
+            stat = path.stat()
+            entries.append((stat.st_mtime_ns, path.name, stat.st_size, path))
+    total = sum(e[2] for e in entries)
+    for _, _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size

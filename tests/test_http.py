@@ -136,3 +136,67 @@ def test_cache_is_verified_and_safe_to_fill_concurrently(server, real_build, tmp
     files[0].write_bytes(b"garbage")  # a corrupt cache entry is detected and fetched again
     assert ids(manifest, "train") == expected and sum(server.hits.values()) == hits + 1
     assert np.all([f.stat().st_size > 100 for f in files])
+
+
+def test_cache_limit_evicts_the_least_recently_used_shard(server, tmp_path):
+    cache = tmp_path / "cache"
+    manifest = load_manifest(server.url, FAST)
+    shards = sorted(manifest.shards("train"), key=lambda s: s.bytes, reverse=True)[:3]
+    a, b, c = shards
+    fetcher = Fetcher(timeout=2.0, retries=1, cache_dir=str(cache), cache_limit=a.bytes + b.bytes)
+
+    def use(shard):
+        fetcher.open_shard(manifest.shard_location(shard), shard.bytes, shard.sha256).close()
+        time.sleep(0.02)  # distinct modification times
+
+    use(a)
+    use(b)
+    use(a)  # a hit makes `a` the most recently used
+    use(c)  # no room for three: `b`, the least recently used, goes
+    assert {p.stem for p in cache.glob("*.tar")} == {a.sha256, c.sha256}
+    assert sum(p.stat().st_size for p in cache.glob("*.tar")) <= fetcher.cache_limit
+    small = Fetcher(timeout=2.0, retries=1, cache_dir=str(tmp_path / "small"), cache_limit=a.bytes - 1)
+    with pytest.raises(SourceError, match="do not fit in shards.cache_limit"):
+        small.open_shard(manifest.shard_location(a), a.bytes, a.sha256)
+
+
+READ_ALL = """
+import sys
+from audioshard.manifest import load_manifest
+from audioshard.remote import Fetcher
+from audioshard.stream import ShardStream
+fetcher = Fetcher(timeout=5.0, retries=2, cache_dir=sys.argv[2], cache_limit=int(sys.argv[3]))
+for epoch in range(3):
+    stream = ShardStream(load_manifest(sys.argv[1], fetcher), "train", 10_000, shuffle=True, seed=int(sys.argv[4]))
+    stream.set_epoch(epoch)
+    ids = sorted((int(s), float(t)) for b in stream for s, t in zip(b.source, b.start, strict=True))
+print(len(ids), stream.skipped_blocks)
+"""
+
+
+def test_cache_limit_holds_with_three_processes_filling_it_at_once(server, real_build, tmp_path):
+    """Three processes stream the split three times each through one cache smaller than the split: each
+    reads every chunk, and the cache ends within its limit with no partial files."""
+    import subprocess
+    import sys
+
+    manifest = load_manifest(real_build)
+    sizes = sorted(s.bytes for s in manifest.shards("train"))
+    limit = sizes[-1] + sizes[-2] + sizes[-3] // 2  # room for two and a half of the largest shards
+    assert limit < sum(sizes)  # eviction must happen
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", READ_ALL, server.url, str(cache), str(limit), str(seed)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert [out.split() for out, _ in outputs] == [[str(manifest.samples("train")), "0"]] * 3
+    assert sum(p.stat().st_size for p in cache.glob("*.tar")) <= limit
+    assert not list(cache.glob(".part-*"))
+
+
+def test_a_cache_limit_that_is_not_a_size_is_refused_up_front():
+    from audioshard.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a size"):
+        load_config(overrides=["shards.cache_limit=lots"])
+    assert load_config(overrides=["shards.cache_limit=2GiB"]).fetcher().cache_limit == 2 << 30
