@@ -13,11 +13,14 @@ import math
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from audioshard.audio import ChunkRules
+from audioshard.config import MAX_WIDTH  # one bound for settings and files alike
 from audioshard.errors import AudioshardError
 from audioshard.manifest import Manifest
 from audioshard.models import MODELS, build_model
@@ -25,7 +28,6 @@ from audioshard.params import FeatureParams, feature_params_problem
 
 CHECKPOINT_FORMAT = "audioshard-checkpoint"
 CHECKPOINT_VERSION = 1
-MAX_WIDTH = 256  # cnn6 at width 256: ~75 M parameters (300 MB); the default is 32
 MAX_CLASSES = 100_000
 MAX_CHECKPOINT_BYTES = 4 << 30  # last.pt at MAX_WIDTH with Adam's two moments and averaged weights: ~1.5 GB
 
@@ -34,9 +36,75 @@ class CheckpointError(AudioshardError, ValueError):
     """A checkpoint is unreadable, unsafe, or does not match the shards it is used with."""
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+TRAINING_STATE = ("optimizer", "scheduler", "history", "best_score", "best_epoch", "rng", "trained_weights")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What an audioshard checkpoint holds: the one description of its contents. `train` writes it
+    (best_model.pt; last.pt adds `training`, what `--resume` needs); evaluate, predict and export
+    read it through `read_checkpoint`, which checks the schema first.
+
+    Attributes:
+        weights: the model's state dict (the weight average, with train.ema_epochs).
+        model_args: what `models.build_model` builds it from (name, num_classes, width, ...).
+        classes: class names in output order.
+        features: the build's feature parameters.
+        mean, std: the train split's normalisation (dB).
+        config: the run's resolved settings; its [audio] and [features] are the build's.
+        epoch, metrics: the epoch saved (0-based) and its history record.
+        training: optimizer, scheduler, history, selection state, RNG (last.pt only).
+    """
+
+    weights: dict[str, torch.Tensor]
+    model_args: dict[str, Any]
+    classes: list[str]
+    features: FeatureParams
+    mean: float
+    std: float
+    config: dict[str, Any]
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rules(self) -> ChunkRules:
+        """How the build cut recordings into chunks: predict and export cut new ones the same way."""
+        return ChunkRules.from_audio(self.config.get("audio", {}), self.features.sample_rate,
+                                     self.features.chunk_seconds)
+
+    def model(self) -> torch.nn.Module:
+        """The model, built from `model_args`, with the weights loaded, in eval mode."""
+        return model_from_checkpoint(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.weights, "model_args": self.model_args, "classes": self.classes,
+                "features": self.features.to_dict(), "normalization": {"mean": self.mean, "std": self.std},
+                "config": self.config, "epoch": self.epoch, "metrics": self.metrics, **self.training}
+
+    def without_training(self) -> Checkpoint:
+        return dataclasses.replace(self, training={})
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], where: str) -> Checkpoint:
+        check_schema(state, where)
+        norm = state["normalization"]
+        return cls(weights=state["model"], model_args=dict(state["model_args"]), classes=list(state["classes"]),
+                   features=FeatureParams.from_dict(state["features"]), mean=float(norm["mean"]),
+                   std=float(norm["std"]), config=dict(state.get("config", {})), epoch=int(state.get("epoch", 0)),
+                   metrics=dict(state.get("metrics", {})),
+                   training={k: state[k] for k in TRAINING_STATE if k in state})
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """`load_checkpoint`, typed."""
+    return Checkpoint.from_dict(load_checkpoint(path), str(path))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any] | Checkpoint) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
+    state = state.to_dict() if isinstance(state, Checkpoint) else state
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -151,11 +219,11 @@ def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def check_compatible(state: dict[str, Any], manifest: Manifest, where: str) -> None:
+def check_compatible(card: Checkpoint, manifest: Manifest, where: str) -> None:
     """Classes and features of the checkpoint must be those of the shards."""
-    if list(state["classes"]) != manifest.classes:
-        raise CheckpointError(f"{where} was trained on classes {state['classes']}, but the shards at "
+    if card.classes != manifest.classes:
+        raise CheckpointError(f"{where} was trained on classes {card.classes}, but the shards at "
                               f"{manifest.root} have {manifest.classes}")
-    if state["features"] != manifest.features.to_dict():
-        raise CheckpointError(f"{where} was trained on features {state['features']}, but the shards at "
+    if card.features != manifest.features:
+        raise CheckpointError(f"{where} was trained on features {card.features.to_dict()}, but the shards at "
                               f"{manifest.root} have {manifest.features.to_dict()}")

@@ -148,6 +148,9 @@ class Config:
                        verify_local=self.shards.verify_local)
 
 
+MAX_WIDTH = 256  # model.width: cnn6 at 256 has ~75 M parameters (300 MB); checkpoints asking more are refused too
+
+
 SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
               "gib": 2**30, "tib": 2**40}
 
@@ -260,6 +263,9 @@ def validate(cfg: Config) -> Config:
     if cfg.features.n_fft > cfg.audio.chunk_seconds * cfg.audio.sample_rate:
         raise ConfigError("features.n_fft is longer than one chunk (audio.chunk_seconds * audio.sample_rate)")
     parse_size(cfg.shards.cache_limit)  # a bad size fails now, not at the first download
+    if cfg.model.width > MAX_WIDTH:
+        raise ConfigError(f"model.width = {cfg.model.width} is above {MAX_WIDTH} (the largest checkpoint audioshard "
+                          "reads back); use at most that")
     return cfg
 
 

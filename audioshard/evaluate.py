@@ -198,15 +198,15 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
 
     With `adapt`, the model's BatchNorm statistics are first re-estimated on the split's own chunks
     (unlabelled: `adapt_to_split`); metrics.json then says `"adapted": N chunks`."""
-    from audioshard.checkpoint import check_compatible, load_checkpoint, model_from_checkpoint
+    from audioshard.checkpoint import check_compatible, read_checkpoint
     from audioshard.distributed import pick_device
     from audioshard.manifest import load_manifest
 
     device = pick_device(device_name)
-    ckpt = load_checkpoint(checkpoint)
+    card = read_checkpoint(checkpoint)
     manifest = load_manifest(shards, fetcher) if fetcher else load_manifest(shards)
-    check_compatible(ckpt, manifest, str(checkpoint))
-    model = model_from_checkpoint(ckpt).to(device)
+    check_compatible(card, manifest, str(checkpoint))
+    model = card.model().to(device)
     adapted = adapt_to_split(model, manifest, split, device, strict=strict) if adapt else 0
     pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers,
                          strict=strict)

@@ -28,10 +28,9 @@ import numpy as np
 import torch
 
 from audioshard import __version__
-from audioshard.audio import ChunkRules
-from audioshard.checkpoint import load_checkpoint, model_from_checkpoint
+from audioshard.checkpoint import Checkpoint, read_checkpoint
 from audioshard.errors import AudioshardError
-from audioshard.features import AMIN, FeatureParams
+from audioshard.features import AMIN
 from audioshard.names import EXPORT_FORMATS
 
 ONNX_OPSET = 17
@@ -95,17 +94,16 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> An
     return run
 
 
-def describe(state: dict[str, Any], fmt: str, parity: float) -> dict[str, Any]:
+def describe(card: Checkpoint, fmt: str, parity: float) -> dict[str, Any]:
     """The sidecar: everything needed to turn audio into the model's input and its output into classes."""
-    params = FeatureParams.from_dict(state["features"])
-    rules = ChunkRules.from_audio(state.get("config", {}).get("audio", {}), params.sample_rate, params.chunk_seconds)
+    params, rules = card.features, card.rules
     return {
         "format": fmt,
         "audioshard_version": __version__,
-        "classes": list(state["classes"]),
+        "classes": list(card.classes),
         "input": {"name": "mel", "shape": ["batch", 1, params.n_mels, params.frames], "dtype": "float32",
                   "meaning": "normalised log-mel: (mel_db - normalization.mean) / normalization.std"},
-        "output": {"name": "logits", "shape": ["batch", len(state["classes"])], "dtype": "float32",
+        "output": {"name": "logits", "shape": ["batch", len(card.classes)], "dtype": "float32",
                    "meaning": "class scores in `classes` order; a recording's class is the argmax of its "
                               "chunks' mean logits (softmax of the mean for probabilities)"},
         "features": params.to_dict(),
@@ -128,8 +126,8 @@ def describe(state: dict[str, Any], fmt: str, parity: float) -> dict[str, Any]:
             "db": f"10 * log10(max(power, {AMIN})), then per chunk max(db, db.max() - top_db) with top_db = "
                   f"{params.top_db}; stored as {params.dtype} at build time",
         },
-        "normalization": {"mean": float(state["normalization"]["mean"]), "std": float(state["normalization"]["std"])},
-        "model_args": dict(state["model_args"]),
+        "normalization": {"mean": card.mean, "std": card.std},
+        "model_args": dict(card.model_args),
         "parity_max_abs_diff": parity,
     }
 
@@ -153,9 +151,9 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, *, atol: flo
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
-    state = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(state).cpu().eval()
-    params = FeatureParams.from_dict(state["features"])
+    card = read_checkpoint(checkpoint)
+    model = card.model().cpu().eval()
+    params = card.features
     out.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, 1, *params.shape, generator=generator)
@@ -176,7 +174,7 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, *, atol: flo
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    info = describe(state, fmt, parity)
+    info = describe(card, fmt, parity)
     info["checkpoint"] = str(checkpoint)
     sidecar_path(out).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     return info

@@ -31,13 +31,13 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from audioshard.audio import AudioError, ChunkReader, ChunkRules, silent_chunks
+from audioshard.audio import AudioError, ChunkReader, silent_chunks
 from audioshard.augment import BatchTransform
-from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from audioshard.checkpoint import read_checkpoint
 from audioshard.config import AudioConfig
 from audioshard.csvsafe import cell
 from audioshard.errors import AudioshardError
-from audioshard.features import FeatureParams, log_mel
+from audioshard.features import log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 from audioshard.names import PREDICT_FORMATS
 
@@ -132,18 +132,11 @@ class Predictor:
 
         if batch_size <= 0:
             raise PredictError(f"--batch-size must be > 0, got {batch_size}")
-        state = load_checkpoint(checkpoint)
-        try:
-            self.classes = list(state["classes"])
-            self.params = FeatureParams.from_dict(state["features"])
-            norm = state["normalization"]
-            self.rules = ChunkRules.from_audio(state.get("config", {}).get("audio", {}), self.params.sample_rate,
-                                               self.params.chunk_seconds)
-            self.transform = BatchTransform(float(norm["mean"]), float(norm["std"]), augment=None)
-            self.device = pick_device(device)
-            self.model = model_from_checkpoint(state).to(self.device)
-        except (KeyError, TypeError) as exn:
-            raise CheckpointError(f"{checkpoint}: incomplete checkpoint ({type(exn).__name__}: {exn})") from exn
+        card = read_checkpoint(checkpoint)  # schema checked: every field below is there
+        self.classes, self.params, self.rules = card.classes, card.features, card.rules
+        self.transform = BatchTransform(card.mean, card.std, augment=None)
+        self.device = pick_device(device)
+        self.model = card.model().to(self.device)
         self.checkpoint, self.batch_size = str(checkpoint), batch_size
 
     def chunks(self, path: str | Path) -> ChunkReader:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from audioshard.augment import BatchTransform
-from audioshard.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, save_checkpoint
 from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
 from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
 from audioshard.errors import AudioshardError
@@ -148,18 +148,19 @@ def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, devic
 def _init_from_checkpoint(model: torch.nn.Module, args: dict[str, Any], manifest: Manifest, path: str) -> None:
     """Start from the user's own checkpoint: same architecture and features; the head is fresh where
     the classes differ. Read with weights_only (never unpickled); nothing is downloaded."""
-    state = load_checkpoint(path)
-    theirs = {k: state["model_args"].get(k) for k in ("name", "width")}
+    card = read_checkpoint(path)
+    theirs = {k: card.model_args.get(k) for k in ("name", "width")}
     ours = {k: args[k] for k in ("name", "width")}
     if theirs != ours:
         raise ConfigError(f"model.init_checkpoint {path} holds model {theirs}, but this run builds {ours}: set "
                           f"model.name and model.width to match it")
+    theirs_features = card.features.to_dict()
     differ = sorted(k for k, v in manifest.features.to_dict().items()
-                    if k != "chunk_seconds" and state["features"].get(k) != v)  # a CNN pools over any length
+                    if k != "chunk_seconds" and theirs_features.get(k) != v)  # a CNN pools over any length
     if differ:
         raise ConfigError(f"model.init_checkpoint {path} was trained on other features ({', '.join(differ)} differ "
                           "from these shards'); rebuild the shards with its [audio] and [features] settings")
-    loaded, fresh = load_pretrained(model, state["model"])
+    loaded, fresh = load_pretrained(model, card.weights)
     print0(f"initialised {len(loaded)} of {len(loaded) + len(fresh)} tensors from {path}"
            + (f"; new: {', '.join(fresh)}" if fresh else ""))
 
@@ -283,16 +284,16 @@ def _stopped(run_dir: Path) -> dict[str, Any]:
     return {}
 
 
-def _restore(run_dir: Path, cfg: Config, manifest: Manifest) -> tuple[dict[str, Any], Config]:
-    """`--resume`: the state in last.pt and the config it was trained with (an explicit train.epochs wins)."""
+def _restore(run_dir: Path, cfg: Config, manifest: Manifest) -> tuple[Checkpoint, Config]:
+    """`--resume`: last.pt and the config it was trained with (an explicit train.epochs wins)."""
     last = run_dir / "last.pt"
     if not last.exists():
         raise TrainingError(f"--resume: {last} not found; start without --resume")
-    state = load_checkpoint(last)
-    check_compatible(state, manifest, str(last))
-    saved = validate(from_dict(state["config"]))
+    card = read_checkpoint(last)
+    check_compatible(card, manifest, str(last))
+    saved = validate(from_dict(card.config))
     saved.train.epochs = cfg.train.epochs
-    return state, saved
+    return card, saved
 
 
 def _plan(cfg: Config, manifest: Manifest, dist: Dist) -> Config:
@@ -345,24 +346,26 @@ class Run:
         self.train_data.set_epoch(epoch)
         return max(self.train_data.batches_per_epoch(rank=r) for r in range(self.dist.world_size))
 
-    def load(self, state: dict[str, Any]) -> None:
-        """Continue from a last.pt. With weight averaging, its "model" holds the average (what predict
+    def load(self, last: Checkpoint) -> None:
+        """Continue from a last.pt. With weight averaging, its weights are the average (what predict
         and export load) and the weights being trained are kept beside it."""
-        self.model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state
-                                   else state["model"])
+        state = last.training
+        if "optimizer" not in state:
+            raise TrainingError("--resume needs a last.pt (it holds the training state); best_model.pt does not")
+        self.model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state else last.weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.history, self.start_epoch = list(state["history"]), int(state["epoch"]) + 1
+        self.history, self.start_epoch = list(state["history"]), last.epoch + 1
         self.best, self.best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
         torch.set_rng_state(state["rng"]["torch"])
 
-    def finish(self, state: dict[str, Any] | None) -> None:
+    def finish(self, last: Checkpoint | None) -> None:
         """Once the weights are final (restored or sanity-checked): start the weight average
-        (train.ema_epochs; restored from `state` when resuming) and wrap the model for DDP."""
+        (train.ema_epochs; restored from `last` when resuming) and wrap the model for DDP."""
         self.averaged = weight_average(self.model, self.cfg, self.steps_per_epoch)
-        if self.averaged is not None and state is not None and "trained_weights" in state:
-            self.averaged.module.load_state_dict(state["model"])
-            self.averaged.n_averaged.fill_(state["trained_weights"]["n_averaged"])
+        if self.averaged is not None and last is not None and "trained_weights" in last.training:
+            self.averaged.module.load_state_dict(last.weights)
+            self.averaged.n_averaged.fill_(last.training["trained_weights"]["n_averaged"])
         self.ddp_model = self.model
         if self.dist.enabled:
             cuda = self.device.type == "cuda"
@@ -382,25 +385,26 @@ class Run:
         self.best, self.best_epoch = score, epoch
         return True
 
-    def checkpoint(self, epoch: int, record: dict[str, Any]) -> dict[str, Any]:
-        """Everything `--resume` needs (last.pt); best_model.pt keeps the part predict and export read."""
-        # The [audio] section saved is the build's (chunking rules), so `predict` cuts new recordings
-        # exactly as the shards were cut, whatever the training command's own [audio] said.
+    def checkpoint(self, epoch: int, record: dict[str, Any]) -> Checkpoint:
+        """Everything `--resume` needs (last.pt); `without_training()` is best_model.pt, what predict and
+        export read."""
+        # The [audio] and [features] sections saved are the build's (chunking rules, features), so `predict`
+        # cuts new recordings exactly as the shards were cut, whatever the training command's own said.
         saved_config = self.cfg.to_dict()
-        saved_config["audio"] = dict(self.manifest.data.get("config", {}).get("audio", saved_config["audio"]))
-        ckpt = {"model": self.eval_model.state_dict(), "model_args": self.args, "classes": self.manifest.classes,
-                "features": self.manifest.features.to_dict(),
-                "normalization": {"mean": self.manifest.mean, "std": self.manifest.std},
-                "config": saved_config, "epoch": epoch, "metrics": record,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "history": self.history, "best_score": list(self.best), "best_epoch": self.best_epoch,
-                "rng": {"torch": torch.get_rng_state()}}
+        built = self.manifest.data.get("config", {})
+        for section in ("audio", "features"):
+            saved_config[section] = dict(built.get(section, saved_config[section]))
+        training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "history": self.history, "best_score": list(self.best), "best_epoch": self.best_epoch,
+                    "rng": {"torch": torch.get_rng_state()}}
         if self.averaged is not None:
-            ckpt["trained_weights"] = {"model": self.model.state_dict(), "n_averaged": int(self.averaged.n_averaged)}
-        return ckpt
+            training["trained_weights"] = {"model": self.model.state_dict(),
+                                           "n_averaged": int(self.averaged.n_averaged)}
+        return Checkpoint(weights=self.eval_model.state_dict(), model_args=self.args, classes=self.manifest.classes,
+                          features=self.manifest.features, mean=self.manifest.mean, std=self.manifest.std,
+                          config=saved_config, epoch=epoch, metrics=record, training=training)
 
 
-TRAINING_STATE = ("optimizer", "scheduler", "trained_weights")  # in last.pt only
 BOARD_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_clip_macro_f1", "lr")
 
 
@@ -446,7 +450,7 @@ class RunWriter:
         ckpt = run.checkpoint(record["epoch"] - 1, record)
         save_checkpoint(self.run_dir / "last.pt", ckpt)
         if improved:
-            save_checkpoint(self.run_dir / "best_model.pt", {k: v for k, v in ckpt.items() if k not in TRAINING_STATE})
+            save_checkpoint(self.run_dir / "best_model.pt", ckpt.without_training())
         with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
         if self.board is not None:
@@ -654,7 +658,7 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
     best_path = run_dir / "best_model.pt"
     if dist.enabled:
         torch_dist.barrier()  # rank 0 has finished writing best_model.pt
-    model.load_state_dict(load_checkpoint(best_path)["model"])
+    model.load_state_dict(read_checkpoint(best_path).weights)
     device = dist.device
     results: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": cfg.train.epochs, "classes": manifest.classes}
     for split in ("val", "test"):

@@ -37,6 +37,8 @@ def test_set_overrides_with_types():
     ("train.lr", "expects section.key=value"),
     ("augment.freq_warp=1.0", "augment.freq_warp must be >= 0 and below 1"),
     ("augment.time_stretch=-0.1", "augment.time_stretch must be >= 0 and below 1"),
+    ("model.width=512", "model.width = 512 is above 256"),  # checkpoints that wide are refused when read
+    ("shards.cache_limit=lots", "is not a size"),
 ])
 def test_bad_settings_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
