@@ -15,7 +15,7 @@ from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
 from audioshard.config import Config
 from audioshard.errors import BuildError
-from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME
+from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, ShardInfo, SplitInfo
 from audioshard.names import SPLITS
 from audioshard.params import FeatureParams
 
@@ -41,11 +41,11 @@ class SplitTally:
         return len(self.sources) - 1
 
     def to_dict(self, shards: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
-        return {"shards": shards, "samples": sum(s["samples"] for s in shards),
-                "class_counts": {c: self.class_counts[c] for c in classes},
-                "recordings": {c: self.recordings[c] for c in classes},
-                "audio_seconds": round(self.seconds, 3), "silent_chunks": self.silent_chunks,
-                "sources": self.sources}
+        """The split's entry in manifest.json (`manifest.SplitInfo`, the one description of it)."""
+        return SplitInfo(shards=[ShardInfo(**s) for s in shards], samples=sum(s["samples"] for s in shards),
+                         class_counts={c: self.class_counts[c] for c in classes},
+                         recordings={c: self.recordings[c] for c in classes}, audio_seconds=round(self.seconds, 3),
+                         sources=self.sources, silent_chunks=self.silent_chunks).to_dict()
 
 
 @dataclass

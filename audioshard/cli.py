@@ -40,10 +40,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from audioshard.build import BuildError, build_shards, merge_parts
     from audioshard.info import format_info
+    from audioshard.manifest import Manifest
 
     if args.merge:
-        manifest = merge_parts(args.out)
-        print(format_info(manifest, str(args.out)))
+        print(format_info(Manifest(merge_parts(args.out), str(args.out)), str(args.out)))
         return 0
     if args.input is None:
         raise BuildError("give an INPUT folder or CSV (or --merge to combine part builds in --out)")
@@ -60,7 +60,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if result.up_to_date:
         print(f"{args.out}: already built from these inputs and settings; nothing to do (--force rebuilds)")
         return 0
-    print(format_info(result.manifest, str(args.out)))
+    print(format_info(Manifest(result.manifest, str(args.out)), str(args.out)))
     return 0
 
 
@@ -69,7 +69,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from audioshard.manifest import load_manifest
 
     manifest = load_manifest(args.source, _config(args).fetcher())  # [shards] timeouts and retries apply
-    print(format_info(manifest.data, args.source, verbose=args.verbose))
+    print(format_info(manifest, args.source, verbose=args.verbose))
     return 0
 
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from audioshard.config import Config
-from audioshard.manifest import MANIFEST_NAME, load_manifest
-from audioshard.params import FeatureParams
+from audioshard.manifest import MANIFEST_NAME, Manifest, load_manifest
 from audioshard.split import SPLITS
 
 
@@ -27,49 +25,43 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def format_info(data: dict[str, Any], where: str, verbose: bool = False) -> str:
-    """A readable summary of a manifest: classes x splits (chunks and recordings), features, problems."""
-    classes = data["classes"]
-    splits = [s for s in SPLITS if s in data["splits"]]
+def format_info(manifest: Manifest, where: str, verbose: bool = False) -> str:
+    """A readable summary of a build: classes x splits (chunks and recordings), features, problems."""
+    classes = manifest.classes
+    splits = {s: manifest.split(s) for s in SPLITS if s in manifest.split_names}
     header = ["class"] + [f"{s} chunks (recs)" for s in splits]
     rows = [header]
     for name in classes:
-        rows.append([name] + [f"{data['splits'][s]['class_counts'][name]} ({data['splits'][s]['recordings'][name]})"
-                              for s in splits])
-    rows.append(["total"] + [f"{data['splits'][s]['samples']} ({len(data['splits'][s]['sources'])})" for s in splits])
-    f = data["features"]
+        rows.append([name] + [f"{info.class_counts[name]} ({info.recordings[name]})" for info in splits.values()])
+    rows.append(["total"] + [f"{info.samples} ({len(info.sources)})" for info in splits.values()])
+    f = manifest.features
     lines = [
-        f"audioshard build at {where} (format v{data['format_version']}, {len(classes)} classes)",
+        f"audioshard build at {where} (format v{manifest.format_version}, {len(classes)} classes)",
         "",
         _table(rows),
         "",
-        "audio: " + ", ".join(f"{s} {data['splits'][s]['audio_seconds'] / 60:.1f} min" for s in splits),
-        "shards: " + ", ".join(f"{s} {len(data['splits'][s]['shards'])}" for s in splits)
-        + f" ({data['block_size']} chunks per block)",
-        f"features: {f['n_mels']} mels x {FeatureParams.from_dict(f).frames} frames, "
-        f"{f['chunk_seconds']} s chunks at {f['sample_rate']} Hz, n_fft {f['n_fft']}, hop {f['hop_length']}, "
-        f"{f['f_min']:.0f}-{f['f_max']:.0f} Hz, top_db {f['top_db']}",
-        f"normalisation (train): mean {data['normalization']['mean']:.2f} dB, "
-        f"std {data['normalization']['std']:.2f} dB",
+        "audio: " + ", ".join(f"{s} {info.audio_seconds / 60:.1f} min" for s, info in splits.items()),
+        "shards: " + ", ".join(f"{s} {len(info.shards)}" for s, info in splits.items())
+        + f" ({manifest.block_size} chunks per block)",
+        f"features: {f.n_mels} mels x {f.frames} frames, {f.chunk_seconds} s chunks at {f.sample_rate} Hz, "
+        f"n_fft {f.n_fft}, hop {f.hop_length}, {f.f_min:.0f}-{f.f_max:.0f} Hz, top_db {f.top_db}",
+        f"normalisation (train): mean {manifest.mean:.2f} dB, std {manifest.std:.2f} dB",
     ]
-    silent = {s: data["splits"][s].get("silent_chunks", 0) for s in splits}
+    silent = {s: info.silent_chunks for s, info in splits.items()}
     if any(silent.values()):
         lines.append("silent chunks left out (audio.skip_silent): " + ", ".join(f"{s} {n}" for s, n in silent.items()))
-    skipped = data.get("skipped", [])
-    ignored = data.get("ignored", {})
+    skipped, ignored = manifest.skipped, manifest.ignored
     lines.append(f"skipped inputs: {len(skipped)}" + (f"; ignored: {', '.join(f'{v} {k}' for k, v in ignored.items())}"
                                                        if ignored else ""))
     for item in skipped if verbose else skipped[:10]:
         lines.append(f"  - {item['path']}: {item['reason']}")
     if not verbose and len(skipped) > 10:
         lines.append(f"  ... and {len(skipped) - 10} more (--verbose lists all)")
-    for warning in data.get("warnings", []):
-        lines.append(f"warning: {warning}")
+    lines += [f"warning: {warning}" for warning in manifest.warnings]
     if verbose:
-        for s in splits:
-            for shard in data["splits"][s]["shards"]:
-                lines.append(f"  {shard['file']}: {shard['samples']} chunks, {shard['bytes']} bytes, "
-                             f"sha256 {shard['sha256'][:16]}...")
+        for info in splits.values():
+            lines += [f"  {shard.file}: {shard.samples} chunks, {shard.bytes} bytes, sha256 {shard.sha256[:16]}..."
+                      for shard in info.shards]
     return "\n".join(lines)
 
 

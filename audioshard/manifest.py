@@ -48,6 +48,33 @@ class ShardInfo:
     source_offset: int = 0  # where this shard's part begins in the split's `sources` (merged part builds)
 
 
+@dataclass(frozen=True)
+class SplitInfo:
+    """What a build holds of one split: its shards, chunk and recording counts per class, seconds of
+    audio, silent chunks left out, and its recordings in write order (a chunk's `source` indexes them)."""
+
+    shards: list[ShardInfo]
+    samples: int
+    class_counts: dict[str, int]
+    recordings: dict[str, int]
+    audio_seconds: float
+    sources: list[str]
+    silent_chunks: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SplitInfo:
+        return cls(shards=[ShardInfo(**s) for s in data["shards"]], samples=int(data["samples"]),
+                   class_counts=dict(data["class_counts"]), recordings=dict(data["recordings"]),
+                   audio_seconds=float(data["audio_seconds"]), sources=list(data["sources"]),
+                   silent_chunks=int(data.get("silent_chunks", 0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        shards = [{k: v for k, v in dataclasses.asdict(s).items() if k != "source_offset" or v} for s in self.shards]
+        return {"shards": shards, "samples": self.samples,
+                "class_counts": self.class_counts, "recordings": self.recordings,
+                "audio_seconds": self.audio_seconds, "silent_chunks": self.silent_chunks, "sources": self.sources}
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON so that readers see the old file or the whole new one, never half of it."""
     write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
@@ -76,6 +103,7 @@ class Manifest:
         self.data = data
         self.root = root
         self.fetcher = fetcher  # how shards are read: the same timeouts, retries and cache as the manifest
+        self._split_info: dict[str, SplitInfo] = {}
         self._check()
 
     def _check(self) -> None:
@@ -124,19 +152,39 @@ class Manifest:
     def split_names(self) -> list[str]:
         return list(self.data["splits"])
 
-    def split(self, name: str) -> dict[str, Any]:
+    def split(self, name: str) -> SplitInfo:
         if name not in self.data["splits"]:
             raise ManifestError(f"{self.location}: no split {name!r}; it has {', '.join(self.data['splits'])}")
-        return self.data["splits"][name]
+        if name not in self._split_info:  # parsed once: streams ask for a split's shards every epoch
+            self._split_info[name] = SplitInfo.from_dict(self.data["splits"][name])
+        return self._split_info[name]
 
     def shards(self, split: str) -> list[ShardInfo]:
-        return [ShardInfo(**s) for s in self.split(split)["shards"]]
+        return list(self.split(split).shards)
 
     def samples(self, split: str) -> int:
-        return int(self.split(split)["samples"])
+        return self.split(split).samples
 
     def sources(self, split: str) -> list[str]:
-        return list(self.split(split)["sources"])
+        return list(self.split(split).sources)
+
+    @property
+    def format_version(self) -> int:
+        return int(self.data["format_version"])
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Inputs the build could not use: `path` and `reason` each."""
+        return list(self.data.get("skipped", []))
+
+    @property
+    def ignored(self) -> dict[str, int]:
+        """Files the build passed over as not audio (hidden, other extensions), counted by kind."""
+        return dict(self.data.get("ignored", {}))
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.data.get("warnings", []))
 
     def shard_location(self, shard: ShardInfo) -> str:
         return join(self.root, shard.file)

@@ -77,10 +77,10 @@ def _header(run: Path, metrics: dict[str, Any]) -> str:
 
 
 def _data_section(manifest: Manifest) -> str:
-    rows = [[name] + [manifest.split(s)["class_counts"].get(name, 0) for s in SPLITS] for name in manifest.classes]
-    hours = {s: manifest.split(s).get("audio_seconds", 0) / 3600 for s in SPLITS}
+    rows = [[name] + [manifest.split(s).class_counts.get(name, 0) for s in SPLITS] for name in manifest.classes]
+    hours = {s: manifest.split(s).audio_seconds / 3600 for s in SPLITS}
     foot = ["audio hours"] + [f"{hours[s]:.2f}" for s in SPLITS]
-    skipped = manifest.data.get("skipped", [])
+    skipped = manifest.skipped
     reasons = "".join(f"<li>{html.escape(str(s.get('reason', ''))[:300])}</li>" for s in skipped[:50])
     more = f"<p>... and {len(skipped) - 50} more (audioshard info -v)</p>" if len(skipped) > 50 else ""
     return (f"<section><h2>Data</h2><p>{len(manifest.classes)} classes, build at "

@@ -61,7 +61,7 @@ class TrainingError(AudioshardError, RuntimeError):
 
 def class_weights(manifest: Manifest) -> torch.Tensor:
     """Inverse-frequency weights from the train split's chunk counts (mean 1 over present classes)."""
-    counts = np.array([manifest.split("train")["class_counts"][c] for c in manifest.classes], dtype=np.float64)
+    counts = np.array([manifest.split("train").class_counts[c] for c in manifest.classes], dtype=np.float64)
     present = counts > 0
     weights = np.zeros_like(counts)
     weights[present] = counts[present].sum() / (present.sum() * counts[present])

@@ -32,7 +32,7 @@ def test_real_build_accounts_for_every_input(real_raw, real_build):
     assert len(placed) == len(set(placed)), "a source appears in two splits"
     assert set(placed) | skipped == inputs and not set(placed) & skipped
     for split in SPLITS:  # every class is in every split (stratified)
-        assert all(manifest.split(split)["recordings"][c] > 0 for c in manifest.classes)
+        assert all(manifest.split(split).recordings[c] > 0 for c in manifest.classes)
 
 
 def test_real_build_counts_and_checksums_match_the_shards(real_build):
@@ -42,7 +42,7 @@ def test_real_build_counts_and_checksums_match_the_shards(real_build):
         labels = np.concatenate([b.y.numpy() for b in batches])
         assert len(labels) == manifest.samples(split)
         counts = {c: int((labels == i).sum()) for i, c in enumerate(manifest.classes)}
-        assert counts == manifest.split(split)["class_counts"]
+        assert counts == manifest.split(split).class_counts
         for shard in manifest.shards(split):
             assert sha256_file(real_build / shard.file) == shard.sha256
             with tarfile.open(real_build / shard.file) as tar:
@@ -61,7 +61,7 @@ def test_8k_speech_is_resampled_before_chunking(real_build):
                 info = sf.info(str(DCS / rel))
                 assert info.samplerate == 8000
                 expected += len(chunk_starts(info.frames * 2, 32000, 16000, 0.5, "pad"))  # 2-s chunks every 1 s
-    assert expected == sum(manifest.split(s)["class_counts"]["speech"] for s in SPLITS)  # (no silent chunk in them)
+    assert expected == sum(manifest.split(s).class_counts["speech"] for s in SPLITS)  # (no silent chunk in them)
 
 
 def test_chunks_keep_source_start_and_label(real_build):
@@ -348,12 +348,12 @@ def test_silent_chunks_are_left_out_and_counted_unless_the_recording_has_nothing
     build_shards(raw, tmp_path / "b", load_config(overrides=overrides), progress=False)
     manifest = load_manifest(tmp_path / "b")
     train = manifest.split("train")
-    assert train["silent_chunks"] == 3  # padded.wav: 2 s of sound, then chunks at 2, 4 and a 1-s tail at 6 s: zeros
+    assert train.silent_chunks == 3  # padded.wav: 2 s of sound, then chunks at 2, 4 and a 1-s tail at 6 s: zeros
     starts = {(manifest.sources("train")[int(s)], float(t)) for b in read_all(manifest, "train")
               for s, t in zip(b.source, b.start, strict=True)}
     assert {t for rel, t in starts if rel.endswith("padded.wav")} == {0.0}
     assert {t for rel, t in starts if rel.endswith("tail.wav")} == {0.0}
-    assert train["samples"] == 6 + 1 + 1
+    assert train.samples == 6 + 1 + 1
     build_shards(raw, tmp_path / "all", load_config(overrides=[*overrides, "audio.skip_silent=false"]), progress=False)
     kept = load_manifest(tmp_path / "all").split("train")
-    assert kept["samples"] == 6 + 4 + 1 and kept["silent_chunks"] == 0
+    assert kept.samples == 6 + 4 + 1 and kept.silent_chunks == 0

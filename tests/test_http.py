@@ -38,7 +38,7 @@ def test_train_and_evaluate_from_http(server, real_build, tmp_path):
     metrics = evaluate_checkpoint(tmp_path / "run" / "best_model.pt", server.url, "test", tmp_path / "eval")
     local = evaluate_checkpoint(tmp_path / "run" / "best_model.pt", str(real_build), "test", tmp_path / "eval2")
     assert metrics["chunk"] == local["chunk"]
-    assert "train chunks" in format_info(remote.data, server.url)
+    assert "train chunks" in format_info(remote, server.url)
     assert "label mix" in check_pipeline(server.url, "val", load_config(overrides=["train.batch_size=8"]))
 
 

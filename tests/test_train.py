@@ -42,7 +42,7 @@ def test_end_to_end_artifacts_are_valid(real_build, full_run, tmp_path):
     assert len(history(run)) == 3
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["test"]["chunk"]["accuracy"] > saved["test"]["chunk"]["majority_baseline"]
-    assert saved["val"]["clip"]["n"] == sum(manifest.split("val")["recordings"].values())
+    assert saved["val"]["clip"]["n"] == sum(manifest.split("val").recordings.values())
 
     out = tmp_path / "eval"
     result = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", out)
