@@ -113,7 +113,7 @@ def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, cl
     n = len(classes)
     # Bounded for any class count: the figure stops growing at MAX_FIGURE_INCHES, cells get their count
     # written only up to MAX_ANNOTATED classes and tick labels only up to MAX_TICKS (every k-th beyond):
-    # one text object per cell made 150 classes take 27 s and 3.5 GB.
+    # one text object per cell made many classes take minutes and gigabytes (docs/reliability.md).
     size = min(MAX_FIGURE_INCHES, max(4.0, 0.6 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues", interpolation="nearest")
