@@ -564,7 +564,7 @@ def test_property_hostile_manifests_give_only_manifest_errors(real_build, tmp_pa
     except ManifestError as exn:
         assert str(build) in str(exn)
     else:  # what a valid manifest promises: every reader-facing property works
-        format_info(manifest.data, str(build))
+        format_info(manifest, str(build))
         assert member_limits(manifest)["mel.npy"] < 300 << 20
         for split in manifest.split_names:
             manifest.shards(split), manifest.sources(split), manifest.samples(split)
