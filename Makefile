@@ -50,6 +50,7 @@ demo: install $(DEMO)/raw
 	@echo "demo data:  $(DEMO)/raw/ (synthetic)"
 	@echo "shards:     $(DEMO)/shards/ (manifest.json; see: $(BIN)/audioshard info $(DEMO)/shards)"
 	@echo "run:        $(DEMO)/run/ (best_model.pt, metrics.json, val_report.txt, val_confusion_matrix.png, ...)"
+	@echo "report:     $(DEMO)/run/report.html (open it in a browser)"
 	@echo "test eval:  $(DEMO)/eval/ (test_report.txt, test_confusion_matrix.png, metrics.json)"
 
 lint: install
