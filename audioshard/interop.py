@@ -24,7 +24,7 @@ import numpy as np
 
 from audioshard.manifest import BLOCK_MEMBERS, MAX_BLOCK_SIZE
 from audioshard.params import MAX_FRAMES, MAX_MELS
-from audioshard.stream import NPY_MAGIC, ShardDataError, _finite_float16, _npy_header, decode_npy
+from audioshard.stream import ShardDataError, _finite_float16, decode_npy, npy_header
 
 
 def unblock(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -78,21 +78,15 @@ def _member(value: Any, dtype: str, rows: int | None, where: str) -> np.ndarray:
         return array.astype(dtype, copy=False)
     if not isinstance(value, bytes | bytearray | memoryview):
         raise ShardDataError(f"{where}: expected .npy bytes or an array, got {type(value).__name__}")
-    tail = () if rows is not None else _mel_tail(bytes(value[:4096]), where)
+    tail = () if rows is not None else _mel_tail(bytes(value[:4096]), where)  # the header is at the start
     return decode_npy(bytes(value), dtype, tail, rows if rows is not None else MAX_BLOCK_SIZE, where)
 
 
-def _mel_tail(head: bytes, where: str) -> tuple[int, int]:
+def _mel_tail(data: bytes, where: str) -> tuple[int, int]:
     """(n_mels, frames) from a mel member's header, within the bounds any manifest may ask for (no
     manifest here to say what to expect)."""
-    try:
-        major = head[6]
-        size, begin = (int.from_bytes(head[8:10], "little"), 10) if major == 1 else \
-            (int.from_bytes(head[8:12], "little"), 12)
-        shape = _npy_header(head[begin:begin + size])[2]
-    except (IndexError, ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exn:
-        raise ShardDataError(f"{where}: malformed .npy header") from exn
-    if not head.startswith(NPY_MAGIC) or len(shape) != 3 or not all(type(d) is int for d in shape):
+    shape = npy_header(data, where)[2]
+    if len(shape) != 3 or not all(type(d) is int for d in shape):
         raise ShardDataError(f"{where}: expected a (chunks, n_mels, frames) array, got shape {shape!r:.80}")
     if not (0 < shape[1] <= MAX_MELS and 0 < shape[2] <= MAX_FRAMES):
         raise ShardDataError(f"{where}: {shape[1]} mels x {shape[2]} frames is beyond any audioshard build")

@@ -173,19 +173,7 @@ def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: i
     against what the manifest promises, and only then is the payload viewed with `np.frombuffer`;
     a forged header cannot make us allocate anything.
     """
-    if not data.startswith(NPY_MAGIC) or len(data) < 10:
-        raise ShardDataError(f"{where}: not an .npy array")
-    major = data[6]
-    if major == 1:
-        header_len, start = int.from_bytes(data[8:10], "little"), 10
-    elif major in (2, 3):
-        header_len, start = int.from_bytes(data[8:12], "little"), 12
-    else:
-        raise ShardDataError(f"{where}: unsupported .npy version {major}")
-    try:
-        descr, fortran, shape = _npy_header(bytes(data[start:start + header_len]))
-    except (ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError, MemoryError, RecursionError) as exn:
-        raise ShardDataError(f"{where}: malformed .npy header") from exn
+    descr, fortran, shape, payload_start = npy_header(data, where)
     try:
         expected_dtype = isinstance(descr, str) and np.dtype(descr) == np.dtype(dtype) and fortran is False
     except TypeError:  # not a dtype numpy knows
@@ -196,11 +184,28 @@ def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: i
         raise ShardDataError(f"{where}: shape {shape} has non-integer dimensions")
     if len(shape) != 1 + len(shape_tail) or tuple(shape[1:]) != shape_tail or not 0 < shape[0] <= max_rows:
         raise ShardDataError(f"{where}: shape {shape}, expected (1..{max_rows}, {', '.join(map(str, shape_tail))})")
-    payload = memoryview(data)[start + header_len:]
+    payload = memoryview(data)[payload_start:]
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if len(payload) != expected:
         raise ShardDataError(f"{where}: {len(payload)} data bytes, header promises {expected}")
     return np.frombuffer(payload, dtype=dtype).reshape(shape)
+
+
+def npy_header(data: bytes, where: str) -> tuple[Any, Any, tuple, int]:
+    """(descr, fortran_order, shape, payload offset) of .npy bytes, parsed as a literal, never evaluated."""
+    if not data.startswith(NPY_MAGIC) or len(data) < 10:
+        raise ShardDataError(f"{where}: not an .npy array")
+    major = data[6]
+    if major == 1:
+        header_len, start = int.from_bytes(data[8:10], "little"), 10
+    elif major in (2, 3):
+        header_len, start = int.from_bytes(data[8:12], "little"), 12
+    else:
+        raise ShardDataError(f"{where}: unsupported .npy version {major}")
+    try:
+        return (*_npy_header(bytes(data[start:start + header_len])), start + header_len)
+    except (ValueError, SyntaxError, KeyError, TypeError, UnicodeDecodeError, MemoryError, RecursionError) as exn:
+        raise ShardDataError(f"{where}: malformed .npy header") from exn
 
 
 @lru_cache(maxsize=256)
