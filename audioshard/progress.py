@@ -28,7 +28,7 @@ class LineProgress:
         self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
         self.step = max(1, int(total * every))
         self.n, self.postfix, self.started = 0, "", time.monotonic()
-        self._next = self.step
+        self._next, self._closed = self.step, False
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -40,9 +40,9 @@ class LineProgress:
         self.postfix = text
 
     def close(self) -> None:
-        if self.n and self._next is not None:
+        if self.n and not self._closed:
             self._print()
-            self._next = None  # once
+        self._closed = True
 
     def _print(self) -> None:
         if not self.enabled:
