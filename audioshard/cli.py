@@ -23,6 +23,9 @@ from audioshard import __version__
 from audioshard.config import Config, dump_toml, load_config
 from audioshard.names import EXPORT_FORMATS, PREDICT_FORMATS, SPLITS
 
+SOURCE_HELP = ("build folder, or an http(s):// or s3://BUCKET/PREFIX/ URL of one (s3: credentials and endpoint "
+               "from the standard AWS_* variables)")
+
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.set or ())
@@ -314,13 +317,13 @@ def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("info", cmd_info, "print a build's manifest as tables (class balance per split)")
-    p.add_argument("source", help="build folder or http(s) URL of one")
+    p.add_argument("source", help=SOURCE_HELP)
     p.add_argument("--verbose", "-v", action="store_true", help="list every skipped file and shard")
 
     p = add("verify", cmd_verify, "check every shard against the manifest (size, sha256, blocks, counts)",
             "Read every shard of a build (folder or URL) and check it against manifest.json. Exit status 1 "
             "when anything is wrong, with each bad shard named.")
-    p.add_argument("source", help="build folder or http(s) URL of one")
+    p.add_argument("source", help=SOURCE_HELP)
 
     p = add("clean", cmd_clean, "remove what a build wrote (refuses folders that are not builds)")
     p.add_argument("dir", type=Path, help="build folder")
@@ -329,17 +332,17 @@ def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     """train, evaluate, and show, check, serve: training on builds and looking inside them."""
     p = add("train", cmd_train, "train a classifier by streaming shards",
-            "Train on a build's shards (folder or http(s) URL). Writes best_model.pt, last.pt, history.jsonl, "
+            "Train on a build's shards (folder or URL). Writes best_model.pt, last.pt, history.jsonl, "
             "metrics.json, val/test reports and confusion matrices, pred_labels.npy/true_labels.npy into --out. "
             "Multi-GPU: torchrun --nproc_per_node=N -m audioshard train ...")
-    p.add_argument("--shards", required=True, help="build folder or http(s) URL of one")
+    p.add_argument("--shards", required=True, help=SOURCE_HELP)
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("evaluate", cmd_evaluate, "evaluate a checkpoint on one split (chunk- and recording-level)")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt or last.pt")
-    p.add_argument("--shards", required=True, help="build folder or http(s) URL of one")
+    p.add_argument("--shards", required=True, help=SOURCE_HELP)
     p.add_argument("--split", default="test", choices=SPLITS, help="which split")
     p.add_argument("--out", type=Path, required=True, help="folder for reports")
     p.add_argument("--adapt", action="store_true",
@@ -354,13 +357,13 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--shards", help="the build, if it has moved since training (default: where metrics.json says)")
 
     p = add("show", cmd_show, "plot one chunk's mel spectrogram with its label, source and time")
-    p.add_argument("source", help="build folder or http(s) URL of one")
+    p.add_argument("source", help=SOURCE_HELP)
     p.add_argument("--split", default="train", choices=SPLITS, help="which split")
     p.add_argument("--index", type=int, default=0, help="chunk number within the split (shard order)")
     p.add_argument("--out", type=Path, default=Path("chunk.png"), help="PNG to write")
 
     p = add("check", cmd_check, "pull a few batches through the real pipeline and describe them")
-    p.add_argument("source", help="build folder or http(s) URL of one")
+    p.add_argument("source", help=SOURCE_HELP)
     p.add_argument("--split", default="train", choices=SPLITS, help="which split")
     p.add_argument("--batches", type=int, default=3, help="batches to pull")
 

@@ -1,12 +1,13 @@
-"""Open a build's files wherever they live: a local folder or an http(s):// URL.
+"""Open a build's files wherever they live: a local folder, an http(s):// URL or an s3:// prefix.
 
-Only these two kinds of source are accepted: a shard list is data from strangers, and
-webdataset's `pipe:` URLs would run a shell command, so they are refused here by design.
-Remote shards are downloaded whole (into memory, spilling to a temporary file when large, or
-into `shards.cache_dir`) and checked against the manifest's size and sha256 *before* a single
-sample is parsed: a truncated or tampered download is retried, then reported, never trained on.
-HTTP reads have a timeout per connect/read and bounded retries with exponential backoff for
-transient failures (connection reset, timeouts, 408/429/5xx); 403/404 fail at once, naming the URL.
+Only these kinds of source are accepted: a shard list is data from strangers, and webdataset's
+`pipe:` URLs would run a shell command, so they are refused here by design. Remote shards are
+downloaded whole (into memory, spilling to a temporary file when large, or into
+`shards.cache_dir`) and checked against the manifest's size and sha256 *before* a single sample is
+parsed: a truncated or tampered download is retried, then reported, never trained on. Remote reads
+have a timeout per connect/read and bounded retries with exponential backoff for transient
+failures (connection reset, timeouts, 408/429/5xx); 403/404 fail at once, naming the URL. The
+s3:// specifics (the client, its errors) live in audioshard/s3.py; everything else is shared.
 """
 
 from __future__ import annotations
@@ -40,8 +41,16 @@ class SourceError(AudioshardError, OSError):
     """A file of a build could not be read; the message names the path or URL and the fix."""
 
 
+REMOTE_SCHEMES = ("http", "https", "s3")
+
+
 def is_url(source: str) -> bool:
-    return urllib.parse.urlparse(str(source)).scheme in ("http", "https")
+    """True for a source read over the network (http, https, s3), False for a local path."""
+    return urllib.parse.urlparse(str(source)).scheme in REMOTE_SCHEMES
+
+
+def is_s3(source: str) -> bool:
+    return str(source).startswith("s3://")
 
 
 def join(root: str, name: str) -> str:
@@ -49,6 +58,8 @@ def join(root: str, name: str) -> str:
     parts = name.replace("\\", "/").split("/")
     if not name or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
         raise SourceError(f"refusing file name {name!r} from a manifest: it points outside {root}")
+    if is_s3(root):  # an object key is taken literally: no URL quoting
+        return root.rstrip("/") + "/" + name
     if is_url(root):
         return root.rstrip("/") + "/" + urllib.parse.quote(name)
     return os.path.join(root, name)
@@ -74,8 +85,8 @@ class _SameServerRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_SameServerRedirects)
 
 
-class _Retry(Exception):
-    """A transient failure worth another attempt."""
+class TransientError(Exception):
+    """A transient failure worth another attempt (raised by the HTTP and S3 readers, caught by the retry loop)."""
 
     def __init__(self, message: str, integrity: bool = False):
         super().__init__(message)
@@ -194,7 +205,7 @@ class Fetcher:
                 if parse is not None:
                     _parsed(parse, data)
                 return data
-            except _Retry as exn:
+            except TransientError as exn:
                 if attempt == self.retries:
                     error = IntegrityError if exn.integrity else SourceError
                     raise error(f"{location}: {exn} (gave up after {self.retries + 1} attempts)") from exn
@@ -203,35 +214,35 @@ class Fetcher:
 
     def _download_once(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None) -> bytes:
         limit = MAX_JSON_BYTES if size is None else size
-        try:
-            with _OPENER.open(location, timeout=self.timeout) as response:  # noqa: S310 - http(s) only
-                if (declared := _declared_length(response)) > limit:  # refused before reading a byte
-                    raise _too_long(location, size, declared)
-                received, data, digest = self._receive(response, sink, limit)
-        except SourceError:
-            raise
-        except urllib.error.HTTPError as exn:
-            if exn.code in TRANSIENT_HTTP:
-                raise _Retry(f"HTTP {exn.code} {exn.reason}") from exn
-            hint = ": is the URL right, and is the build published there?" if exn.code in (403, 404) else ""
-            raise SourceError(f"{location}: HTTP {exn.code} {exn.reason}{hint}") from exn
-        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exn:
-            raise _Retry(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
+        with self._open_body(location) as (declared, read):
+            if declared > limit:  # refused before reading a byte
+                raise _too_long(location, size, declared)
+            received, data, digest = self._receive(read, sink, limit)
         if received > limit:
             raise _too_long(location, size, received)
         if size is not None and received != size:
-            raise _Retry(f"received {received} bytes, the manifest says {size} (truncated download)", integrity=True)
+            raise TransientError(f"received {received} bytes, the manifest says {size} (truncated download)",
+                                 integrity=True)
         if sha256 is not None and digest.hexdigest() != sha256:
-            raise _Retry("sha256 of the download does not match the manifest (corrupt or tampered shard)",
-                         integrity=True)
+            raise TransientError("sha256 of the download does not match the manifest (corrupt or tampered shard)",
+                                 integrity=True)
         return data
 
-    def _receive(self, response, sink: BinaryIO | None, limit: int) -> tuple[int, bytes, Any]:
+    def _open_body(self, location: str):
+        """A context manager giving (declared length or 0, read(n) -> bytes) for the body at `location`; it
+        turns the client's errors, also those raised while the body is read, into TransientError or SourceError."""
+        if is_s3(location):
+            from audioshard import s3  # boto3 is an optional extra, imported only when s3:// is used
+
+            return s3.object_body(location, self.timeout)
+        return _http_body(location, self.timeout)
+
+    def _receive(self, read, sink: BinaryIO | None, limit: int) -> tuple[int, bytes, Any]:
         """(bytes received, the body when there is no sink, its sha256): read piece by piece, at most
         `limit` + one piece, and within DEADLINE_TIMEOUTS x timeout in all."""
         deadline = time.monotonic() + DEADLINE_TIMEOUTS * self.timeout
         digest, pieces, received = hashlib.sha256(), [], 0
-        while piece := response.read1(PIECE_BYTES):  # each read waits at most `timeout` (the socket's)
+        while piece := read(PIECE_BYTES):  # each read waits at most `timeout` (the socket's)
             digest.update(piece)
             received += len(piece)
             if sink is None:
@@ -241,16 +252,32 @@ class Fetcher:
             if received > limit:
                 break
             if time.monotonic() > deadline:
-                raise _Retry(f"the download took over {DEADLINE_TIMEOUTS * self.timeout:g} s (a stalled or "
+                raise TransientError(f"the download took over {DEADLINE_TIMEOUTS * self.timeout:g} s (a stalled or "
                              f"trickling server; {DEADLINE_TIMEOUTS} x shards.http_timeout is allowed per file)")
         return received, b"".join(pieces), digest
+
+
+@contextlib.contextmanager
+def _http_body(location: str, timeout: float):
+    try:
+        with _OPENER.open(location, timeout=timeout) as response:  # noqa: S310 - http(s) only
+            yield _declared_length(response), response.read1
+    except urllib.error.HTTPError as exn:
+        if exn.code in TRANSIENT_HTTP:
+            raise TransientError(f"HTTP {exn.code} {exn.reason}") from exn
+        hint = ": is the URL right, and is the build published there?" if exn.code in (403, 404) else ""
+        raise SourceError(f"{location}: HTTP {exn.code} {exn.reason}{hint}") from exn
+    except SourceError:  # a SourceError is an OSError: let it through as it is
+        raise
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exn:
+        raise TransientError(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
 
 
 def _too_long(location: str, size: int | None, received: int) -> Exception:
     """A body longer than the manifest says (retried: the next download may be right), or a manifest over
     MAX_JSON_BYTES (refused: nothing that large is an audioshard manifest)."""
     if size is not None:
-        return _Retry(f"{received} bytes or more, the manifest says {size}", integrity=True)
+        return TransientError(f"{received} bytes or more, the manifest says {size}", integrity=True)
     return SourceError(f"{location}: over {MAX_JSON_BYTES >> 20} MB; not an audioshard manifest")
 
 
@@ -265,7 +292,7 @@ def _parsed(parse, data: bytes) -> None:
     try:
         parse(data)
     except ValueError as exn:
-        raise _Retry(f"the body does not parse ({exn}): truncated by the server or on the way?") from exn
+        raise TransientError(f"the body does not parse ({exn}): truncated by the server or on the way?") from exn
 
 
 def _open_verified(path: str, size: int, sha256: str) -> BinaryIO | None:
@@ -280,7 +307,7 @@ def _open_verified(path: str, size: int, sha256: str) -> BinaryIO | None:
 
 def _refuse_other_schemes(location: str) -> None:
     if "://" in location or location.startswith("pipe:"):
-        raise SourceError(f"{location}: only local paths and http(s):// URLs are supported "
+        raise SourceError(f"{location}: only local paths, http(s):// and s3:// URLs are supported "
                           "(pipe: and other schemes are never run from a shard list)")
 
 
