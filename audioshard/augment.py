@@ -10,6 +10,7 @@ time and frequency masks that set regions to 0 (Park et al. 2019).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -125,6 +126,7 @@ class SpecAugment(nn.Module):
         self.band_centres = band_centres
         self._centres_on: dict[torch.device, torch.Tensor] = {}  # float32 copies per device, made once
         self._bank, self._bank_owner = torch.empty(0), None
+        self.bank_seed: int | None = None  # see `_noise`
 
     def forward(self, x: torch.Tensor, generator: torch.Generator, inplace: bool = False) -> torch.Tensor:
         """x: (B, 1, n_mels, frames) float, normalised -> augmented x (a copy unless `inplace`)."""
@@ -209,15 +211,22 @@ class SpecAugment(nn.Module):
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Standard-normal noise shaped like x: each example reads its own random window of a bank of
-        NOISE_BANK values drawn from `generator` (redrawn whenever the generator is reseeded).
+        NOISE_BANK values, drawn from `bank_seed` when it is set (BatchTransform sets one per epoch, so
+        that a batch's noise depends only on its own draws) or else from `generator` (redrawn whenever
+        the generator changes).
 
         Drawing a fresh normal per value costs more than all other loader work together on a CPU
         (about 20 us per example); a window copy costs about 1 us, and with 2M start positions no
         two examples of a run share their noise in practice."""
         per_example = x[0].numel()
-        if self._bank_owner is not generator or self._bank.device != x.device or len(self._bank) < per_example:
-            self._bank = torch.randn(NOISE_BANK + per_example, generator=generator, device=x.device, dtype=x.dtype)
-            self._bank_owner = generator
+        owner = generator if self.bank_seed is None else self.bank_seed
+        if self._bank_owner != owner or self._bank.device != x.device or len(self._bank) < per_example:
+            source = generator
+            if self.bank_seed is not None:
+                source = torch.Generator(device=x.device)
+                source.manual_seed(self.bank_seed)
+            self._bank = torch.randn(NOISE_BANK + per_example, generator=source, device=x.device, dtype=x.dtype)
+            self._bank_owner = owner
         starts = torch.randint(0, len(self._bank) - per_example + 1, (len(x),), generator=generator,
                                device=x.device)
         windows = self._bank.as_strided((len(self._bank) - per_example + 1, per_example), (1, 1))
@@ -228,15 +237,19 @@ class BatchTransform(nn.Module):
     """float16 dB batch -> float32 normalised (and, when enabled, augmented) batch.
 
     Runs in a loader worker (library use) or on the accelerator after the copy (`audioshard train`).
-    Its random draws come from its own generator, reseeded per (seed, epoch, rank, worker), so a
-    run is reproducible and a resumed run draws exactly what an uninterrupted one would.
+    Its random draws come from its own generator: `reseed(seed, epoch, rank, worker)` fixes the epoch,
+    and `forward(batch, index)` draws batch number `index` of it from a seed of its own, so a batch's
+    augmentation depends on nothing but (seed, epoch, rank, worker, index). A run is reproducible, and a
+    run resumed in the middle of an epoch draws exactly what an uninterrupted one would.
     """
 
     def __init__(self, mean: float, std: float, augment: SpecAugment | None = None):
         super().__init__()
         self.mean, self.std, self.augment = mean, std, augment
         self.generator: torch.Generator | None = None
-        self.seed_key = (0, 0, 0, 0)
+        self.seed_key: tuple[int, ...] = (0, 0, 0, 0)
+        if augment is not None:
+            augment.bank_seed = draw_seed(self.seed_key)
 
     @classmethod
     def from_manifest(cls, manifest, cfg: AugmentConfig, enabled: bool = True) -> BatchTransform:
@@ -251,6 +264,8 @@ class BatchTransform(nn.Module):
     def reseed(self, seed: int, epoch: int, rank: int = 0, worker: int = 0) -> None:
         self.seed_key = (seed, epoch, rank, worker)
         self.generator = None  # created lazily on the batch's device
+        if self.augment is not None:
+            self.augment.bank_seed = draw_seed(self.seed_key)  # one noise bank per epoch
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """A new float32 tensor (the input is never modified), in two in-place passes."""
@@ -259,19 +274,29 @@ class BatchTransform(nn.Module):
     def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
         return x.sub_(self.mean).mul_(1.0 / self.std)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _generator(self, device: torch.device, index: int | None) -> torch.Generator:
+        """The generator on `device`: seeded for batch `index`, or (index None) continuing its sequence."""
         if self.generator is None or self.generator.device != device:
             self.generator = torch.Generator(device=device)
-            seed, epoch, rank, worker = self.seed_key
-            self.generator.manual_seed(((seed * 1_000_003 + epoch) * 10_007 + rank) * 101 + worker)
+            self.generator.manual_seed(draw_seed(self.seed_key))
+        if index is not None:
+            self.generator.manual_seed(draw_seed((*self.seed_key, index)))
         return self.generator
 
-    def forward(self, batch):
+    def forward(self, batch, index: int | None = None):
+        """Normalise (and augment) a Batch; `index`: the batch's number in its reader's epoch, which alone
+        (with the reseed key) decides its random draws. Without it, draws continue from the previous batch."""
         if self.augment is None:
             return batch._replace(x=self.normalize(batch.x))
-        generator = self._generator(batch.x.device)
+        generator = self._generator(batch.x.device, index)
         # Background noise is a power sum, so it goes in while x is still in dB; x is our own fresh copy.
         x = self.augment.apply_gain(batch.x.to(torch.float32, copy=True), generator)
         x = self.augment.mix_background(x, generator)
         x = self.augment(self._normalize_(x), generator, inplace=True)
         return batch._replace(x=x)
+
+
+def draw_seed(key: tuple[int, ...]) -> int:
+    """A 63-bit seed from a tuple of ints (a hash: no overflow, no collisions between nearby keys)."""
+    digest = hashlib.blake2b(repr(tuple(key)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -19,6 +19,7 @@ manifest alone, so the number of batches per epoch is known before reading anyth
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import multiprocessing as mp
 import random
@@ -283,12 +284,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.transform, self.strict = transform, strict
         self.shards = manifest.shards(split) if shards is None else shards
         self.epoch = 0
+        self.resume_batches = 0  # batches of the epoch to leave out at the next iteration (`load_state_dict`)
         self.num_workers = 1  # set by `loader()` so that batch counts can be computed up front
         # Shared with loader workers (passed to them at process creation), so the trainer can report it.
         self._skipped = mp.Value("l", 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.resume_batches = 0
 
     def _tasks(self, worker: int, workers: int) -> list[ReadTask]:
         order = shard_order(self.shards, self.epoch, self.seed, self.shuffle)
@@ -296,14 +299,30 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def batches_per_epoch(self, num_workers: int | None = None, rank: int | None = None) -> int:
         """Batches this rank yields in the current epoch (exact: every reader ends with one partial batch)."""
+        return sum(self.reader_batches(num_workers, rank))
+
+    def reader_batches(self, num_workers: int | None = None, rank: int | None = None) -> list[int]:
+        """Batches each loader worker of this rank yields in the current epoch, known from the manifest."""
         workers = max(1, num_workers if num_workers is not None else self.num_workers)
         rank = self.rank if rank is None else rank
         order = shard_order(self.shards, self.epoch, self.seed, self.shuffle)
-        total = 0
-        for worker in range(workers):
-            tasks = reader_tasks(order, rank * workers + worker, self.world_size * workers)
-            total += math.ceil(sum(task_samples(t, self.manifest.block_size) for t in tasks) / self.batch_size)
-        return total
+        return [math.ceil(sum(task_samples(t, self.manifest.block_size)
+                              for t in reader_tasks(order, rank * workers + worker, self.world_size * workers))
+                          / self.batch_size) for worker in range(workers)]
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the next iteration starts: the epoch and the batches of it already consumed."""
+        return {"epoch": self.epoch, "batches": self.resume_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next iteration yield epoch `state["epoch"]` without its first `state["batches"]` batches,
+        in the order an uninterrupted iteration would have yielded them (same rank count and workers)."""
+        self.set_epoch(int(state["epoch"]))
+        total = self.batches_per_epoch()
+        if not 0 <= int(state["batches"]) <= total:
+            raise ValueError(f"cannot resume at batch {state['batches']} of an epoch of {total} batches "
+                             "(was it saved with another batch size, world size or worker count?)")
+        self.resume_batches = int(state["batches"])
 
     def _bad(self, exn: ShardDataError) -> None:
         """Skip and count a bad block or shard (or stop, under `strict`); never silently, never slowly."""
@@ -324,19 +343,52 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         """The pipeline, stage by stage: this reader's share of the shards -> checked blocks -> shuffled
-        batches -> the transform -> (in a loader worker) packed for the hand-over to the main process."""
+        batches -> (when resuming) the batches already consumed left out -> the transform -> (in a loader
+        worker) packed for the hand-over to the main process."""
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, workers = (info.id, info.num_workers) if info else (0, 1)
+        # Read now, not when the generator first runs: the next iteration starts from the epoch's beginning.
+        consumed, self.resume_batches = self.resume_batches, 0
+        first, skips = resume_plan(self.reader_batches(workers), consumed, PACK_BATCHES if info else 1)
+        # Loader workers take turns from slot 0; rotating readers over slots restores the interrupted order.
+        worker = (slot + first) % workers
+        return self._batches(worker, workers, skips[worker], packs=info is not None)
+
+    def _batches(self, worker: int, workers: int, skip: int, packs: bool) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         if self.transform is not None and hasattr(self.transform, "reseed"):
             self.transform.reseed(self.seed, self.epoch, self.rank, worker)
         tasks = self._tasks(worker, workers)
         blocks = (block for task in tasks for block in read_blocks(self.manifest, self.split, task, self._bad))
         capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
-        batches = batched(blocks, self.batch_size, capacity, rng if self.shuffle else None)
+        batches = itertools.islice(batched(blocks, self.batch_size, capacity, rng if self.shuffle else None), skip,
+                                   None)
         if self.transform is not None:
-            batches = map(self.transform, batches)
-        yield from batches if info is None else packed(batches)
+            batches = (self.transform(batch, index) for index, batch in enumerate(batches, start=skip))
+        yield from packed(batches, first=PACK_BATCHES - skip % PACK_BATCHES) if packs else batches
+
+
+def resume_plan(reader_batches: list[int], consumed: int, pack: int) -> tuple[int, list[int]]:
+    """(the reader whose turn is next, batches each reader has handed over) after the main process consumed
+    `consumed` batches. A DataLoader takes one item (`pack` batches) from each worker in turn, skipping
+    workers that are done, so the order follows from the per-reader batch counts alone."""
+    skips = [0] * len(reader_batches)
+    left, turn = consumed, 0
+    while left > 0:
+        for reader, total in enumerate(reader_batches):
+            take = min(pack, total - skips[reader], left)
+            if take <= 0:
+                continue
+            skips[reader] += take
+            left -= take
+            if left == 0:
+                # mid-pack: the same reader continues; else the next reader with batches left
+                turn = reader if skips[reader] % pack and skips[reader] < total else reader + 1
+                break
+        else:
+            if left > 0 and sum(skips) == sum(reader_batches):
+                raise ValueError(f"cannot skip {consumed} batches of an epoch of {sum(reader_batches)}")
+    return turn % max(1, len(reader_batches)), skips
 
 
 def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[ShardDataError], None]
@@ -413,14 +465,16 @@ def _emit(merged: dict[str, np.ndarray], order: np.ndarray, batch_size: int) -> 
                     torch.from_numpy(merged["start"][take]))
 
 
-def packed(batches: Iterable[Batch]) -> Iterator[Packed]:
-    """In a loader worker: batches handed over PACK_BATCHES at a time (unpacked by the loader wrapper)."""
+def packed(batches: Iterable[Batch], first: int = 0) -> Iterator[Packed]:
+    """In a loader worker: batches handed over PACK_BATCHES at a time (unpacked by the loader wrapper); the
+    first group holds `first` (when resuming mid-group, the rest of the interrupted group)."""
     group: list[Batch] = []
+    size = first or PACK_BATCHES
     for batch in batches:
         group.append(batch)
-        if len(group) == PACK_BATCHES:
+        if len(group) == size:
             yield _pack(group)
-            group = []
+            group, size = [], PACK_BATCHES
     if group:
         yield _pack(group)
 
@@ -456,23 +510,45 @@ def _unpack(packed: Packed) -> Iterator[Batch]:
 
 
 class _SizedLoader:
-    """A DataLoader that also knows its length for the current epoch (for progress bars)."""
+    """A DataLoader that also knows its length for the current epoch (for progress bars) and its position
+    in it: `state_dict()` / `load_state_dict()` resume exactly mid-epoch (torchdata's StatefulDataLoader
+    shape). The same world size, worker count and batch size are needed; they are checked."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, dataset: ShardStream):
         self.loader, self.dataset = loader, dataset
+        self.consumed = 0  # batches of the current epoch handed to the caller (with those skipped at resume)
 
     def __iter__(self) -> Iterator[Batch]:
-        for item in self.loader:
-            if isinstance(item, Packed):
-                yield from _unpack(item)
-            else:
-                yield item
+        self.consumed = self.dataset.resume_batches
+        items = iter(self.loader)  # loader workers start here, each with a copy of the resume position
+        self.dataset.resume_batches = 0  # so the next iteration starts at the beginning of the epoch
+        for item in items:
+            for batch in _unpack(item) if isinstance(item, Packed) else (item,):
+                self.consumed += 1
+                yield batch
 
     def __len__(self) -> int:
-        return self.dataset.batches_per_epoch()
+        return self.dataset.batches_per_epoch() - self.dataset.resume_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
+        self.consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and how many of its batches were consumed: enough to continue exactly from here."""
+        return {"epoch": self.dataset.epoch, "batches": self.consumed, "world_size": self.dataset.world_size,
+                "num_workers": self.loader.num_workers, "batch_size": self.dataset.batch_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next iteration yields exactly the batches an uninterrupted one had left, in the same order."""
+        here = {"world_size": self.dataset.world_size, "num_workers": self.loader.num_workers,
+                "batch_size": self.dataset.batch_size}
+        differ = {k: (state[k], v) for k, v in here.items() if k in state and state[k] != v}
+        if differ:
+            raise ValueError("cannot resume the loader exactly: " + ", ".join(
+                f"{k} was {was}, is {now}" for k, (was, now) in differ.items()))
+        self.dataset.load_state_dict(state)
+        self.consumed = self.dataset.resume_batches
 
 
 def make_loader(dataset: ShardStream, num_workers: int = 0, pin_memory: bool = False,
