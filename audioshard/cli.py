@@ -21,14 +21,15 @@ from pathlib import Path
 
 from audioshard import __version__
 from audioshard.config import Config, dump_toml, load_config
-from audioshard.names import EXPORT_FORMATS, PREDICT_FORMATS, SPLITS
+from audioshard.names import EXPORT_FORMATS, FEATURE_PRESETS, PREDICT_FORMATS, SPLITS
 
 SOURCE_HELP = ("build folder, or an http(s):// or s3://BUCKET/PREFIX/ URL of one (s3: credentials and endpoint "
                "from the standard AWS_* variables)")
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.set or ())
+    preset = FEATURE_PRESETS[args.preset] if getattr(args, "preset", None) else ()
+    return load_config(args.config, [*preset, *(args.set or ())])  # --set wins over the preset
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -227,6 +228,12 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="override one setting, e.g. --set train.lr=3e-4 (repeatable)")
 
 
+def _add_preset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(FEATURE_PRESETS),
+                        help="features of a pretrained network: panns16k (PANNs Cnn14_16k), panns32k (PANNs Cnn6, "
+                        "Cnn14); sets [audio] sample_rate and [features], before any --set (docs/models.md)")
+
+
 class _ExamplesHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults, and keeps description/epilog line breaks (file formats, examples)."""
 
@@ -288,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_commands(add)
     _model_commands(add)
     _fetch_commands(sub)
-    add("config", cmd_config, "print the resolved settings as TOML (defaults + --config + --set)")
+    _add_preset(add("config", cmd_config, "print the resolved settings as TOML (defaults + --config + --set)"))
     return parser
 
 
@@ -315,6 +322,7 @@ def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
                    "I = 0..N-1 anywhere, then --merge)")
     p.add_argument("--merge", action="store_true", help="write OUT/manifest.json over the finished part builds in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_preset(p)
 
     p = add("info", cmd_info, "print a build's manifest as tables (class balance per split)")
     p.add_argument("source", help=SOURCE_HELP)

@@ -1,4 +1,5 @@
-"""Models: the original system's network and a stronger default, selected by `model.name`.
+"""Models: the original system's network, a stronger default and two PANNs layouts that load published
+AudioSet weights, selected by `model.name`.
 
 All take x: (B, 1, n_mels, frames) float32 (normalised log-mel) and return logits (B, num_classes).
 """
@@ -93,13 +94,91 @@ class CNN10(CNN6):
     convs_per_block = 2
 
 
-MODELS = {"seed_cnn": SeedCNN, "cnn6": CNN6, "cnn10": CNN10}
+PANNS_MELS = 64  # every PANNs release: bn0 normalises 64 mel bins
+
+
+class PannsBlock(nn.Module):
+    """PANNs' conv block, with its parameter names (`conv1`, `bn1`[, `conv2`, `bn2`]) so that a PANNs
+    state dict loads by name: one 5x5 conv-BN-ReLU (`ConvBlock5x5`, CNN6) or two 3x3 (`ConvBlock`,
+    CNN14), then average pooling over `pool` x `pool`."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, convs: int, pool: int):
+        super().__init__()
+        self.convs, self.pool = convs, pool
+        for i in range(1, convs + 1):
+            self.add_module(f"conv{i}", nn.Conv2d(cin if i == 1 else cout, cout, kernel, padding=kernel // 2,
+                                                  bias=False))
+            self.add_module(f"bn{i}", nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, self.convs + 1):
+            x = nn.functional.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        return nn.functional.avg_pool2d(x, self.pool) if self.pool > 1 else x
+
+
+class PannsCNN(nn.Module):
+    """The layout of a PANNs network (Kong et al. 2020, github.com/qiuqiangkong/audioset_tagging_cnn,
+    pytorch/models.py), layer for layer and name for name, so its AudioSet weights load onto it
+    (`model.init_weights`, audioshard.pretrained): `bn0` (BatchNorm over the 64 mel bins), blocks
+    `conv_block1..N`, mean over frequency, max + mean over time, `fc1` + ReLU. PANNs' `fc_audioset`
+    (527 AudioSet classes) is replaced by `head` (num_classes).
+
+    PANNs convolve (B, 1, time, mel); audioshard's batches are (B, 1, mel, time), so the input is
+    transposed first: the pretrained kernels then see time and frequency along the axes they learned.
+    Dropout is PANNs' own (0.2 after each block, 0.5 before fc1); `dropout` acts before the head.
+    Fixed widths: `width` must be 64 (PANNs' channel counts; it is accepted for the common model_args).
+    """
+
+    kernel, convs, widths = 3, 2, (64, 128, 256, 512, 1024, 2048)
+
+    def __init__(self, num_classes: int, width: int = 64, dropout: float = 0.5, input_norm: str = "none"):
+        super().__init__()
+        if width != 64:
+            raise ValueError(f"{type(self).__name__} has PANNs' fixed widths: width must be 64, got {width}")
+        self.input_norm = input_norm
+        self.bn0 = nn.BatchNorm2d(PANNS_MELS)
+        pools = [2] * len(self.widths)
+        if self.convs == 2:
+            pools[-1] = 1  # CNN14's sixth block does not pool (PANNs: pool_size=(1, 1))
+        for i, (cin, cout, pool) in enumerate(zip([1, *self.widths[:-1]], self.widths, pools, strict=True), 1):
+            self.add_module(f"conv_block{i}", PannsBlock(cin, cout, self.kernel, self.convs, pool))
+        self.fc1 = nn.Linear(self.widths[-1], self.widths[-1])
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 1, 64 mels, frames) -> logits (B, num_classes)."""
+        x = normalize_input(x, self.input_norm).transpose(2, 3)  # (B, 1, T, F): PANNs' layout
+        x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # bn0's channels are the mel bins
+        for i in range(1, len(self.widths) + 1):
+            x = nn.functional.dropout(getattr(self, f"conv_block{i}")(x), 0.2, self.training)
+        x = x.mean(dim=3)  # (B, C, T): average over frequency
+        x = x.amax(dim=2) + x.mean(dim=2)  # (B, C)
+        x = nn.functional.relu(self.fc1(nn.functional.dropout(x, 0.5, self.training)))
+        return self.head(self.dropout(x))
+
+
+class PannsCNN14(PannsCNN):
+    """PANNs' CNN14: six blocks of two 3x3 convs (64..2048 channels), fc1 2048 -> 2048; ~80 M parameters.
+    Its 16 kHz release (`Cnn14_16k_mAP=0.438.pth`) expects features preset `panns16k`."""
+
+
+class PannsCNN6(PannsCNN):
+    """PANNs' CNN6: four blocks of one 5x5 conv (64..512 channels), fc1 512 -> 512; ~4.8 M parameters.
+    Its release (`Cnn6_mAP=0.343.pth`) was trained at 32 kHz: features preset `panns32k`."""
+
+    kernel, convs, widths = 5, 1, (64, 128, 256, 512)
+
+
+MODELS = {"seed_cnn": SeedCNN, "cnn6": CNN6, "cnn10": CNN10, "panns_cnn14": PannsCNN14, "panns_cnn6": PannsCNN6}
 
 
 def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none") -> dict[str, Any]:
     """The arguments a checkpoint stores to rebuild the model with nothing else."""
     if name == "seed_cnn":
         width = 16  # the original network's channel counts (16, 32, 64)
+    if name.startswith("panns_"):
+        width = 64  # PANNs' channel counts are fixed by the published weights
     return {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout, "input_norm": input_norm}
 
 
