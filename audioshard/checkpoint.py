@@ -36,7 +36,8 @@ class CheckpointError(AudioshardError, ValueError):
     """A checkpoint is unreadable, unsafe, or does not match the shards it is used with."""
 
 
-TRAINING_STATE = ("optimizer", "scheduler", "history", "best_score", "best_epoch", "rng", "trained_weights")
+TRAINING_STATE = ("optimizer", "scheduler", "history", "best_score", "best_epoch", "rng", "trained_weights",
+                  "position")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class Checkpoint:
         mean, std: the train split's normalisation (dB).
         config: the run's resolved settings; its [audio] and [features] are the build's.
         epoch, metrics: the epoch saved (0-based) and its history record.
-        training: optimizer, scheduler, history, selection state, RNG (last.pt only).
+        training: optimizer, scheduler, history, selection state, RNG (last.pt only); `position` when
+            saved in the middle of an epoch (train.save_every_steps): that epoch, the steps done, the
+            epoch's running sums, the RNG states.
     """
 
     weights: dict[str, torch.Tensor]

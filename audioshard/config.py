@@ -97,6 +97,7 @@ class TrainConfig:
     sanity_steps: int = 30
     select_metric: str = "last"
     ema_epochs: float = 0.0
+    save_every_steps: int = 0
     tensorboard: bool = False
 
 
@@ -188,8 +189,8 @@ FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", 
 NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "features.f_max", "features.top_db",
                 "shards.workers", "shards.http_timeout", "shards.http_retries",
                 "train.epochs", "train.weight_decay", "train.mixup_alpha", "train.ema_epochs", "train.warmup_epochs",
-                "train.num_workers", "train.sanity_steps", "augment.noise_std", "augment.time_masks",
-                "augment.time_mask_width", "augment.freq_masks", "augment.freq_mask_width",
+                "train.num_workers", "train.sanity_steps", "train.save_every_steps", "augment.noise_std",
+                "augment.time_masks", "augment.time_mask_width", "augment.freq_masks", "augment.freq_mask_width",
                 "augment.gain_db"}
 WARPS = {"augment.freq_warp", "augment.time_stretch"}
 

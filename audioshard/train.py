@@ -259,7 +259,9 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
     run = _setup(shards, cfg, manifest, dist, resuming=state is not None)
     if state is not None:
         run.load(state)
-        print0(f"resuming from {run_dir / 'last.pt'} after epoch {run.start_epoch} of {cfg.train.epochs}")
+        where = f"epoch {run.start_epoch + 1} step {run.position['step']}" if run.position else \
+            f"the end of epoch {run.start_epoch}"
+        print0(f"resuming from {run_dir / 'last.pt'} at {where} of {cfg.train.epochs}")
     elif cfg.train.sanity_steps:
         _sanity_or_fail(run)
     run.finish(state)
@@ -267,7 +269,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
     try:
         for epoch in range(run.start_epoch, cfg.train.epochs):
             started = time.time()
-            record = _train_epoch(run, epoch, progress and dist.is_main)
+            record = _train_epoch(run, epoch, progress and dist.is_main, writer)
             metrics = _validate(run, record)
             record["seconds"] = round(time.time() - started, 2)
             improved = run.select(epoch, record, metrics)
@@ -330,6 +332,7 @@ class Run:
     start_epoch: int = 0
     averaged: AveragedModel | None = None
     ddp_model: torch.nn.Module | None = None  # what the train step calls: the model, wrapped under DDP
+    position: dict[str, Any] | None = None  # where a last.pt saved mid-epoch stopped (taken by the next epoch)
 
     @property
     def device(self) -> torch.device:
@@ -358,6 +361,12 @@ class Run:
         self.history, self.start_epoch = list(state["history"]), last.epoch + 1
         self.best, self.best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
         torch.set_rng_state(state["rng"]["torch"])
+        self.position = state.get("position")
+        if self.position is not None and self.position["world_size"] != self.dist.world_size:
+            saved = self.position["world_size"]
+            raise TrainingError(f"--resume: last.pt was saved in the middle of an epoch by {saved} processes and "
+                                f"this run has {self.dist.world_size}; resume with the same number (an exact "
+                                "mid-epoch resume needs it)")
 
     def finish(self, last: Checkpoint | None) -> None:
         """Once the weights are final (restored or sanity-checked): start the weight average
@@ -385,9 +394,9 @@ class Run:
         self.best, self.best_epoch = score, epoch
         return True
 
-    def checkpoint(self, epoch: int, record: dict[str, Any]) -> Checkpoint:
+    def checkpoint(self, epoch: int, record: dict[str, Any], position: dict[str, Any] | None = None) -> Checkpoint:
         """Everything `--resume` needs (last.pt); `without_training()` is best_model.pt, what predict and
-        export read."""
+        export read. `position`: where in the next epoch it was saved, when saved mid-epoch."""
         # The [audio] and [features] sections saved are the build's (chunking rules, features), so `predict`
         # cuts new recordings exactly as the shards were cut, whatever the training command's own said.
         saved_config = self.cfg.to_dict()
@@ -397,6 +406,8 @@ class Run:
         training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "history": self.history, "best_score": list(self.best), "best_epoch": self.best_epoch,
                     "rng": {"torch": torch.get_rng_state()}}
+        if position is not None:
+            training["position"] = position
         if self.averaged is not None:
             training["trained_weights"] = {"model": self.model.state_dict(),
                                            "n_averaged": int(self.averaged.n_averaged)}
@@ -464,6 +475,13 @@ class RunWriter:
                f"{'  *best' if improved else ''}")
 
 
+    def position(self, run: Run, position: dict[str, Any]) -> None:
+        """last.pt in the middle of an epoch (train.save_every_steps); the epoch-end files stay as they are."""
+        finished = run.history[-1] if run.history else {}
+        save_checkpoint(self.run_dir / "last.pt", run.checkpoint(position["epoch"] - 1, finished, position))
+        print0(f"saved {self.run_dir / 'last.pt'} at epoch {position['epoch'] + 1} step {position['step']}")
+
+
 class NullWriter(RunWriter):
     """The writer of ranks other than 0: writes nothing."""
 
@@ -477,6 +495,9 @@ class NullWriter(RunWriter):
         pass
 
     def epoch(self, run: Run, record: dict[str, Any], improved: bool) -> None:
+        pass
+
+    def position(self, run: Run, position: dict[str, Any]) -> None:
         pass
 
 
@@ -527,24 +548,29 @@ def _sanity_or_fail(run: Run) -> None:
 
 
 class _EqualSteps:
-    """`steps` train batches of this rank as (step, batch), wrapping around when it has fewer than
-    another rank (every rank must step equally under DDP). `skipped()`: bad blocks of the first pass
-    (a wrapped pass would count them twice)."""
+    """`steps` train batches of this rank as (step, batch) from step `start`, wrapping around when it has
+    fewer than another rank (every rank must step equally under DDP). `skipped()`: bad blocks of the first
+    pass (a wrapped pass would count them twice)."""
 
-    def __init__(self, run: Run, steps: int):
-        self.run, self.steps = run, steps
+    def __init__(self, run: Run, epoch: int, steps: int, start: int = 0):
+        self.run, self.epoch, self.steps, self.start = run, epoch, steps, start
         self.skipped_before = run.train_data.skipped_blocks
         self.first_pass: int | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
-        data = self.run.train_data
-        batches = iter(self.run.train_loader)
-        for step in range(self.steps):
+        data, loader = self.run.train_data, self.run.train_loader
+        if self.start:  # resuming mid-epoch: the loader leaves out what this rank's pass already consumed
+            own = data.batches_per_epoch()
+            if self.start >= own:
+                self.first_pass = 0  # the first pass's count is in the saved running sums
+            loader.load_state_dict({"epoch": self.epoch, "batches": self.start % own if own else 0})
+        batches = iter(loader)
+        for step in range(self.start, self.steps):
             batch = next(batches, None)
             if batch is None:
                 if self.first_pass is None:
                     self.first_pass = data.skipped_blocks - self.skipped_before
-                batches = iter(self.run.train_loader)
+                batches = iter(loader)
                 batch = next(batches, None)
                 if batch is None:  # not one readable block for this rank
                     shards = self.run.shards
@@ -559,44 +585,76 @@ class _EqualSteps:
         return self.run.train_data.skipped_blocks - self.skipped_before
 
 
-def _train_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
+def _train_epoch(run: Run, epoch: int, progress: bool, writer: RunWriter) -> dict[str, Any]:
     """One pass over the train split: seeded draws, augmentation and mixup on the device, one optimizer
-    step per batch. Returns the epoch's train record (loss, accuracy and skipped blocks summed over ranks)."""
+    step per batch; with train.save_every_steps, last.pt every that many steps. Returns the epoch's train
+    record (loss, accuracy and skipped blocks summed over ranks)."""
     cfg, device = run.cfg, run.device
     steps = run.steps_in(epoch)
-    run.augment.reseed(cfg.train.seed, epoch, run.dist.rank)
-    torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
-    mix_rng = np.random.default_rng([cfg.train.seed, epoch, run.dist.rank, 7])
-    run.ddp_model.train()
-    if cfg.model.freeze_backbone:
-        freeze_backbone(run.model)  # the backbone's BatchNorm layers stay in eval mode
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss*n, correct, n; no sync per step
+    start, sums = _epoch_start(run, epoch)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss
-    batches = _EqualSteps(run, steps)
+    batches = _EqualSteps(run, epoch, steps, start)
     trace_dir = os.environ.get("AUDIOSHARD_TRACE_DIR", "")
     seen: list[torch.Tensor] = []  # (source, start) pairs, only when tracing
-    pin = _pinned(cfg, run.dist)
+    pin, every = _pinned(cfg, run.dist), cfg.train.save_every_steps
     bar = progress_bar(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", "batch", enabled=progress, lines=False,
                        leave=False)  # off a terminal, the epoch's summary line is the record
+    bar.update(start)
     for step, batch in batches:
         if trace_dir:
             seen.append(torch.stack([batch.source.double(), batch.start.double()], dim=1))
-        x = run.augment(batch._replace(x=batch.x.to(device, non_blocking=pin))).x
+        # Every random draw of a step is seeded by (seed, epoch, rank, step): a resumed epoch draws the same.
+        x = run.augment(batch._replace(x=batch.x.to(device, non_blocking=pin)), step).x
         y = batch.y.to(device, non_blocking=pin)
+        mix_rng = np.random.default_rng([cfg.train.seed, epoch, run.dist.rank, 7, step])
         loss, logits = _step(run, *mixup(x, y, cfg.train.mixup_alpha, mix_rng), y)
         with torch.no_grad():
-            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            sums[:3] += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                     torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
                                          first_bad_step)  # on the device: no sync per step
         bar.update(1)
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            writer.position(run, _position(run, epoch, step + 1, sums, batches.skipped()))
     bar.close()
     if trace_dir:
         _trace(Path(trace_dir), epoch, run.dist.rank, steps, seen)
-    loss_sum, correct, count, bad = _all_reduce_sum([*sums.tolist(), batches.skipped()], device)
+    sums[3] += batches.skipped()
+    loss_sum, correct, count, bad = _all_reduce_sum(sums.tolist(), device)
     _check_finite_loss(loss_sum, int(first_bad_step), epoch, cfg)  # every rank: the sum is reduced
     return {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_accuracy": correct / count,
             "lr": run.scheduler.get_last_lr()[0], "steps": steps, "skipped_blocks_train": int(bad)}
+
+
+def _epoch_start(run: Run, epoch: int) -> tuple[int, torch.Tensor]:
+    """(first step, running sums: loss*n, correct, n, skipped blocks) of an epoch, with the model in train
+    mode and the epoch's draws seeded; mid-epoch after a resume, as they were when last.pt was saved."""
+    cfg = run.cfg
+    run.augment.reseed(cfg.train.seed, epoch, run.dist.rank)
+    torch.manual_seed(cfg.train.seed * 7919 + epoch)  # dropout draws, per epoch
+    run.ddp_model.train()
+    if cfg.model.freeze_backbone:
+        freeze_backbone(run.model)  # the backbone's BatchNorm layers stay in eval mode
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # summed on the device: no sync per step
+    position, run.position = run.position, None
+    if position is None or position["epoch"] != epoch:
+        return 0, sums
+    torch.set_rng_state(position["rng"]["torch"])  # dropout continues where it was
+    if run.device.type == "cuda" and "cuda" in position["rng"]:
+        torch.cuda.set_rng_state(position["rng"]["cuda"], run.device)
+    if run.dist.is_main:  # the saved sums are over all ranks: counted once
+        sums += torch.tensor(position["sums"], dtype=torch.float64, device=run.device)
+    return int(position["step"]), sums
+
+
+def _position(run: Run, epoch: int, step: int, sums: torch.Tensor, skipped: int) -> dict[str, Any]:
+    """What a mid-epoch last.pt holds besides the weights and optimizer: the epoch, the steps done, the
+    epoch's running sums over all ranks, and the RNG states. Every rank calls it (the sums are reduced)."""
+    totals = _all_reduce_sum([*sums[:3].tolist(), float(sums[3]) + skipped], run.device)
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    return {"epoch": epoch, "step": step, "sums": totals, "rng": rng, "world_size": run.dist.world_size}
 
 
 def _step(run: Run, x: torch.Tensor, y_mix: torch.Tensor, lam: float,
