@@ -124,6 +124,7 @@ class ModelConfig:
     dropout: float = 0.2
     input_norm: str = "none"
     init_checkpoint: str = ""
+    init_weights: str = ""
     freeze_backbone: bool = False
 
 
@@ -254,9 +255,7 @@ def validate(cfg: Config) -> Config:
     if cfg.features.f_max and cfg.features.f_max > cfg.audio.sample_rate / 2:
         raise ConfigError(f"features.f_max = {cfg.features.f_max} is above the Nyquist frequency "
                           f"{cfg.audio.sample_rate / 2} of audio.sample_rate; use 0 for sample_rate/2")
-    if cfg.model.freeze_backbone and not cfg.model.init_checkpoint:
-        raise ConfigError("model.freeze_backbone = true needs model.init_checkpoint (a trained checkpoint to keep "
-                          "the backbone of); a frozen random backbone learns almost nothing")
+    _check_init(cfg.model)
     if cfg.audio.hop_seconds > cfg.audio.chunk_seconds:
         raise ConfigError(f"audio.hop_seconds = {cfg.audio.hop_seconds} is longer than audio.chunk_seconds = "
                           f"{cfg.audio.chunk_seconds}: the audio between chunks would be lost; use at most "
@@ -268,6 +267,21 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.width = {cfg.model.width} is above {MAX_WIDTH} (the largest checkpoint audioshard "
                           "reads back); use at most that")
     return cfg
+
+
+def _check_init(model: ModelConfig) -> None:
+    """model.init_checkpoint / init_weights / freeze_backbone agree with each other and model.name."""
+    if model.freeze_backbone and not (model.init_checkpoint or model.init_weights):
+        raise ConfigError("model.freeze_backbone = true needs model.init_checkpoint or model.init_weights (trained "
+                          "weights to keep the backbone of); a frozen random backbone learns almost nothing")
+    if model.init_weights and model.init_checkpoint:
+        raise ConfigError("model.init_weights and model.init_checkpoint are both set; start from one of them")
+    if model.init_weights and not model.name.startswith("panns_"):
+        raise ConfigError(f"model.init_weights loads PANNs weights: set model.name to panns_cnn14 or panns_cnn6 "
+                          f"(got {model.name!r})")
+    if model.init_weights and model.input_norm != "none":
+        raise ConfigError("model.init_weights: PANNs' first layer learned absolute dB levels per mel band; "
+                          f"model.input_norm must be \"none\" (got {model.input_norm!r})")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

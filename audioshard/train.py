@@ -43,6 +43,7 @@ from audioshard.errors import AudioshardError
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
 from audioshard.manifest import Manifest, load_manifest, write_text_atomic
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
+from audioshard.pretrained import load_init_weights
 from audioshard.progress import progress as progress_bar
 from audioshard.stream import ShardStream, make_loader
 
@@ -508,6 +509,9 @@ def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: b
     model = build_model(args)
     if cfg.model.init_checkpoint and not resuming:  # a resumed run already holds these weights
         _init_from_checkpoint(model, args, manifest, cfg.model.init_checkpoint)
+    if cfg.model.init_weights and not resuming:  # published PANNs weights, checked against these shards
+        print0(load_init_weights(model, cfg.model.init_weights, cfg.model.name, manifest.features, manifest.mean,
+                                 manifest.std).summary(cfg.model.init_weights))
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
     model = model.to(dist.device)
