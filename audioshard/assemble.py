@@ -1,10 +1,12 @@
-"""Assemble a build's manifest: what each split holds, tallied as the decoded files arrive, and the
-manifest written over it; and one manifest over the manifests of part builds (`build --merge`)."""
+"""Assemble a build's manifest: what each split holds, tallied as the decoded files arrive, the list
+files beside it (each split's recordings, the skipped inputs) and the manifest written over them;
+and one manifest over the manifests of part builds (`build --merge`)."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,19 @@ from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
 from audioshard.config import Config
 from audioshard.errors import BuildError
-from audioshard.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, ShardInfo, SplitInfo
+from audioshard.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RECORDINGS_PATTERN,
+    SKIPPED_NAME,
+    ListFile,
+    Manifest,
+    ManifestError,
+    ShardInfo,
+    SplitInfo,
+    write_list_file,
+)
 from audioshard.names import SPLITS
 from audioshard.params import FeatureParams
 
@@ -26,6 +40,7 @@ class SplitTally:
     recording counts per class, seconds of audio and silent chunks left out."""
 
     sources: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)  # of each source
     class_counts: Counter = field(default_factory=Counter)
     recordings: Counter = field(default_factory=Counter)
     seconds: float = 0.0
@@ -34,18 +49,48 @@ class SplitTally:
     def add(self, rel: str, label: str, chunks: int, seconds: float, silent: int) -> int:
         """Count one recording; returns its index in `sources`."""
         self.sources.append(rel)
+        self.labels.append(label)
         self.class_counts[label] += chunks
         self.recordings[label] += 1
         self.seconds += seconds
         self.silent_chunks += silent
         return len(self.sources) - 1
 
-    def to_dict(self, shards: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
-        """The split's entry in manifest.json (`manifest.SplitInfo`, the one description of it)."""
+    def rows(self, origin: dict[str, dict[str, str]]) -> Iterator[dict[str, Any]]:
+        """The split's recordings file, row by row: path, label and the provenance row (if any)."""
+        for rel, label in zip(self.sources, self.labels, strict=True):
+            yield with_origin({"path": rel, "label": label}, origin)
+
+    def to_dict(self, shards: list[dict[str, Any]], classes: list[str], listed: ListFile) -> dict[str, Any]:
+        """The split's entry in manifest.json (`manifest.SplitInfo`, the one description of it); `listed` is
+        its recordings file (`write_lists`)."""
         return SplitInfo(shards=[ShardInfo(**s) for s in shards], samples=sum(s["samples"] for s in shards),
                          class_counts={c: self.class_counts[c] for c in classes},
                          recordings={c: self.recordings[c] for c in classes}, audio_seconds=round(self.seconds, 3),
-                         sources=self.sources, silent_chunks=self.silent_chunks).to_dict()
+                         silent_chunks=self.silent_chunks, recordings_file=listed).to_dict()
+
+
+def with_origin(row: dict[str, Any], origin: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """`row` plus the provenance of its path (its RAW/sources.csv row), when it has one."""
+    return {**row, "provenance": origin[row["path"]]} if row["path"] in origin else row
+
+
+def origins(input_path: str | Path, rels: list[str]) -> dict[str, dict[str, str]]:
+    """Where each input came from (RAW/sources.csv, written by `audioshard fetch`), by relative path."""
+    return {row["path"]: row for row in provenance_rows(input_path, rels)}
+
+
+def write_lists(folder: Path, tallies: dict[str, SplitTally], skipped: list[dict[str, str]],
+                origin: dict[str, dict[str, str]]) -> dict[str, ListFile]:
+    """Write the list files of a build into `folder`: per split its recordings in write order, and the
+    skipped inputs with their reasons. Returns their manifest entries by split name and "skipped".
+
+    Kept out of manifest.json because they grow with the data (a million recordings made a 40 MB
+    manifest that every process and loader worker parsed); the manifest records each like a shard."""
+    lists = {split: write_list_file(folder, RECORDINGS_PATTERN.format(split=split), tallies[split].rows(origin))
+             for split in SPLITS}
+    lists["skipped"] = write_list_file(folder, SKIPPED_NAME, (with_origin(row, origin) for row in skipped))
+    return lists
 
 
 @dataclass
@@ -85,10 +130,11 @@ def build_warnings(notes: list[str], classes: list[str], splits: dict[str, Any],
     return warnings
 
 
-def build_manifest(*, input_path: str | Path, rels: list[str], cfg: Config, classes: list[str],
-                   splits: dict[str, Any], stats: TrainStats, skipped: list[dict[str, str]],
-                   ignored: dict[str, int], warnings: list[str], fingerprint: str) -> dict[str, Any]:
-    """The manifest of one build (or part build: the caller adds `part`)."""
+def build_manifest(*, input_path: str | Path, cfg: Config, classes: list[str], splits: dict[str, Any],
+                   stats: TrainStats, skipped: ListFile, ignored: dict[str, int], warnings: list[str],
+                   fingerprint: str) -> dict[str, Any]:
+    """The manifest of one build (or part build: the caller adds `part`); `splits` and `skipped` name
+    the list files (`write_lists`)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -101,61 +147,76 @@ def build_manifest(*, input_path: str | Path, rels: list[str], cfg: Config, clas
         "normalization": stats.normalization(),
         "train_stats": stats.to_dict(),
         "splits": splits,
-        "skipped": skipped,
+        "skipped_file": skipped.to_dict(),
         "ignored": ignored,
         "warnings": warnings,
         "config": cfg.to_dict(),
-        # Where each input came from (RAW/sources.csv, written by `audioshard fetch`); same in every part.
-        "provenance": provenance_rows(input_path, rels),
     }
 
 
 def merge_manifests(out_dir: Path) -> dict[str, Any]:
-    """One manifest over the finished part builds `out_dir/part-I-of-N/` (all N of one job)."""
-    parts = []
-    for path in sorted(out_dir.glob("part-*-of-*/" + MANIFEST_NAME)):
-        parts.append((path.parent.name, json.loads(path.read_text(encoding="utf-8"))))
-    if not parts:
-        raise BuildError(f"{out_dir}: no finished part builds (part-I-of-N/{MANIFEST_NAME}) to merge")
-    jobs = {data["part"]["job"] for _, data in parts}
-    counts = {data["part"]["count"] for _, data in parts}
-    if len(jobs) != 1 or len(counts) != 1:
-        raise BuildError(f"{out_dir}: the parts come from different inputs, settings or part counts; "
-                         "rebuild them with the same command")
-    count = counts.pop()
-    parts.sort(key=lambda item: item[1]["part"]["index"])
-    missing = sorted(set(range(count)) - {data["part"]["index"] for _, data in parts})
-    if missing:
-        raise BuildError(f"{out_dir}: parts {missing} of {count} are missing or unfinished; run "
-                         + ", ".join(f"--part {i}/{count}" for i in missing))
-    first = parts[0][1]
+    """One manifest over the finished part builds `out_dir/part-I-of-N/` (all N of one job); writes the
+    merged list files into `out_dir` (the caller writes the manifest, last)."""
+    parts = _finished_parts(out_dir)
+    first = parts[0][1].data
     splits: dict[str, Any] = {}
     for split in SPLITS:
         merged: dict[str, Any] = {"shards": [], "samples": 0, "class_counts": Counter(), "recordings": Counter(),
-                                  "audio_seconds": 0.0, "silent_chunks": 0, "sources": []}
-        for folder, data in parts:
-            info = data["splits"][split]
+                                  "audio_seconds": 0.0, "silent_chunks": 0}
+        rows: list[dict[str, Any]] = []
+        for folder, part in parts:
+            info = part.data["splits"][split]
             for shard in info["shards"]:
-                merged["shards"].append({**shard, "file": f"{folder}/{shard['file']}",
-                                         "source_offset": len(merged["sources"])})
+                merged["shards"].append({**shard, "file": f"{folder}/{shard['file']}", "source_offset": len(rows)})
             merged["samples"] += info["samples"]
             merged["class_counts"].update(info["class_counts"])
             merged["recordings"].update(info["recordings"])
             merged["audio_seconds"] = round(merged["audio_seconds"] + info["audio_seconds"], 3)
-            merged["silent_chunks"] += info.get("silent_chunks", 0)
-            merged["sources"] += info["sources"]
+            merged["silent_chunks"] += info["silent_chunks"]
+            rows += part.recording_rows(split)  # checked against the part's manifest on the way
         merged["class_counts"] = {c: merged["class_counts"][c] for c in first["classes"]}
         merged["recordings"] = {c: merged["recordings"][c] for c in first["classes"]}
+        merged["recordings_file"] = write_list_file(out_dir, RECORDINGS_PATTERN.format(split=split), rows).to_dict()
         splits[split] = merged
-    stats = [data["train_stats"] for _, data in parts]
+    stats = [part.data["train_stats"] for _, part in parts]
     train = TrainStats(*(sum(s[k] for s in stats) for k in ("sum", "sum_sq", "n")))
     if not train.n:
         raise BuildError(f"{out_dir}: nothing usable in the training split of any part")
-    manifest = {**first, "fingerprint": jobs.pop(), "splits": splits, "normalization": train.normalization(),
-                "train_stats": train.to_dict(),
-                "skipped": [s for _, data in parts for s in data["skipped"]],
-                "warnings": sorted({w for _, data in parts for w in data["warnings"]}),
+    skipped = write_list_file(out_dir, SKIPPED_NAME, (row for _, part in parts for row in part.skipped))
+    manifest = {**first, "fingerprint": first["part"]["job"], "splits": splits,
+                "normalization": train.normalization(), "train_stats": train.to_dict(),
+                "skipped_file": skipped.to_dict(),
+                "warnings": sorted({w for _, part in parts for w in part.warnings}),
                 "merged_from": [folder for folder, _ in parts]}
     manifest.pop("part")
     return manifest
 
+
+def _finished_parts(out_dir: Path) -> list[tuple[str, Manifest]]:
+    """The part builds of one job in `out_dir`, in part order, each read and checked as a build; refused
+    unless all N are there, from the same job and written by this format version."""
+    parts = []
+    for path in sorted(out_dir.glob("part-*-of-*/" + MANIFEST_NAME)):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format_version") != FORMAT_VERSION or not isinstance(data.get("part"), dict):
+            raise BuildError(f"{path}: a part build of another audioshard format (version "
+                             f"{data.get('format_version')!r:.20}, this one writes {FORMAT_VERSION}); rebuild the "
+                             "parts with this version")
+        try:
+            parts.append((path.parent.name, Manifest(data, str(path.parent))))
+        except ManifestError as exn:
+            raise BuildError(f"{path}: not a usable part build ({exn})") from exn
+    if not parts:
+        raise BuildError(f"{out_dir}: no finished part builds (part-I-of-N/{MANIFEST_NAME}) to merge")
+    jobs = {part.data["part"]["job"] for _, part in parts}
+    counts = {part.data["part"]["count"] for _, part in parts}
+    if len(jobs) != 1 or len(counts) != 1:
+        raise BuildError(f"{out_dir}: the parts come from different inputs, settings or part counts; "
+                         "rebuild them with the same command")
+    count = counts.pop()
+    parts.sort(key=lambda item: item[1].data["part"]["index"])
+    missing = sorted(set(range(count)) - {part.data["part"]["index"] for _, part in parts})
+    if missing:
+        raise BuildError(f"{out_dir}: parts {missing} of {count} are missing or unfinished; run "
+                         + ", ".join(f"--part {i}/{count}" for i in missing))
+    return parts

@@ -29,12 +29,27 @@ from typing import Any
 
 import numpy as np
 
-from audioshard.assemble import SplitTally, TrainStats, build_manifest, build_warnings, merge_manifests
+from audioshard.assemble import (
+    SplitTally,
+    TrainStats,
+    build_manifest,
+    build_warnings,
+    merge_manifests,
+    origins,
+    write_lists,
+)
 from audioshard.audio import AudioError, ChunkRules, choppinator, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
 from audioshard.errors import BuildError
 from audioshard.features import FeatureParams, log_mel
-from audioshard.manifest import FORMAT_VERSION, MANIFEST_NAME, block_problem, write_json_atomic
+from audioshard.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    RECORDINGS_PATTERN,
+    SKIPPED_NAME,
+    block_problem,
+    write_json_atomic,
+)
 from audioshard.names import SPLITS
 from audioshard.parallel import ordered_map
 from audioshard.progress import progress as progress_bar
@@ -300,8 +315,9 @@ def _fingerprint(sources: list[Source], cfg: Config) -> str:
 def own_outputs(out_dir: Path) -> list[Path]:
     """Files a build writes into `out_dir` (and `clean` removes)."""
     paths = [p for split in SPLITS for p in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")]
-    paths += [p for p in (out_dir / MANIFEST_NAME, out_dir / MARKER_NAME) if p.exists()]
-    paths += list(out_dir.glob(f".{MANIFEST_NAME}.*.tmp"))
+    names = [MANIFEST_NAME, *(RECORDINGS_PATTERN.format(split=split) for split in SPLITS), SKIPPED_NAME]
+    paths += [out_dir / name for name in (*names, MARKER_NAME) if (out_dir / name).exists()]
+    paths += [path for name in names for path in out_dir.glob(f".{name}.*.tmp")]  # left by a killed writer
     return sorted(paths)
 
 
@@ -458,9 +474,10 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     if not packer.stats.n and part is None:
         raise BuildError(f"{input_path}: nothing usable in the training split: all {len(packer.skipped)} inputs were "
                          "skipped (see the reasons above) or none were assigned to train")
-    splits = {split: packer.tallies[split].to_dict(shards_of[split], classes) for split in SPLITS}
-    manifest = build_manifest(input_path=input_path, rels=[s.rel for s in found.sources], cfg=cfg, classes=classes,
-                              splits=splits, stats=packer.stats, skipped=packer.skipped, ignored=dict(found.ignored),
+    lists = write_lists(staging, packer.tallies, packer.skipped, origins(input_path, [s.rel for s in found.sources]))
+    splits = {split: packer.tallies[split].to_dict(shards_of[split], classes, lists[split]) for split in SPLITS}
+    manifest = build_manifest(input_path=input_path, cfg=cfg, classes=classes, splits=splits, stats=packer.stats,
+                              skipped=lists["skipped"], ignored=dict(found.ignored),
                               warnings=build_warnings(list(found.warnings) + split_notes, classes, splits,
                                                       packer.longest, cfg),
                               fingerprint=fingerprint)

@@ -6,13 +6,14 @@ The original system's sanity scripts, as functions behind `audioshard info`, `sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from audioshard.config import Config
-from audioshard.manifest import MANIFEST_NAME, Manifest, load_manifest
+from audioshard.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from audioshard.split import SPLITS
 
 
@@ -33,7 +34,7 @@ def format_info(manifest: Manifest, where: str, verbose: bool = False) -> str:
     rows = [header]
     for name in classes:
         rows.append([name] + [f"{info.class_counts[name]} ({info.recordings[name]})" for info in splits.values()])
-    rows.append(["total"] + [f"{info.samples} ({len(info.sources)})" for info in splits.values()])
+    rows.append(["total"] + [f"{info.samples} ({info.recording_count})" for info in splits.values()])
     f = manifest.features
     lines = [
         f"audioshard build at {where} (format v{manifest.format_version}, {len(classes)} classes)",
@@ -50,7 +51,8 @@ def format_info(manifest: Manifest, where: str, verbose: bool = False) -> str:
     silent = {s: info.silent_chunks for s, info in splits.items()}
     if any(silent.values()):
         lines.append("silent chunks left out (audio.skip_silent): " + ", ".join(f"{s} {n}" for s, n in silent.items()))
-    skipped, ignored = manifest.skipped, manifest.ignored
+    # The list of skipped inputs (a list file in version 2) is read only when there is something to show.
+    skipped, ignored = manifest.skipped if manifest.skipped_count else [], manifest.ignored
     lines.append(f"skipped inputs: {len(skipped)}" + (f"; ignored: {', '.join(f'{v} {k}' for k, v in ignored.items())}"
                                                        if ignored else ""))
     for item in skipped if verbose else skipped[:10]:
@@ -62,6 +64,10 @@ def format_info(manifest: Manifest, where: str, verbose: bool = False) -> str:
         for info in splits.values():
             lines += [f"  {shard.file}: {shard.samples} chunks, {shard.bytes} bytes, sha256 {shard.sha256[:16]}..."
                       for shard in info.shards]
+            if info.recordings_file is not None:
+                listed = info.recordings_file
+                lines.append(f"  {listed.file}: {listed.rows} recordings, {listed.bytes} bytes, "
+                             f"sha256 {listed.sha256[:16]}...")
     return "\n".join(lines)
 
 
@@ -122,6 +128,20 @@ def check_pipeline(source: str, split: str, cfg: Config, batches: int = 3) -> st
     return "\n".join(lines)
 
 
+def _verify_lists(manifest: Manifest, problems: list[str]) -> int:
+    """Read every list file of a version-2 build (size, sha256, then each row), adding what is wrong to
+    `problems`; returns how many there are."""
+    if manifest.format_version == 1:
+        return 0
+    reads = [functools.partial(manifest.recording_rows, split) for split in manifest.split_names]
+    for read in [*reads, lambda: manifest.skipped]:
+        try:
+            read()
+        except ManifestError as exn:
+            problems.append(str(exn))
+    return len(reads) + 1
+
+
 def verify_build(source: str, fetcher=None) -> tuple[bool, str]:
     """Check every shard of a build against its manifest: size, sha256, and every block's contents.
 
@@ -146,7 +166,9 @@ def verify_build(source: str, fetcher=None) -> tuple[bool, str]:
                     pass
             except (ShardDataError, SourceError) as exn:
                 problems.append(str(exn))
-    header = f"{source}: {checked} shards checked against {MANIFEST_NAME}"
+    lists = _verify_lists(manifest, problems)
+    header = f"{source}: {checked} shards" + (f" and {lists} list files" if lists else "") + f" checked against " \
+        f"{MANIFEST_NAME}"
     if not problems:
         return True, f"{header}: all sizes, sha256 checksums, blocks and counts match"
     return False, "\n".join([f"{header}: {len(problems)} problem(s)", *[f"  - {p}" for p in problems]])

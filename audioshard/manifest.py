@@ -1,18 +1,29 @@
 """The build's manifest: what a shard folder holds, and how to read it back safely.
 
 `manifest.json` is the single record of a build: classes, feature parameters, per split the
-shards (file, samples, sha256), sample and class counts and source recordings, the skipped
-inputs with reasons, the train-split normalisation statistics and the config used. It is
-written last and atomically, so a folder with a manifest always holds a complete build.
+shards (file, samples, sha256), sample and class counts, the train-split normalisation statistics
+and the config used. It is written last and atomically, so a folder with a manifest always holds a
+complete build.
+
+What grows with the number of recordings lives beside it (format version 2): per split a list of
+its recordings (`{split}-recordings.jsonl`: path, label and provenance, one JSON object a line, in
+write order) and the skipped inputs (`skipped.jsonl`). The manifest records each such "list
+file" like a shard (file, rows, bytes, sha256), so it stays small (a few KB plus ~150 bytes a
+shard) for any number of recordings: every process and loader worker parses it, while the lists
+are read (and checked) only by what shows recordings by name (`info`, `report`, `show`).
+Version-1 manifests, which hold these lists inline, are still read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +41,38 @@ from audioshard.remote import (
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "audioshard-blocks"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-recording lists in list files beside the manifest; 1: inline (still read)
+READ_VERSIONS = (1, 2)
 # Tar members of one block (a sample in webdataset terms): many chunks stored as one array each.
 BLOCK_MEMBERS = ("mel.npy", "label.npy", "source.npy", "start.npy")
 
 
 class ManifestError(AudioshardError, ValueError):
-    """The manifest is missing, unreadable or inconsistent."""
+    """The manifest (or one of its list files) is missing, unreadable or inconsistent."""
+
+
+# The list files of a version-2 build. A list file is refused beyond MAX_LIST_BYTES (from its manifest
+# entry, before a byte is read): 1 GB is ~10 million recordings with their provenance.
+RECORDINGS_PATTERN = "{split}-recordings.jsonl"
+SKIPPED_NAME = "skipped.jsonl"
+MAX_LIST_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class ListFile:
+    """A list file as the manifest records it: name (in the build folder), rows, bytes and sha256."""
+
+    file: str
+    rows: int
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ListFile:
+        return cls(file=data["file"], rows=data["rows"], bytes=data["bytes"], sha256=data["sha256"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -51,28 +87,142 @@ class ShardInfo:
 @dataclass(frozen=True)
 class SplitInfo:
     """What a build holds of one split: its shards, chunk and recording counts per class, seconds of
-    audio, silent chunks left out, and its recordings in write order (a chunk's `source` indexes them)."""
+    audio, silent chunks left out, and where its recordings are listed in write order (a chunk's
+    `source` indexes that list): the list file `recordings_file` (version 2), or `sources` inline (version 1)."""
 
     shards: list[ShardInfo]
     samples: int
     class_counts: dict[str, int]
     recordings: dict[str, int]
     audio_seconds: float
-    sources: list[str]
     silent_chunks: int = 0
+    recordings_file: ListFile | None = None
+    sources: list[str] | None = None  # version 1 only
+
+    @property
+    def recording_count(self) -> int:
+        """How many recordings the split holds (a chunk's `source` is below it), known without the list."""
+        return len(self.sources) if self.sources is not None else self.recordings_file.rows
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SplitInfo:
+        listed = data.get("recordings_file")
         return cls(shards=[ShardInfo(**s) for s in data["shards"]], samples=int(data["samples"]),
                    class_counts=dict(data["class_counts"]), recordings=dict(data["recordings"]),
-                   audio_seconds=float(data["audio_seconds"]), sources=list(data["sources"]),
-                   silent_chunks=int(data.get("silent_chunks", 0)))
+                   audio_seconds=float(data["audio_seconds"]), silent_chunks=int(data.get("silent_chunks", 0)),
+                   recordings_file=ListFile.from_dict(listed) if listed is not None else None,
+                   sources=list(data["sources"]) if "sources" in data else None)
 
     def to_dict(self) -> dict[str, Any]:
         shards = [{k: v for k, v in dataclasses.asdict(s).items() if k != "source_offset" or v} for s in self.shards]
-        return {"shards": shards, "samples": self.samples,
-                "class_counts": self.class_counts, "recordings": self.recordings,
-                "audio_seconds": self.audio_seconds, "silent_chunks": self.silent_chunks, "sources": self.sources}
+        data = {"shards": shards, "samples": self.samples, "class_counts": self.class_counts,
+                "recordings": self.recordings, "audio_seconds": self.audio_seconds,
+                "silent_chunks": self.silent_chunks}
+        if self.recordings_file is not None:
+            data["recordings_file"] = self.recordings_file.to_dict()
+        if self.sources is not None:
+            data["sources"] = self.sources
+        return data
+
+
+def write_list_file(folder: str | Path, name: str, rows: Iterable[dict[str, Any]]) -> ListFile:
+    """Write `rows` as JSON Lines into `folder/name` (atomically) and return its manifest entry.
+
+    JSON Lines: any tool reads it (`head`, `grep`, `jq`, pandas), it is written and parsed a line at a
+    time, and the same rows give the same bytes (builds stay byte-identical)."""
+    path = Path(folder) / name
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    digest, size, count = hashlib.sha256(), 0, 0
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as stream:
+            for row in rows:
+                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                digest.update(line)
+                stream.write(line)
+                size, count = size + len(line), count + 1
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a build is meant to be served and shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return ListFile(file=name, rows=count, bytes=size, sha256=digest.hexdigest())
+
+
+def read_list_file(fetcher: Fetcher, location: str, entry: ListFile, what: str,
+                   row_problem: Callable[[Any], str]) -> list[dict[str, Any]]:
+    """The rows of a list file, after its size and sha256 match `entry` (nothing is parsed before).
+
+    Read through `fetcher` like a shard (local, HTTP or S3; retried remote reads; no cache), with the
+    sha256 checked even where `shards.verify_local` is off: these files are small beside the shards,
+    and a forged row would name the wrong recording in every report. Every row must pass
+    `row_problem` (a JSON object of the right keys), and there must be exactly `entry.rows`."""
+    checked = dataclasses.replace(fetcher, verify_local=True, cache_dir="")
+    try:
+        stream = checked.open_shard(location, entry.bytes, entry.sha256)
+    except SourceError as exn:
+        raise ManifestError(f"{location}: the {what} cannot be used: {exn}. It must be the file the build "
+                            "wrote beside manifest.json; copy or publish the whole build folder") from exn
+    with stream:
+        rows = list(_parse_rows(io.TextIOWrapper(stream, encoding="utf-8"), location, entry.rows, row_problem))
+    if len(rows) != entry.rows:
+        raise ManifestError(f"{location}: {len(rows)} rows, the manifest says {entry.rows}")
+    return rows
+
+
+def _parse_rows(lines: Iterable[str], location: str, expected: int,
+                row_problem: Callable[[Any], str]) -> Iterator[dict[str, Any]]:
+    try:
+        for number, line in enumerate(lines, start=1):
+            if number > expected:
+                raise ManifestError(f"{location}: more than the {expected} rows the manifest says")
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as exn:  # RecursionError: JSON nested thousands deep
+                raise ManifestError(f"{location} line {number}: not a JSON object ({exn})") from exn
+            if problem := row_problem(row):
+                raise ManifestError(f"{location} line {number}: {problem}")
+            yield row
+    except UnicodeDecodeError as exn:
+        raise ManifestError(f"{location}: not UTF-8 text ({exn})") from exn
+
+
+def _provenance_problem(row: dict[str, Any]) -> str:
+    origin = row.get("provenance", {})
+    if not isinstance(origin, dict) or not all(isinstance(v, str) for v in origin.values()):
+        return "'provenance' must map column names to text"
+    return ""
+
+
+def _recording_problem(row: Any) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("label"), str):
+        return "expected a recording: {\"path\": ..., \"label\": ...}"
+    return _provenance_problem(row)
+
+
+def _skipped_problem(row: Any) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("reason"), str):
+        return "expected a skipped input: {\"path\": ..., \"reason\": ...}"
+    return _provenance_problem(row)
+
+
+class Sources(Sequence[str]):
+    """A split's recording names in write order (a chunk's `source` indexes them).
+
+    Its length comes from the manifest; the names are read from the split's list file on first use
+    of an item. Training and its loader workers need only the length (to bound `source` indices),
+    so they never read or parse the list."""
+
+    def __init__(self, manifest: Manifest, split: str, count: int):
+        self._manifest, self._split, self._count = manifest, split, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index):
+        return self._manifest.source_names(self._split)[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._manifest.source_names(self._split))
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
@@ -104,25 +254,33 @@ class Manifest:
         self.root = root
         self.fetcher = fetcher  # how shards are read: the same timeouts, retries and cache as the manifest
         self._split_info: dict[str, SplitInfo] = {}
+        self._lists: dict[str, list[dict[str, Any]]] = {}  # list files read so far, by file name
         self._check()
 
     def _check(self) -> None:
         if self.data.get("format") != FORMAT:
             raise ManifestError(f"{self.location}: not an audioshard manifest (format {self.data.get('format')!r:.80})")
         version = self.data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS or type(version) is not int:
             raise ManifestError(f"{self.location}: shard format version {version!r:.80} is not supported by this "
-                                f"audioshard (reads version {FORMAT_VERSION}); rebuild the shards or upgrade")
+                                f"audioshard (reads versions {', '.join(map(str, READ_VERSIONS))}); rebuild the "
+                                "shards or upgrade")
         problem = _schema_problem(self.data)
         if problem:
             raise ManifestError(f"{self.location}: not a usable manifest: {problem}; rebuild the shards with "
                                 "`audioshard build`")
-        for info in self.data["splits"].values():
-            for shard in info["shards"]:
-                try:
-                    join(self.root, shard["file"])  # refuses names escaping the root
-                except SourceError as exn:
-                    raise ManifestError(f"{self.location}: {exn}") from exn
+        names = [shard["file"] for info in self.data["splits"].values() for shard in info["shards"]]
+        names += [entry["file"] for entry in _list_entries(self.data)]
+        for name in names:
+            try:
+                join(self.root, name)  # refuses names escaping the root
+            except SourceError as exn:
+                raise ManifestError(f"{self.location}: {exn}") from exn
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader worker gets a copy of the manifest: lists the parent process read (for a report, say)
+        # stay there, and a worker never needs them (only their lengths, which the manifest holds).
+        return {**self.__dict__, "_lists": {}}
 
     @property
     def location(self) -> str:
@@ -165,8 +323,37 @@ class Manifest:
     def samples(self, split: str) -> int:
         return self.split(split).samples
 
-    def sources(self, split: str) -> list[str]:
-        return list(self.split(split).sources)
+    def sources(self, split: str) -> Sources:
+        """The split's recording names in write order; its length is known at once, the names are read
+        (from the split's list file, checked) only when an item is used."""
+        return Sources(self, split, self.split(split).recording_count)
+
+    def source_count(self, split: str) -> int:
+        """How many recordings the split holds (chunks' `source` indices are below it), without reading a list."""
+        return self.split(split).recording_count
+
+    def recording_rows(self, split: str) -> list[dict[str, Any]]:
+        """The split's recordings in write order: `path`, `label` and, for fetched files, `provenance` (the
+        row of RAW/sources.csv). Reads the split's list file (version 1: names only, from the manifest)."""
+        info = self.split(split)
+        if info.sources is not None:
+            return [{"path": name} for name in info.sources]
+        return self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem)
+
+    def source_names(self, split: str) -> list[str]:
+        info = self.split(split)
+        if info.sources is not None:
+            return info.sources
+        key = f"names:{split}"
+        if key not in self._lists:  # kept apart from the rows: a million names are far smaller than their dicts
+            self._lists[key] = [row["path"] for row in self.recording_rows(split)]
+        return self._lists[key]
+
+    def _read_list(self, entry: ListFile, what: str, row_problem: Callable[[Any], str]) -> list[dict[str, Any]]:
+        if entry.file not in self._lists:
+            self._lists[entry.file] = read_list_file(self.fetcher, join(self.root, entry.file), entry, what,
+                                                     row_problem)
+        return self._lists[entry.file]
 
     @property
     def format_version(self) -> int:
@@ -174,8 +361,28 @@ class Manifest:
 
     @property
     def skipped(self) -> list[dict[str, str]]:
-        """Inputs the build could not use: `path` and `reason` each."""
-        return list(self.data.get("skipped", []))
+        """Inputs the build could not use: `path` and `reason` each (and `provenance` for fetched files).
+        Version 2 reads them from the list file `skipped.jsonl` on first use."""
+        if self.format_version == 1:
+            return list(self.data.get("skipped", []))
+        return list(self._read_list(ListFile.from_dict(self.data["skipped_file"]), "list of skipped inputs",
+                                    _skipped_problem))
+
+    @property
+    def skipped_count(self) -> int:
+        """How many inputs were skipped, without reading their list."""
+        if self.format_version == 1:
+            return len(self.data.get("skipped", []))
+        return int(self.data["skipped_file"]["rows"])
+
+    @property
+    def provenance(self) -> list[dict[str, str]]:
+        """Where the build's inputs came from: the RAW/sources.csv rows of its recordings, then of its skipped
+        inputs (every list file is read)."""
+        if self.format_version == 1:
+            return list(self.data.get("provenance", []))
+        rows = [row for split in self.split_names for row in self.recording_rows(split)] + self.skipped
+        return [row["provenance"] for row in rows if "provenance" in row]
 
     @property
     def ignored(self) -> dict[str, int]:
@@ -223,7 +430,7 @@ def _schema_problem(data: dict[str, Any]) -> str:
     if not isinstance(data.get("splits"), dict) or not data["splits"]:
         return "'splits' must map split names to their shards"
     for name, info in data["splits"].items():
-        if problem := _split_problem(info, classes):
+        if problem := _split_problem(info, classes) or _listing_problem(info, classes, data["format_version"]):
             return f"split {name!r:.50}: {problem}"
     return _report_problem(data)
 
@@ -255,8 +462,6 @@ def _split_problem(info: Any, classes: list[str]) -> str:
             return f"shard entry {shard!r:.200} has a negative count"
     if not _is_count(info.get("samples")) or info["samples"] != sum(s["samples"] for s in info["shards"]):
         return "'samples' must equal the sum of its shards' samples"
-    if not isinstance(info.get("sources"), list) or not all(isinstance(s, str) for s in info["sources"]):
-        return "'sources' must be a list of recording names"
     for key in ("class_counts", "recordings"):
         if not isinstance(info.get(key), dict) or not all(_is_count(info[key].get(c)) for c in classes):
             return f"'{key}' must give a count for every class"
@@ -265,12 +470,51 @@ def _split_problem(info: Any, classes: list[str]) -> str:
     return ""
 
 
+def _listing_problem(info: dict[str, Any], classes: list[str], version: int) -> str:
+    """Where a split lists its recordings: inline `sources` (version 1), or a list file with one row per
+    recording (version 2), so that the count of recordings is known without reading it."""
+    if version == 1:
+        if not isinstance(info.get("sources"), list) or not all(isinstance(s, str) for s in info["sources"]):
+            return "'sources' must be a list of recording names"
+        return ""
+    if problem := _list_file_problem(info.get("recordings_file"), "recordings_file"):
+        return problem
+    if info["recordings_file"]["rows"] != sum(info["recordings"][c] for c in classes):
+        return "'recordings_file' must list as many rows as the split has recordings"
+    return ""
+
+
+LIST_KEYS = {"file": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _list_file_problem(entry: Any, key: str) -> str:
+    if not isinstance(entry, dict) or set(entry) != set(LIST_KEYS) or not all(
+            type(entry[k]) is t for k, t in LIST_KEYS.items()):
+        return f"'{key}' must hold file, rows, bytes and sha256"
+    if not (_is_count(entry["rows"]) and _is_count(entry["bytes"])) or entry["bytes"] > MAX_LIST_BYTES:
+        return f"'{key}' must give rows and bytes within 0..{MAX_LIST_BYTES} (a list file is at most " \
+               f"{MAX_LIST_BYTES >> 20} MB)"
+    if len(entry["sha256"]) != 64 or set(entry["sha256"]) - set("0123456789abcdef"):
+        return f"'{key}' has no valid sha256 (64 hex digits)"
+    return ""
+
+
+def _list_entries(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The list files a (checked) manifest names."""
+    entries = [info["recordings_file"] for info in data["splits"].values() if "recordings_file" in info]
+    return entries + ([data["skipped_file"]] if "skipped_file" in data else [])
+
+
 def _report_problem(data: dict[str, Any]) -> str:
     """The parts only `audioshard info` shows: skipped inputs, ignored counts, warnings."""
-    skipped, ignored, warnings = data.get("skipped", []), data.get("ignored", {}), data.get("warnings", [])
-    if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
-                                                and isinstance(s.get("reason"), str) for s in skipped):
-        return "'skipped' must be a list of {path, reason}"
+    ignored, warnings = data.get("ignored", {}), data.get("warnings", [])
+    if data["format_version"] == 1:
+        skipped = data.get("skipped", [])
+        if not isinstance(skipped, list) or not all(isinstance(s, dict) and isinstance(s.get("path"), str)
+                                                    and isinstance(s.get("reason"), str) for s in skipped):
+            return "'skipped' must be a list of {path, reason}"
+    elif problem := _list_file_problem(data.get("skipped_file"), "skipped_file"):
+        return problem
     if not isinstance(ignored, dict) or not all(_is_count(v) for v in ignored.values()):
         return "'ignored' must map kinds to counts"
     if not isinstance(warnings, list) or not all(isinstance(w, str) for w in warnings):

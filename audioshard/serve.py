@@ -3,7 +3,8 @@
     audioshard serve shards/ --port 8000        # then: audioshard train --shards http://HOST:8000/ ...
 
 A read-only static file server (Python's http.server, threaded). For real deployments any static
-web server or object store works the same: audioshard only needs GET on manifest.json and the tars.
+web server or object store works the same: audioshard only needs GET on manifest.json, the tars and the
+list files beside them (`*.jsonl`).
 """
 
 from __future__ import annotations

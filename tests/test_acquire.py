@@ -31,6 +31,8 @@ from audioshard.acquire.youtube import Link, classify_error, collect_links, fetc
 from audioshard.build import build_shards
 from audioshard.cli import main
 from audioshard.config import load_config
+from audioshard.manifest import load_manifest
+from audioshard.names import SPLITS
 
 SR = 16000
 FOLDER_ID = "1AbCdEfGhIjKlMnOpQrStUvWxYz0123"
@@ -265,9 +267,9 @@ def test_fetch_links_then_rerun_then_build_with_provenance(server, tmp_path):
 
     result = build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False)
     manifest = result.manifest
-    assert manifest["classes"] == ["car", "drone", "speech"] and not manifest["skipped"]
+    assert manifest["classes"] == ["car", "drone", "speech"] and not load_manifest(result.out_dir).skipped
     assert sum(sum(s["recordings"].values()) for s in manifest["splits"].values()) == 10
-    provenance = {row["path"]: row for row in manifest["provenance"]}
+    provenance = {row["path"]: row for row in load_manifest(result.out_dir).provenance}
     assert set(provenance) == {p.relative_to(raw).as_posix() for p in raw.rglob("*.wav")}
     assert provenance["speech/talk-4.wav"]["title"] == "Talk 4" and provenance["drone/d3_1-3.wav"]["end"] == "3"
     assert manifest["ignored"] == {}  # sources.csv and the staging folder are not inputs
@@ -491,11 +493,16 @@ def test_build_ignores_acquire_files_and_copies_only_used_provenance(tmp_path):
         writer.writerow({"path": "a/0.wav", "label": "a", "url": "https://example.org/0", "extractor": "generic"})
         writer.writerow({"path": "a/deleted.wav", "label": "a", "url": "https://example.org/gone"})
     manifest = build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False).manifest
-    assert [row["url"] for row in manifest["provenance"]] == ["https://example.org/0"]
+    assert [row["url"] for row in load_manifest(tmp_path / "shards").provenance] == ["https://example.org/0"]
+    built = load_manifest(tmp_path / "shards")
+    recordings = {row["path"]: row for split in SPLITS for row in built.recording_rows(split)}
+    assert recordings["a/0.wav"]["provenance"]["url"] == "https://example.org/0"  # beside the recording it describes
+    assert "provenance" not in recordings["b/0.wav"]
     assert manifest["ignored"] == {}
     shutil.rmtree(tmp_path / "shards")
     (raw / "sources.csv").unlink()
-    assert build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False).manifest["provenance"] == []
+    build_shards(raw, tmp_path / "shards", load_config(), workers=1, progress=False)
+    assert load_manifest(tmp_path / "shards").provenance == []
 
 
 

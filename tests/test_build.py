@@ -23,12 +23,18 @@ def read_all(manifest, split):
     return list(ShardStream(manifest, split, batch_size=1000))
 
 
+def split_of(build) -> dict[str, str]:
+    """Each recording of a build and its split, from the list files."""
+    manifest = load_manifest(build)
+    return {rel: split for split in SPLITS for rel in manifest.sources(split)}
+
+
 def test_real_build_accounts_for_every_input(real_raw, real_build):
     manifest = load_manifest(real_build)
     assert manifest.classes == ["car", "drone", "speech"]
     inputs = {f"{p.parent.name}/{p.name}" for p in real_raw.rglob("*.wav")}
     placed = [s for split in SPLITS for s in manifest.sources(split)]
-    skipped = {s["path"] for s in manifest.data["skipped"]}
+    skipped = {s["path"] for s in manifest.skipped}
     assert len(placed) == len(set(placed)), "a source appears in two splits"
     assert set(placed) | skipped == inputs and not set(placed) & skipped
     for split in SPLITS:  # every class is in every split (stratified)
@@ -86,6 +92,8 @@ def test_same_output_for_any_worker_count_and_idempotent(tmp_path):
     one = build_shards(raw, tmp_path / "w1", cfg, workers=1, progress=False).manifest
     two = build_shards(raw, tmp_path / "w2", cfg, workers=2, progress=False).manifest
     assert [s["shards"] for s in one["splits"].values()] == [s["shards"] for s in two["splits"].values()]
+    for name in ("manifest.json", "skipped.jsonl", *(f"{split}-recordings.jsonl" for split in SPLITS)):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
     again = build_shards(raw, tmp_path / "w1", cfg, workers=2, progress=False)
     assert again.up_to_date
     changed = load_config(overrides=[*SMALL_BUILD, "features.n_mels=32"])
@@ -177,7 +185,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     (raw / "empty" / "notes.md").write_text("no audio here")
 
     manifest = build_shards(raw, tmp_path / "out", load_config(), workers=2, progress=False).manifest
-    reasons = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    reasons = {s["path"]: s["reason"] for s in load_manifest(tmp_path / "out").skipped}
     assert set(reasons) == {"buzz/silent.wav", "buzz/corrupt.wav", "buzz/zero.wav", "buzz/text.wav",
                             "buzz/header-only.wav"}
     assert "silent" in reasons["buzz/silent.wav"] and "empty file" in reasons["buzz/zero.wav"]
@@ -187,7 +195,7 @@ def test_bad_inputs_are_reported_and_skipped(tmp_path):
     assert manifest["classes"] == ["buzz", "hum", "lonely"]
     assert any("empty" in w and "left out" in w for w in manifest["warnings"])
     assert any("'lonely'" in w and "only 1 recording" in w for w in manifest["warnings"])
-    placed = {s for split in manifest["splits"].values() for s in split["sources"]}
+    placed = set(split_of(tmp_path / "out"))
     assert {"buzz/8bit.wav", "buzz/24bit.wav", "buzz/float.wav", "buzz/stereo48k.flac", "buzz/short.wav",
             "buzz/sønderjysk-ä.wav", "lonely/only.wav"} <= placed
     assert len(placed) + len(reasons) == 5 + 11 + 1
@@ -205,10 +213,10 @@ def test_an_unexpected_decoder_error_skips_that_file_only(tmp_path, monkeypatch)
         return real_load(path, sample_rate)
 
     monkeypatch.setattr(build_module, "load", load)
-    manifest = build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False).manifest
-    [skipped] = manifest["skipped"]
+    build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False)
+    [skipped] = load_manifest(tmp_path / "out").skipped
     assert "could not be decoded (IndexError: list index out of range)" in skipped["reason"]
-    assert sum(len(s["sources"]) for s in manifest["splits"].values()) == 8
+    assert len(split_of(tmp_path / "out")) == 8
 
 
 def test_discovery_walks_nested_folders_and_links_like_pathlib(tmp_path):
@@ -271,16 +279,15 @@ def test_csv_input_with_groups_and_fixed_splits(tmp_path):
     rows += [f"{p},drone,,{'test' if i < 2 else ''}" for i, p in enumerate(drone)]
     rows += ["missing.wav,drone,,", ",drone,,", f"{drone[0]},drone,,holdout"]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
-    manifest = build_shards(tmp_path / "list.csv", tmp_path / "out", load_config(), workers=2,
-                            progress=False).manifest
-    where = {rel: split for split, info in manifest["splits"].items() for rel in info["sources"]}
+    build_shards(tmp_path / "list.csv", tmp_path / "out", load_config(), workers=2, progress=False)
+    where = split_of(tmp_path / "out")
     speakers = {}
     for path in speech[::10]:
         speakers.setdefault(path.stem.split("_")[0], set()).add(where[str(path)])
     assert len(speakers) == 6 and all(len(s) == 1 for s in speakers.values()), speakers  # one speaker, one split
     assert {s for splits in speakers.values() for s in splits} == set(SPLITS)
     assert where[str(drone[0])] == "test" and where[str(drone[1])] == "test"
-    reasons = " ".join(s["reason"] for s in manifest["skipped"])
+    reasons = " ".join(s["reason"] for s in load_manifest(tmp_path / "out").skipped)
     assert "file not found" in reasons and "empty path or label" in reasons and "'holdout'" in reasons
     assert "line " in reasons
 
@@ -297,7 +304,7 @@ def test_split_is_grouped_stratified_and_seeded():
 
 def test_manifest_records_what_is_needed(real_build):
     data = json.loads((real_build / "manifest.json").read_text())
-    assert data["format_version"] == 1 and data["features"]["n_mels"] == 64
+    assert data["format_version"] == 2 and data["features"]["n_mels"] == 64
     assert data["normalization"]["std"] > 0 and data["config"]["audio"]["sample_rate"] == 16000
 
 
@@ -315,7 +322,8 @@ def test_parts_and_merge_equal_a_one_shot_build(tmp_path):
     assert merged["normalization"]["std"] == pytest.approx(whole["normalization"]["std"], rel=1e-9)
     for split in SPLITS:
         assert merged["splits"][split]["class_counts"] == whole["splits"][split]["class_counts"]
-        assert sorted(merged["splits"][split]["sources"]) == sorted(whole["splits"][split]["sources"])
+        assert merged["splits"][split]["recordings_file"]["rows"] == whole["splits"][split]["recordings_file"]["rows"]
+    assert split_of(tmp_path / "parts") == split_of(tmp_path / "whole")
     clean(tmp_path / "parts")
     assert not (tmp_path / "parts").exists()
 
@@ -326,8 +334,8 @@ def test_segments_of_one_fetched_video_share_a_split(tmp_path):
     rows = ["path,label,url,link,extractor,id"]
     rows += [f"drone/{p.name},drone,u,l,youtube,VIDEO1" for p in drones[:5]]  # five segments of one video
     (raw / "sources.csv").write_text("\n".join(rows) + "\n")
-    manifest = build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False).manifest
-    where = {rel: split for split, info in manifest["splits"].items() for rel in info["sources"]}
+    build_shards(raw, tmp_path / "out", load_config(), workers=1, progress=False)
+    where = split_of(tmp_path / "out")
     assert len({where[f"drone/{p.name}"] for p in drones[:5]}) == 1
 
 

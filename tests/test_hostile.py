@@ -511,7 +511,8 @@ def edit_manifest(build: Path, edit) -> None:
     (lambda d: d["splits"]["val"].update(samples=10**9), "'samples' must equal the sum"),
     (lambda d: d["splits"]["val"]["class_counts"].pop("car"), "'class_counts' must give a count for every class"),
     (lambda d: d["splits"]["val"]["shards"][0].pop("bytes"), "must hold file, samples, sha256 and bytes"),
-    (lambda d: d.update(skipped=[{"path": 1}]), "'skipped' must be a list of {path, reason}"),
+    (lambda d: d["skipped_file"].update(rows=-1), "'skipped_file' must give rows and bytes within"),
+    (lambda d: d.update(format_version=1), "'sources' must be a list of recording names"),  # v1: lists inline
 ])
 def test_manifest_schema_is_checked_at_load(real_build, tmp_path, edit, message):
     build = copy_build(real_build, tmp_path)
@@ -544,7 +545,8 @@ def test_property_hostile_npy_headers_give_only_shard_errors(real_build, shape, 
 @HOSTILE
 @given(path=st.lists(st.sampled_from(["classes", "features", "block_size", "normalization", "splits", "skipped",
                                       "n_mels", "sample_rate", "chunk_seconds", "hop_length", "mean", "std", "val",
-                                      "shards", 0, "samples", "sha256", "bytes", "sources", "class_counts"]),
+                                      "shards", 0, "samples", "sha256", "bytes", "sources", "class_counts",
+                                      "recordings_file", "skipped_file", "rows", "file", "format_version"]),
                      min_size=1, max_size=4), value=ODD_VALUES)
 def test_property_hostile_manifests_give_only_manifest_errors(real_build, tmp_path_factory, path, value):
     data = json.loads((real_build / "manifest.json").read_text())
@@ -559,15 +561,21 @@ def test_property_hostile_manifests_give_only_manifest_errors(real_build, tmp_pa
             node[path[-1]] = value
     build = tmp_path_factory.mktemp("m")
     (build / "manifest.json").write_text(json.dumps(data, allow_nan=True))
+    for path in real_build.glob("*.jsonl"):  # the list files beside it
+        (build / path.name).write_bytes(path.read_bytes())
     try:
         manifest = load_manifest(build)
     except ManifestError as exn:
         assert str(build) in str(exn)
-    else:  # what a valid manifest promises: every reader-facing property works
-        format_info(manifest, str(build))
+    else:  # what a valid manifest promises: every reader-facing property works, or names its build
         assert member_limits(manifest)["mel.npy"] < 300 << 20
         for split in manifest.split_names:
-            manifest.shards(split), manifest.sources(split), manifest.samples(split)
+            manifest.shards(split), manifest.samples(split)
+        try:  # the list files are checked when read: an entry that does not match them is refused then
+            format_info(manifest, str(build))
+            [list(manifest.sources(split)) for split in manifest.split_names]
+        except ManifestError as exn:
+            assert str(build) in str(exn)
 
 
 @HOSTILE
@@ -770,14 +778,14 @@ def test_csv_rows_naming_one_file_twice_are_reported(tmp_path):
     (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
     proc = run_measured("build", tmp_path / "list.csv", "--out", tmp_path / "out", "--quiet")[0]
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    reasons = {(s["path"], s["reason"]) for s in manifest["skipped"]}
+    manifest = load_manifest(tmp_path / "out")
+    reasons = {(s["path"], s["reason"]) for s in manifest.skipped}
     assert (str(drones[0]), "list.csv line 2: the same file is listed with labels car, drone; give it one label") \
         in reasons
     assert (str(drones[0]), "list.csv line 18: the same file is listed with labels car, drone; give it one label") \
         in reasons
     assert (str(cars[0]), "list.csv line 19: the same file as line 10 (used once)") in reasons
-    used = [s for split in manifest["splits"].values() for s in split["sources"]]
+    used = [s for split in manifest.split_names for s in manifest.sources(split)]
     assert len(used) == len(set(used)) == 15 and str(drones[0]) not in used
 
 
@@ -800,7 +808,7 @@ def test_audio_longer_than_build_holds_is_skipped_before_decoding(tmp_path, monk
     forged_flac(raw / "drone" / "forged.flac", (1 << 36) - 1)
     proc, peak_mb, _ = run_measured("build", raw, "--out", tmp_path / "out", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    skipped = json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]
+    skipped = load_manifest(tmp_path / "out").skipped
     assert [s["path"] for s in skipped] == ["drone/forged.flac"]
     assert "68719476735 frames x 1 channels are more than audioshard build decodes" in skipped[0]["reason"]
     assert peak_mb < BASELINE_MB, peak_mb

@@ -63,7 +63,7 @@ def prepare(work: Path, source: Path, target: int) -> dict:
 
     from audioshard.build import build_shards
     from audioshard.config import load_config
-    from audioshard.manifest import load_manifest, write_json_atomic
+    from audioshard.manifest import load_manifest, write_json_atomic, write_list_file
     from audioshard.stream import ShardStream
     from audioshard.writer import SplitWriter
 
@@ -97,8 +97,14 @@ def prepare(work: Path, source: Path, target: int) -> dict:
             writer.add(mel[None], label, n % 1000, np.array([0.0], np.float32))
         shards = writer.close()
         data = dict(manifest.data)
-        data["splits"] = {"train": {"shards": shards, "samples": count, "class_counts": {}, "recordings": {},
-                                    "audio_seconds": 0, "sources": [str(i) for i in range(1000)]}}
+        labels = np.bincount([label for _, _, label in tiled(count)], minlength=len(manifest.classes))
+        # 1000 stand-in recordings (the chunks' `source` indices), all under the first class
+        sources = write_list_file(out, "train-recordings.jsonl",
+                                  ({"path": str(i), "label": manifest.classes[0]} for i in range(1000)))
+        data["splits"] = {"train": {
+            "shards": shards, "samples": count, "audio_seconds": 0, "recordings_file": sources.to_dict(),
+            "class_counts": {c: int(n) for c, n in zip(manifest.classes, labels, strict=True)},
+            "recordings": {c: 1000 if i == 0 else 0 for i, c in enumerate(manifest.classes)}}}
         write_json_atomic(out / "manifest.json", data)
 
     plain = work / "plain"
