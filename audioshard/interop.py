@@ -8,7 +8,7 @@ per chunk:
     for chunk in wds.WebDataset(urls, shardshuffle=False).compose(audioshard.unblock):
         chunk["mel"]      # (n_mels, frames) float16 log-mel dB (normalise with the manifest's mean/std)
         chunk["label"]    # class index into the manifest's `classes`
-        chunk["source"]   # recording index into the split's `sources` in the manifest
+        chunk["source"]   # recording index into the split's recordings ({split}-recordings.jsonl)
         chunk["start"]    # seconds into that recording
 
 The members are parsed as `ShardStream` parses them: headers checked before any data is touched,

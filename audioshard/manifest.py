@@ -218,7 +218,7 @@ class Sources(Sequence[str]):
     def __len__(self) -> int:
         return self._count
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int | slice) -> str | list[str]:
         return self._manifest.source_names(self._split)[index]
 
     def __iter__(self) -> Iterator[str]:
@@ -254,7 +254,7 @@ class Manifest:
         self.root = root
         self.fetcher = fetcher  # how shards are read: the same timeouts, retries and cache as the manifest
         self._split_info: dict[str, SplitInfo] = {}
-        self._lists: dict[str, list[dict[str, Any]]] = {}  # list files read so far, by file name
+        self._lists: dict[str, list[Any]] = {}  # list files read so far (rows by file name, or names by split)
         self._check()
 
     def _check(self) -> None:
@@ -338,22 +338,29 @@ class Manifest:
         info = self.split(split)
         if info.sources is not None:
             return [{"path": name} for name in info.sources]
-        return self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem)
+        return list(self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem))
 
     def source_names(self, split: str) -> list[str]:
+        """The split's recording names in write order (what `sources(split)` gives item by item); reads the list."""
         info = self.split(split)
         if info.sources is not None:
             return info.sources
-        key = f"names:{split}"
-        if key not in self._lists:  # kept apart from the rows: a million names are far smaller than their dicts
-            self._lists[key] = [row["path"] for row in self.recording_rows(split)]
+        key = f"names:{split}"  # ':' cannot be in a list file's name (`join` refuses it)
+        if key not in self._lists:  # only the names are kept: a million names are far smaller than their rows
+            rows = self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem,
+                                   keep=False)
+            self._lists[key] = [row["path"] for row in rows]
         return self._lists[key]
 
-    def _read_list(self, entry: ListFile, what: str, row_problem: Callable[[Any], str]) -> list[dict[str, Any]]:
-        if entry.file not in self._lists:
-            self._lists[entry.file] = read_list_file(self.fetcher, join(self.root, entry.file), entry, what,
-                                                     row_problem)
-        return self._lists[entry.file]
+    def _read_list(self, entry: ListFile, what: str, row_problem: Callable[[Any], str],
+                   keep: bool = True) -> list[dict[str, Any]]:
+        """A list file's rows, read (and checked) once if `keep`, else every time."""
+        if entry.file in self._lists:
+            return self._lists[entry.file]
+        rows = read_list_file(self.fetcher, join(self.root, entry.file), entry, what, row_problem)
+        if keep:
+            self._lists[entry.file] = rows
+        return rows
 
     @property
     def format_version(self) -> int:
