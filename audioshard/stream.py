@@ -19,16 +19,20 @@ manifest alone, so the number of batches per epoch is known before reading anyth
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import itertools
 import math
 import multiprocessing as mp
 import random
 import sys
 import tarfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
@@ -145,8 +149,16 @@ def tar_members(stream, location: str, limits: dict[str, int]) -> Iterator[dict[
 
     Plain tars only: mode "r|" never decompresses, where webdataset's "r|*" would inflate a small
     gzip/bz2/xz shard to any size. Memory per member is bounded by `limits`, from the manifest.
+    A shard held in memory whose headers are all plain files (what `audioshard build` writes) is read
+    by `plain_members`, in place; anything else by tarfile.
     """
     _refuse_compressed(stream)
+    if isinstance(stream, io.BytesIO):
+        data = stream.getvalue()  # the bytes it was made from, not a copy
+        spans = plain_spans(data)
+        if spans is not None:
+            yield from plain_members(data, spans, location, limits)
+            return
     with tarfile.open(fileobj=stream, mode="r|", tarinfo=_PlainTarInfo) as tar:
         for member in tar:
             tar.members = []  # a stream has no index to keep: drop each header once seen
@@ -159,6 +171,64 @@ def tar_members(stream, location: str, limits: dict[str, int]) -> Iterator[dict[
                 raise UnsafeMemberError(f"member {member.name!r} claims {member.size} bytes; a block of this "
                                         f"build holds at most {limits[suffix]}: forged or foreign shard")
             yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": location}
+    yield {}
+
+
+TAR_BLOCK = 512
+_ZERO_HEADER = bytes(TAR_BLOCK)
+
+
+def plain_spans(data: bytes) -> list[tuple[str, int, int]] | None:
+    """(name, start, size) of every member of an in-memory tar when all of them are plain files with
+    valid ustar headers, in bounds; None when anything else appears (long names, pax headers, links,
+    sparse files, base-256 sizes, a bad checksum, data past the end), for tarfile to read or refuse.
+
+    Python's tarfile costs ~30 us a member in pure-Python header parsing, about a third of all the
+    work of streaming a shard; our own shards hold plain members only, and this reads them ~20x faster.
+    """
+    spans, offset, end = [], 0, len(data)
+    while offset + TAR_BLOCK <= end:
+        header = data[offset:offset + TAR_BLOCK]
+        if header == _ZERO_HEADER:
+            return spans
+        if header[156:157] not in (b"0", b"\0") or header[124] & 0x80 or not _checksum_ok(header):
+            return None
+        try:
+            size = int(header[124:136].rstrip(b"\0 ").strip() or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar: a name prefix
+            return None
+        start = offset + TAR_BLOCK
+        if start + size > end:
+            return None
+        spans.append((name, start, size))
+        offset = start + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return spans if offset >= end else None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """The ustar header checksum: the sum of its bytes with the checksum field read as spaces."""
+    try:
+        stored = int(header[148:156].rstrip(b"\0 ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(header) - sum(header[148:156]) + 8 * 32
+
+
+def plain_members(data: bytes, spans: list[tuple[str, int, int]], location: str,
+                  limits: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """`tar_members` for a tar checked by `plain_spans`: its members as views into `data`, no copies."""
+    view = memoryview(data)
+    for name, start, size in spans:
+        suffix = name.rsplit("/", 1)[-1].split(".", 1)[-1]
+        if suffix not in limits:
+            continue
+        if size > limits[suffix]:
+            raise UnsafeMemberError(f"member {name!r} claims {size} bytes; a block of this build holds at most "
+                                    f"{limits[suffix]}: forged or foreign shard")
+        yield {"fname": name, "data": view[start:start + size], "__url__": location}
     yield {}
 
 
@@ -194,7 +264,7 @@ def decode_npy(data: bytes, dtype: str, shape_tail: tuple[int, ...], max_rows: i
 
 def npy_header(data: bytes, where: str) -> tuple[Any, Any, tuple, int]:
     """(descr, fortran_order, shape, payload offset) of .npy bytes, parsed as a literal, never evaluated."""
-    if not data.startswith(NPY_MAGIC) or len(data) < 10:
+    if bytes(data[:len(NPY_MAGIC)]) != NPY_MAGIC or len(data) < 10:  # data: bytes or a memoryview
         raise ShardDataError(f"{where}: not an .npy array")
     major = data[6]
     if major == 1:
@@ -358,8 +428,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         if self.transform is not None and hasattr(self.transform, "reseed"):
             self.transform.reseed(self.seed, self.epoch, self.rank, worker)
-        tasks = self._tasks(worker, workers)
-        blocks = (block for task in tasks for block in read_blocks(self.manifest, self.split, task, self._bad))
+        tasks = opened_ahead(self.manifest, self._tasks(worker, workers))
+        blocks = (block for task, opening in tasks
+                  for block in read_blocks(self.manifest, self.split, task, self._bad, opening))
         capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
         batches = itertools.islice(batched(blocks, self.batch_size, capacity, rng if self.shuffle else None), skip,
                                    None)
@@ -391,17 +462,41 @@ def resume_plan(reader_batches: list[int], consumed: int, pack: int) -> tuple[in
     return turn % max(1, len(reader_batches)), skips
 
 
-def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[ShardDataError], None]
-                ) -> Iterator[dict[str, np.ndarray]]:
+def open_task(manifest: Manifest, task: ReadTask) -> BinaryIO:
+    """A task's shard, read (downloaded) and checked against the manifest's size and sha256."""
+    return manifest.fetcher.open_shard(manifest.shard_location(task.shard), task.shard.bytes, task.shard.sha256)
+
+
+def opened_ahead(manifest: Manifest, tasks: list[ReadTask]) -> Iterator[tuple[ReadTask, Future]]:
+    """Each task with its shard being opened one task ahead, in a thread: the next shard is read or
+    downloaded and its sha256 checked (both release the GIL) while this one is parsed. Costs one more
+    shard in memory per reader; nothing of a shard is parsed before its check has passed."""
+    pending: deque[tuple[ReadTask, Future]] = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="audioshard-open") as pool:
+        try:
+            for task in tasks:
+                pending.append((task, pool.submit(open_task, manifest, task)))
+                if len(pending) > 1:
+                    yield pending.popleft()
+            while pending:
+                yield pending.popleft()
+        finally:  # stopped early: close what was opened for nothing
+            for _, opening in pending:
+                with contextlib.suppress(Exception):
+                    opening.result().close()
+
+
+def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[ShardDataError], None],
+                opening: Future | None = None) -> Iterator[dict[str, np.ndarray]]:
     """The blocks of one read task (a shard, every `stride`-th block from `offset`), checked: a shard that
     is not what the manifest promised, a malformed block or a short shard goes to `bad` (skip and count,
-    or raise), never silently."""
+    or raise), never silently. `opening`: the shard already being opened (`opened_ahead`)."""
     limits, sources = member_limits(manifest), len(manifest.sources(split))
     location = manifest.shard_location(task.shard)
     sizes = block_sizes(task.shard, manifest.block_size)[task.offset::task.stride]
     expected, blocks, read, failed = sum(sizes), 0, 0, 0
     try:
-        stream = manifest.fetcher.open_shard(location, task.shard.bytes, task.shard.sha256)
+        stream = opening.result() if opening is not None else open_task(manifest, task)
     except IntegrityError as exn:  # never read a shard that is not what the manifest promised
         bad(ShardDataError(str(exn)))
         return
@@ -435,24 +530,42 @@ def batched(blocks: Iterable[dict[str, np.ndarray]], batch_size: int, capacity: 
             rng: np.random.Generator | None) -> Iterator[Batch]:
     """Blocks into batches. With `rng` (shuffling), a buffer of `capacity` chunks: when it is full, whole
     batches are drawn at random from half of the held chunks and the other half is kept to mix with
-    the blocks that come next. Without, batches in stored order. The last batch may be smaller."""
-    held: list[dict[str, np.ndarray]] = []
+    the blocks that come next. Without, batches in stored order. The last batch may be smaller.
+
+    The buffer is one preallocated array per field: each chunk is copied in once, and the kept half
+    moves to its front, instead of the held blocks being concatenated again at every draw."""
+    buffer: dict[str, np.ndarray] = {}
     count = 0
     for block in blocks:
-        held.append(block)
-        count += len(block["y"])
+        rows = len(block["y"])
+        buffer = _room(buffer, block, count + rows, capacity)
+        for key, values in block.items():
+            buffer[key][count:count + rows] = values
+        count += rows
         if count >= capacity:
             keep = capacity // 2 if rng is not None else 0
             n_emit = (count - keep) // batch_size * batch_size
             if n_emit:
-                merged = _concat(held)
                 order = rng.permutation(count) if rng is not None else np.arange(count)
-                yield from _emit(merged, order[:n_emit], batch_size)
-                held = [{k: v[order[n_emit:]] for k, v in merged.items()}]
-                count -= n_emit
+                yield from _emit(buffer, order[:n_emit], batch_size)  # gathers: batches never alias the buffer
+                rest = order[n_emit:]
+                for values in buffer.values():
+                    values[:len(rest)] = values[rest]
+                count = len(rest)
     if count:
-        merged = _concat(held)
-        yield from _emit(merged, rng.permutation(count) if rng is not None else np.arange(count), batch_size)
+        yield from _emit(buffer, rng.permutation(count) if rng is not None else np.arange(count), batch_size)
+
+
+def _room(buffer: dict[str, np.ndarray], block: dict[str, np.ndarray], needed: int,
+          capacity: int) -> dict[str, np.ndarray]:
+    """The buffer, (re)allocated to hold at least `needed` rows (first `capacity` plus a block)."""
+    if buffer and len(buffer["y"]) >= needed:
+        return buffer
+    rows = max(needed, capacity + len(block["y"]))
+    grown = {key: np.empty((rows, *values.shape[1:]), values.dtype) for key, values in block.items()}
+    for key, values in buffer.items():
+        grown[key][:len(values)] = values
+    return grown
 
 
 def _emit(merged: dict[str, np.ndarray], order: np.ndarray, batch_size: int) -> Iterator[Batch]:
@@ -477,11 +590,6 @@ def packed(batches: Iterable[Batch], first: int = 0) -> Iterator[Packed]:
             group, size = [], PACK_BATCHES
     if group:
         yield _pack(group)
-
-
-def _concat(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """The held blocks as one block (each field concatenated)."""
-    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 
 # Batches a loader worker sends to the main process in one transfer. Each transfer moves every tensor

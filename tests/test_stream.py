@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from audioshard.manifest import ShardInfo, load_manifest, sha256_file
-from audioshard.stream import ShardDataError, ShardStream, decode_npy, make_loader, open_shards, reader_tasks
+from audioshard.stream import (
+    ShardDataError,
+    ShardStream,
+    decode_npy,
+    make_loader,
+    member_limits,
+    open_shards,
+    plain_spans,
+    reader_tasks,
+    tar_members,
+)
 
 
 def chunk_ids(batches) -> list[tuple[int, float]]:
@@ -151,3 +161,54 @@ def test_hostile_members_are_never_unpickled(real_build, tmp_path):
     batches = list(ShardStream(load_manifest(build), "val", batch_size=1000))
     assert sum(len(b.y) for b in batches) > 0
     assert not Path(marker).exists()
+
+
+def members(stream, limits):
+    return [(m["fname"], bytes(m["data"])) if m else None for m in tar_members(stream, "shard", limits)]
+
+
+def test_in_memory_reader_gives_what_tarfile_gives(real_build):
+    """Shards held in memory are read by audioshard's own header parser; it must agree with tarfile."""
+    manifest = load_manifest(real_build)
+    limits = member_limits(manifest)
+    for split in ("train", "val"):
+        for shard in manifest.shards(split):
+            data = (real_build / shard.file).read_bytes()
+            assert plain_spans(data) is not None  # our own shards take the fast path
+            with open(real_build / shard.file, "rb") as stream:  # a file: tarfile reads it
+                assert members(io.BytesIO(data), limits) == members(stream, limits)
+
+
+def tar_with(add) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        add(tar)
+    return buffer.getvalue()
+
+
+def plain(tar, name, data=b"x" * 10):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def symlink(tar):
+    info = tarfile.TarInfo("x.mel.npy")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(info)
+
+
+@pytest.mark.parametrize("make", [
+    lambda tar: plain(tar, "a" * 150 + ".mel.npy"),  # a GNU long name: a header of its own
+    symlink,
+])
+def test_in_memory_reader_leaves_anything_unusual_to_tarfile(make):
+    assert plain_spans(tar_with(make)) is None
+
+
+def test_in_memory_reader_refuses_bad_checksums_and_members_past_the_end():
+    data = bytearray(tar_with(lambda tar: plain(tar, "0.mel.npy")))
+    assert plain_spans(bytes(data)) == [("0.mel.npy", 512, 10)]
+    assert plain_spans(bytes(data[:520])) is None  # the member's data runs past the end
+    data[0] ^= 1  # the name changes, the checksum does not
+    assert plain_spans(bytes(data)) is None
