@@ -608,9 +608,9 @@ def print_table(result: dict, methods: list[str]) -> None:
           + "   best peer   train/peer   worker_aug/peer")
     for key, rates in result["samples_per_s"].items():
         r = result["ratios"][key]
+        train, worker = (f"{r[k]}x" if k in r else "-" for k in ("train_path_vs_best_peer", "worker_aug_vs_best_peer"))
         print(f"{key:<8}" + "".join(f"{rates.get(m, '-'):>15}" for m in methods)
-              + f"   {r['best_peer'] or '-':>9}   {r.get('train_path_vs_best_peer', '-'):>9}x"
-              f"   {r.get('worker_aug_vs_best_peer', '-'):>14}x")
+              + f"   {r['best_peer'] or '-':>9}   {train:>10}   {worker:>15}")
         print(f"{'  PSS MB':<8}" + "".join(f"{result['peak_pss_mb'][key].get(m, '-'):>15}" for m in methods))
     print("ratios:", json.dumps(result["ratios"]))
     for method, package in result["skipped"].items():
