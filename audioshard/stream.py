@@ -19,7 +19,6 @@ manifest alone, so the number of batches per epoch is known before reading anyth
 from __future__ import annotations
 
 import ast
-import contextlib
 import io
 import itertools
 import math
@@ -472,18 +471,26 @@ def opened_ahead(manifest: Manifest, tasks: list[ReadTask]) -> Iterator[tuple[Re
     downloaded and its sha256 checked (both release the GIL) while this one is parsed. Costs one more
     shard in memory per reader; nothing of a shard is parsed before its check has passed."""
     pending: deque[tuple[ReadTask, Future]] = deque()
-    with ThreadPoolExecutor(1, thread_name_prefix="audioshard-open") as pool:
-        try:
-            for task in tasks:
-                pending.append((task, pool.submit(open_task, manifest, task)))
-                if len(pending) > 1:
-                    yield pending.popleft()
-            while pending:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="audioshard-open")
+    try:
+        for task in tasks:
+            pending.append((task, pool.submit(open_task, manifest, task)))
+            if len(pending) > 1:
                 yield pending.popleft()
-        finally:  # stopped early: close what was opened for nothing
-            for _, opening in pending:
-                with contextlib.suppress(Exception):
-                    opening.result().close()
+        while pending:
+            yield pending.popleft()
+    finally:
+        # Stopped early (or done). Never wait here: an abandoned generator is finalised by the garbage
+        # collector in whatever thread runs it, possibly the pool's own, which would wait for itself.
+        for _, opening in pending:
+            opening.add_done_callback(_close_opened)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _close_opened(opening: Future) -> None:
+    """Close a shard that was opened for nothing (a cancelled or failed opening has nothing to close)."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[ShardDataError], None],

@@ -14,7 +14,7 @@ from audioshard.info import check_pipeline, format_info
 from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher, SourceError
 from audioshard.serve import serving
-from audioshard.stream import ShardDataError, ShardStream
+from audioshard.stream import ReadTask, ShardDataError, ShardStream, opened_ahead
 from audioshard.train import train
 
 FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)
@@ -200,3 +200,17 @@ def test_a_cache_limit_that_is_not_a_size_is_refused_up_front():
     with pytest.raises(ConfigError, match="not a size"):
         load_config(overrides=["shards.cache_limit=lots"])
     assert load_config(overrides=["shards.cache_limit=2GiB"]).fetcher().cache_limit == 2 << 30
+
+
+def test_abandoning_a_stream_never_waits_for_the_shard_being_opened_ahead(server):
+    """The next shard is opened in a thread; a stream left mid-way (and finalised, maybe by the garbage
+    collector in that very thread) must not wait for it: here the shard opened ahead hangs for 10 s."""
+    manifest = load_manifest(server.url, FAST)
+    second = manifest.shards("val")[1]
+    server.faults["/" + second.file] = ["stall"]
+    reading = opened_ahead(manifest, [ReadTask(s) for s in manifest.shards("val")])
+    task, opening = next(reading)
+    opening.result().close()
+    started = time.time()
+    reading.close()
+    assert time.time() - started < 1.0
