@@ -247,7 +247,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 class Manifest:
-    """A loaded manifest plus where it came from (a folder or an http(s) URL)."""
+    """A loaded manifest plus where it came from (a folder, or an http(s):// or s3:// URL)."""
 
     def __init__(self, data: dict[str, Any], root: str, fetcher: Fetcher = DEFAULT_FETCHER):
         self.data = data
@@ -530,7 +530,7 @@ def _report_problem(data: dict[str, Any]) -> str:
 
 
 def load_manifest(source: str | Path, fetcher: Fetcher = DEFAULT_FETCHER) -> Manifest:
-    """Load `SOURCE/manifest.json` from a build folder or an http(s) URL of one."""
+    """Load `SOURCE/manifest.json` from a build folder, or an http(s):// or s3:// URL of one."""
     root = str(source)
     if root.endswith(MANIFEST_NAME):
         root = root[: -len(MANIFEST_NAME)].rstrip("/") or "."

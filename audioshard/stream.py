@@ -1,4 +1,4 @@
-"""Stream batches from shards: an IterableDataset over local or http(s) build folders.
+"""Stream batches from shards: an IterableDataset over build folders: local, http(s):// or s3://.
 
 The pipeline, stage by stage (each a small function below):
 
@@ -689,7 +689,7 @@ def open_shards(source: str, split: str = "train", batch_size: int = 64, *, shuf
     """Stream one split of a build as ready-to-train batches, for any PyTorch loop.
 
     Args:
-        source: a build folder or an http(s):// URL of one.
+        source: a build folder, or an http(s):// or s3:// URL of one.
         split: "train", "val" or "test".
         shuffle: default True for train, False otherwise.
         augment: apply noise and SpecAugment masks (default: True for train); the normalisation

@@ -232,7 +232,7 @@ def train(shards: str, run_dir: str | Path, cfg: Config, resume: bool = False, p
     """Train on a build's shards; writes checkpoints, history and artifacts into `run_dir`.
 
     Args:
-        shards: build folder or http(s) URL of one.
+        shards: build folder, or an http(s):// or s3:// URL of one.
         cfg: the resolved config (its [train], [augment] and [model] sections are used).
         resume: continue from `run_dir/last.pt` (its saved config wins, except train.epochs).
         stop_after_epoch: stop as if interrupted after this many epochs (for tests and time limits).
