@@ -698,7 +698,8 @@ def open_shards(source: str, split: str = "train", batch_size: int = 64, *, shuf
 
     Returns:
         An iterable of `Batch(x, y, source, start)` with x: (B, 1, n_mels, frames) float32,
-        normalised; `len()` gives batches per epoch; call `.set_epoch(e)` before each epoch.
+        normalised; `len()` gives batches per epoch; call `.set_epoch(e)` before each epoch;
+        `.state_dict()` / `.load_state_dict(state)` continue exactly mid-epoch (docs/training.md).
 
     Example:
         >>> loader = open_shards("shards/", "train", batch_size=64, num_workers=2)
