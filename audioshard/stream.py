@@ -379,10 +379,6 @@ class ShardStream(torch.utils.data.IterableDataset):
                               for t in reader_tasks(order, rank * workers + worker, self.world_size * workers))
                           / self.batch_size) for worker in range(workers)]
 
-    def state_dict(self) -> dict[str, int]:
-        """Where the next iteration starts: the epoch and the batches of it already consumed."""
-        return {"epoch": self.epoch, "batches": self.resume_batches}
-
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Make the next iteration yield epoch `state["epoch"]` without its first `state["batches"]` batches,
         in the order an uninterrupted iteration would have yielded them (same rank count and workers)."""
@@ -418,6 +414,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         slot, workers = (info.id, info.num_workers) if info else (0, 1)
         # Read now, not when the generator first runs: the next iteration starts from the epoch's beginning.
         consumed, self.resume_batches = self.resume_batches, 0
+        if not consumed:  # the usual case: nothing to leave out, no plan to compute
+            return self._batches(slot, workers, 0, packs=info is not None)
         first, skips = resume_plan(self.reader_batches(workers), consumed, PACK_BATCHES if info else 1)
         # Loader workers take turns from slot 0; rotating readers over slots restores the interrupted order.
         worker = (slot + first) % workers
@@ -455,8 +453,8 @@ def resume_plan(reader_batches: list[int], consumed: int, pack: int) -> tuple[in
                 # mid-pack: the same reader continues; else the next reader with batches left
                 turn = reader if skips[reader] % pack and skips[reader] < total else reader + 1
                 break
-        else:
-            if left > 0 and sum(skips) == sum(reader_batches):
+        else:  # a whole round without reaching `consumed`
+            if sum(skips) == sum(reader_batches):
                 raise ValueError(f"cannot skip {consumed} batches of an epoch of {sum(reader_batches)}")
     return turn % max(1, len(reader_batches)), skips
 
@@ -498,7 +496,7 @@ def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[S
     """The blocks of one read task (a shard, every `stride`-th block from `offset`), checked: a shard that
     is not what the manifest promised, a malformed block or a short shard goes to `bad` (skip and count,
     or raise), never silently. `opening`: the shard already being opened (`opened_ahead`)."""
-    limits, sources = member_limits(manifest), len(manifest.sources(split))
+    limits, sources = member_limits(manifest), manifest.source_count(split)
     location = manifest.shard_location(task.shard)
     sizes = block_sizes(task.shard, manifest.block_size)[task.offset::task.stride]
     expected, blocks, read, failed = sum(sizes), 0, 0, 0

@@ -89,8 +89,7 @@ def measure_size(source: Path, copies: int, audio_seconds: float, work: Path) ->
     build_s, build_rss, _ = run_measured([*cli, "build", str(raw), "--out", str(build), "--quiet"])
     manifest = json.loads((build / "manifest.json").read_text())
     shards = sum(len(info["shards"]) for info in manifest["splits"].values())
-    side = sum(p.stat().st_size for p in build.iterdir() if p.suffix in (".jsonl", ".gz", ".json")
-               and p.name != "manifest.json")
+    side = sum(p.stat().st_size for p in build.iterdir() if p.suffix == ".jsonl")  # the list files
     first = subprocess.run([sys.executable, "-c", FIRST_BATCH, str(build)], capture_output=True, text=True,
                            check=True).stdout.split()
     verify_s, _, _ = run_measured([*cli, "verify", str(build)])
