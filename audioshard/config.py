@@ -72,6 +72,7 @@ class ShardsConfig:
     cache_dir: str = ""
     cache_limit: str = ""
     verify_local: bool = True
+    remember_verified: bool = True
     strict: bool = False
 
 
@@ -147,7 +148,7 @@ class Config:
 
         return Fetcher(timeout=self.shards.http_timeout, retries=self.shards.http_retries,
                        cache_dir=self.shards.cache_dir, cache_limit=parse_size(self.shards.cache_limit),
-                       verify_local=self.shards.verify_local)
+                       verify_local=self.shards.verify_local, remember_verified=self.shards.remember_verified)
 
 
 MAX_WIDTH = 256  # model.width: cnn6 at 256 has ~75 M parameters (300 MB); checkpoints asking more are refused too

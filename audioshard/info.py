@@ -151,8 +151,10 @@ def verify_build(source: str, fetcher=None) -> tuple[bool, str]:
     from audioshard.remote import DEFAULT_FETCHER, SourceError
     from audioshard.stream import ShardDataError, ShardStream, block_sizes
 
-    # sha256 always, whatever shards.verify_local says: checking is what this command is for.
-    manifest = load_manifest(source, dataclasses.replace(fetcher or DEFAULT_FETCHER, verify_local=True))
+    # sha256 always, whatever shards.verify_local says and whatever was verified before: checking is what
+    # this command is for.
+    manifest = load_manifest(source, dataclasses.replace(fetcher or DEFAULT_FETCHER, verify_local=True,
+                                                         remember_verified=False))
     problems: list[str] = []
     checked = 0
     for split in manifest.split_names:

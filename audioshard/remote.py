@@ -107,6 +107,8 @@ class Fetcher:
             used ones are removed until it fits. A shard larger than the limit is a clear error.
         verify_local: check the sha256 of local shards too before reading them (remote shards
             are always checked); without it only their size is.
+        remember_verified: with verify_local, record each local shard whose sha256 passed (see
+            `VerifiedRecord`) and read it without hashing again while it is unchanged.
     """
 
     timeout: float = 30.0
@@ -114,6 +116,7 @@ class Fetcher:
     cache_dir: str = ""
     cache_limit: int = 0
     verify_local: bool = True
+    remember_verified: bool = True
     backoff: float = 0.5
 
     def read(self, location: str, parse=None) -> bytes:
@@ -148,10 +151,12 @@ class Fetcher:
                 raise IntegrityError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated "
                                      "or was changed after the build (`audioshard verify` checks every shard)")
             if not (self.verify_local and sha256):
-                if actual <= SPOOL_BYTES:  # read whole: parsed in place from memory (see stream.tar_members)
-                    return io.BytesIO(Path(location).read_bytes())
-                return open(location, "rb")  # noqa: SIM115 - the caller owns the stream
-            stream = _open_verified(location, actual, sha256)
+                return _open_local(location, actual)
+            record = VERIFIED if self.remember_verified else None
+            stream = record.open(location, sha256) if record else None
+            if stream is not None:
+                return stream
+            stream = _open_verified(location, actual, sha256, record)
             if stream is None:
                 raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
                                      "changed after the build")
@@ -297,14 +302,106 @@ def _parsed(parse, data: bytes) -> None:
         raise TransientError(f"the body does not parse ({exn}): truncated by the server or on the way?") from exn
 
 
-def _open_verified(path: str, size: int, sha256: str) -> BinaryIO | None:
-    """The file as a readable stream if its sha256 matches, else None. Files up to SPOOL_BYTES are
-    read once, and that one read serves both the check and the parsing; larger ones are hashed,
-    then opened, rather than held in memory."""
-    if size > SPOOL_BYTES:
-        return open(path, "rb") if sha256_file(path) == sha256 else None  # noqa: SIM115 - the caller owns it
-    data = Path(path).read_bytes()
-    return io.BytesIO(data) if hashlib.sha256(data).hexdigest() == sha256 else None
+def _open_local(path: str, size: int) -> BinaryIO:
+    if size <= SPOOL_BYTES:  # read whole: parsed in place from memory (see stream.tar_members)
+        return io.BytesIO(Path(path).read_bytes())
+    return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+
+
+def _open_verified(path: str, size: int, sha256: str, record: VerifiedRecord | None = None) -> BinaryIO | None:
+    """The file as a readable stream if its sha256 matches, else None (and, with `record`, remembered
+    as verified). Files up to SPOOL_BYTES are read once, and that one read serves both the check and
+    the parsing; larger ones are hashed, then read again from the same open file, rather than held
+    in memory."""
+    stream, opened = open(path, "rb"), None  # noqa: SIM115 - returned to the caller or closed below
+    try:
+        identity = os.fstat(stream.fileno())  # of the very file hashed (not of whatever the path names later)
+        if size > SPOOL_BYTES:
+            digest = hashlib.sha256()
+            while piece := stream.read(PIECE_BYTES):
+                digest.update(piece)
+            stream.seek(0)
+            opened = stream if digest.hexdigest() == sha256 else None
+        else:
+            data = stream.read()
+            opened = io.BytesIO(data) if hashlib.sha256(data).hexdigest() == sha256 else None
+    finally:
+        if opened is not stream:
+            stream.close()
+    if opened is not None and record is not None:
+        record.add(path, identity, sha256)
+    return opened
+
+
+class VerifiedRecord:
+    """Local shards whose sha256 passed, so that they are not hashed again at every epoch and run.
+
+    Hashing costs more CPU than everything else streaming does (sha256 runs at ~1.5 GB/s; a shard is
+    read at several times that), and a training run reads every shard once per epoch per rank. Like
+    git's index, an entry is keyed by the file's identity and change stamps (device, inode, size,
+    modification and change time in ns) and the sha256 the manifest expects: any write to the file,
+    a copy or a replacement changes the key, and then the shard is hashed again. The change time
+    cannot be set back by a program (utime sets it to now). Files changed within the last
+    RACY_SECONDS are never recorded: the kernel's timestamps are coarse, and a write in the same
+    tick as the check would keep the key (git's "racily clean" case).
+
+    Entries are empty files named by the key's hash under `AUDIOSHARD_CACHE` (default
+    $XDG_CACHE_HOME/audioshard, i.e. ~/.cache/audioshard) in verified/: creating one is atomic, so
+    loader workers and ranks share the record without locks. A folder that cannot be written just
+    means hashing every time. `audioshard verify` never uses the record.
+    """
+
+    RACY_SECONDS = 2.0
+
+    def __init__(self, folder: Path | None = None):
+        self._folder = folder
+
+    @property
+    def folder(self) -> Path:
+        if self._folder is not None:
+            return self._folder
+        base = os.environ.get("AUDIOSHARD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                          "audioshard")
+        return Path(base) / "verified"
+
+    def open(self, path: str, sha256: str) -> BinaryIO | None:
+        """The shard read without hashing when it is recorded as verified and unchanged, else None."""
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 - returned to the caller or closed below
+        except OSError:
+            return None
+        try:
+            identity = os.fstat(stream.fileno())
+            if not self.holds(path, identity, sha256):
+                stream.close()
+                return None
+            if identity.st_size <= SPOOL_BYTES:
+                with stream:
+                    return io.BytesIO(stream.read())
+            return stream
+        except OSError:
+            stream.close()
+            return None
+
+    def add(self, path: str, identity: os.stat_result, sha256: str) -> None:
+        if time.time() - identity.st_ctime < self.RACY_SECONDS or time.time() - identity.st_mtime < self.RACY_SECONDS:
+            return
+        with contextlib.suppress(OSError):  # read-only home, full disk: no record, hashing next time
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.folder / self.key(path, identity, sha256), os.O_CREAT | os.O_WRONLY, 0o600))
+
+    def holds(self, path: str, identity: os.stat_result, sha256: str) -> bool:
+        return (self.folder / self.key(path, identity, sha256)).exists()
+
+    @staticmethod
+    def key(path: str, identity: os.stat_result, sha256: str) -> str:
+        """The entry's name: a hash of the file's identity and change stamps and the expected sha256."""
+        fields = (os.path.realpath(path), identity.st_dev, identity.st_ino, identity.st_size, identity.st_mtime_ns,
+                  identity.st_ctime_ns, sha256)
+        return hashlib.sha256(repr(fields).encode()).hexdigest()
+
+
+VERIFIED = VerifiedRecord()
 
 
 def _refuse_other_schemes(location: str) -> None:

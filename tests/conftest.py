@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,16 @@ def _source(function) -> str:
         return inspect.getsource(function)
     except (OSError, TypeError):
         return ""
+
+
+def pytest_configure(config):
+    """audioshard's own small records (shards already verified) go to a folder of this test session, never
+    the user's ~/.cache; loader workers and CLI subprocesses inherit it."""
+    os.environ["AUDIOSHARD_CACHE"] = tempfile.mkdtemp(prefix="audioshard-tests-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("AUDIOSHARD_CACHE", ""), ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
