@@ -357,6 +357,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.num_workers = 1  # set by `loader()` so that batch counts can be computed up front
         # Shared with loader workers (passed to them at process creation), so the trainer can report it.
         self._skipped = mp.Value("l", 0)
+        self.hand_overs: list[HandOver] | None = None  # one per loader worker, set by the loader per iteration
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -414,14 +415,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         slot, workers = (info.id, info.num_workers) if info else (0, 1)
         # Read now, not when the generator first runs: the next iteration starts from the epoch's beginning.
         consumed, self.resume_batches = self.resume_batches, 0
+        hand_over = self.hand_overs[slot] if info is not None and self.hand_overs else None
         if not consumed:  # the usual case: nothing to leave out, no plan to compute
-            return self._batches(slot, workers, 0, packs=info is not None)
+            return self._batches(slot, workers, 0, packs=info is not None, hand_over=hand_over)
         first, skips = resume_plan(self.reader_batches(workers), consumed, PACK_BATCHES if info else 1)
         # Loader workers take turns from slot 0; rotating readers over slots restores the interrupted order.
         worker = (slot + first) % workers
-        return self._batches(worker, workers, skips[worker], packs=info is not None)
+        return self._batches(worker, workers, skips[worker], packs=info is not None, hand_over=hand_over)
 
-    def _batches(self, worker: int, workers: int, skip: int, packs: bool) -> Iterator[Batch]:
+    def _batches(self, worker: int, workers: int, skip: int, packs: bool,
+                 hand_over: HandOver | None = None) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         if self.transform is not None and hasattr(self.transform, "reseed"):
             self.transform.reseed(self.seed, self.epoch, self.rank, worker)
@@ -433,7 +436,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                    None)
         if self.transform is not None:
             batches = (self.transform(batch, index) for index, batch in enumerate(batches, start=skip))
-        yield from packed(batches, first=PACK_BATCHES - skip % PACK_BATCHES) if packs else batches
+        yield from packed(batches, PACK_BATCHES - skip % PACK_BATCHES, hand_over) if packs else batches
 
 
 def resume_plan(reader_batches: list[int], consumed: int, pack: int) -> tuple[int, list[int]]:
@@ -583,18 +586,19 @@ def _emit(merged: dict[str, np.ndarray], order: np.ndarray, batch_size: int) -> 
                     torch.from_numpy(merged["start"][take]))
 
 
-def packed(batches: Iterable[Batch], first: int = 0) -> Iterator[Packed]:
-    """In a loader worker: batches handed over PACK_BATCHES at a time (unpacked by the loader wrapper); the
-    first group holds `first` (when resuming mid-group, the rest of the interrupted group)."""
+def packed(batches: Iterable[Batch], first: int = 0, hand_over: HandOver | None = None) -> Iterator[Packed | InSlot]:
+    """In a loader worker: batches handed over PACK_BATCHES at a time (unpacked by the loader wrapper),
+    through `hand_over`'s slots when there is one; the first group holds `first` (when resuming mid-group,
+    the rest of the interrupted group)."""
     group: list[Batch] = []
     size = first or PACK_BATCHES
     for batch in batches:
         group.append(batch)
         if len(group) == size:
-            yield _pack(group)
+            yield hand_over.put(group) if hand_over is not None else _pack(group)
             group, size = [], PACK_BATCHES
     if group:
-        yield _pack(group)
+        yield hand_over.put(group) if hand_over is not None else _pack(group)
 
 
 # Batches a loader worker sends to the main process in one transfer. Each transfer moves every tensor
@@ -616,6 +620,82 @@ def _pack(batches: list[Batch]) -> Packed:
     return Packed(torch.cat([b.x for b in batches]), meta, torch.tensor([len(b.y) for b in batches]))
 
 
+class InSlot(NamedTuple):
+    """What a loader worker sends instead of a Packed when its batches are in a HandOver slot."""
+
+    worker: int
+    slot: int
+    sizes: tuple[int, ...]
+
+
+HAND_OVER_BYTES = 256 << 20  # the most shared memory the slots of one loader worker may take
+SPARE_SLOTS = 2  # slots per worker beyond the DataLoader's prefetch_factor (items it may request ahead)
+
+
+class HandOver:
+    """Reused shared-memory slots through which one loader worker hands packs of batches to the main process.
+
+    The DataLoader's own transport puts every tensor it sends in new shared memory: the worker creates
+    a segment and copies into it, the main process maps it, and both fault in every page of it, once
+    per batch. With loader workers that kernel time cost more than reading the shards (two page faults
+    per 8 KB chunk on each side). Here a worker writes its packs into `slots` fixed segments in turn and
+    sends only (worker, slot, sizes); the main process copies the batches out into its own (reused)
+    memory and frees the slot, counted by a semaphore. The pages stay mapped in both processes.
+
+    Packs leave in order and are taken in order (the DataLoader yields each worker's items in the
+    order they were made), so slot n % slots is always the next one; a worker waits only while all
+    of its slots are in flight, and the main process frees every slot when it stops iterating, so
+    a waiting worker can always finish."""
+
+    def __init__(self, worker: int, slots: int, rows: int, x_shape: tuple[int, ...], x_dtype: torch.dtype,
+                 context):
+        self.worker, self.slots, self.sent = worker, slots, 0
+        self.x = torch.empty((slots, rows, *x_shape), dtype=x_dtype).share_memory_()
+        self.meta = torch.empty((slots, rows, 3), dtype=torch.float64).share_memory_()
+        self.free = context.Semaphore(slots)
+
+    @classmethod
+    def for_workers(cls, dataset: ShardStream, workers: int, prefetch_factor: int, context) -> list[HandOver] | None:
+        """One per worker, sized for the dataset's batches (x float32 when a transform runs in the worker); None
+        when its slots would take more than HAND_OVER_BYTES (very large chunks or batches)."""
+        features = dataset.manifest.features
+        dtype = torch.float32 if dataset.transform is not None else torch.from_numpy(np.empty(0, features.dtype)).dtype
+        rows, slots = PACK_BATCHES * dataset.batch_size, max(1, prefetch_factor + SPARE_SLOTS)
+        per_row = math.prod(features.shape) * dtype.itemsize + 24
+        if slots * rows * per_row > HAND_OVER_BYTES:
+            return None
+        return [cls(worker, slots, rows, (1, *features.shape), dtype, context) for worker in range(workers)]
+
+    def put(self, batches: list[Batch]) -> InSlot | Packed:
+        """In the worker: the batches copied into the next slot (waiting for it to be free). Batches that do
+        not fit the slots (a transform that changes shape or dtype) travel as a Packed instead."""
+        rows = sum(len(b.y) for b in batches)
+        if rows > self.x.shape[1] or any(b.x.dtype != self.x.dtype or b.x.shape[1:] != self.x.shape[2:]
+                                         for b in batches):
+            return _pack(batches)
+        self.free.acquire()
+        slot = self.sent % self.slots
+        self.sent += 1
+        torch.cat([b.x for b in batches], out=self.x[slot, :rows])
+        torch.cat([torch.stack([b.y.double(), b.source.double(), b.start.double()], dim=1) for b in batches],
+                  out=self.meta[slot, :rows])
+        return InSlot(self.worker, slot, tuple(len(b.y) for b in batches))
+
+    def take(self, item: InSlot, pin: bool = False) -> Packed:
+        """In the main process: the slot's batches copied out, and the slot freed for the worker."""
+        rows = sum(item.sizes)
+        x = torch.empty((rows, *self.x.shape[2:]), dtype=self.x.dtype, pin_memory=pin)
+        x.copy_(self.x[item.slot, :rows])
+        meta = self.meta[item.slot, :rows].clone()
+        self.free.release()
+        return Packed(x, meta, torch.tensor(item.sizes))
+
+    def release_all(self) -> None:
+        """Free every slot (the iteration ended or was left): a worker waiting for one can finish and exit."""
+        for _ in range(self.slots):
+            self.free.release()
+
+
 def _unpack(packed: Packed) -> Iterator[Batch]:
     sizes = packed.sizes.tolist()
     for x, meta in zip(packed.x.split(sizes), packed.meta.split(sizes), strict=True):
@@ -633,12 +713,30 @@ class _SizedLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self.consumed = self.dataset.resume_batches
+        hand_overs = self._hand_overs()
+        self.dataset.hand_overs = hand_overs  # fresh slots for the workers this iteration starts
         items = iter(self.loader)  # loader workers start here, each with a copy of the resume position
-        self.dataset.resume_batches = 0  # so the next iteration starts at the beginning of the epoch
-        for item in items:
-            for batch in _unpack(item) if isinstance(item, Packed) else (item,):
-                self.consumed += 1
-                yield batch
+        self.dataset.resume_batches, self.dataset.hand_overs = 0, None  # the next iteration starts afresh
+        pin = self.loader.pin_memory and torch.cuda.is_available()
+        try:
+            for item in items:
+                if isinstance(item, InSlot):
+                    item = hand_overs[item.worker].take(item, pin)
+                for batch in _unpack(item) if isinstance(item, Packed) else (item,):
+                    self.consumed += 1
+                    yield batch
+        finally:
+            for hand_over in hand_overs or ():
+                hand_over.release_all()
+
+    def _hand_overs(self) -> list[HandOver] | None:
+        """Shared-memory slots for each loader worker (see HandOver); none without workers, or with
+        persistent ones (they keep the slots of the iteration that started them)."""
+        loader = self.loader
+        if loader.num_workers == 0 or loader.persistent_workers:
+            return None
+        context = loader.multiprocessing_context or torch.multiprocessing
+        return HandOver.for_workers(self.dataset, loader.num_workers, loader.prefetch_factor, context)
 
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch() - self.dataset.resume_batches

@@ -3,12 +3,15 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import children
 
+from audioshard import stream as stream_module
 from audioshard.manifest import ShardInfo, load_manifest, sha256_file
 from audioshard.stream import (
     ShardDataError,
@@ -212,3 +215,44 @@ def test_in_memory_reader_refuses_bad_checksums_and_members_past_the_end():
     assert plain_spans(bytes(data[:520])) is None  # the member's data runs past the end
     data[0] ^= 1  # the name changes, the checksum does not
     assert plain_spans(bytes(data)) is None
+
+
+def _epoch(loader) -> list:
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_hand_over_slots_give_what_the_dataloader_transport_gives(real_build, monkeypatch, augment):
+    """Loader workers hand their batches over through reused shared-memory slots (stream.HandOver). Every
+    batch of an epoch is kept here while later ones arrive through the same slots: none may change, and the
+    epoch must equal the one sent by the DataLoader's own transport (new shared memory per batch)."""
+    def epoch(slots: bool) -> tuple[list, list]:
+        monkeypatch.setattr(stream_module, "HAND_OVER_BYTES", 256 << 20 if slots else 0)
+        loader = open_shards(str(real_build), "train", batch_size=2, num_workers=2, augment=augment,
+                             shuffle_blocks=2)
+        assert (loader._hand_overs() is not None) == slots
+        kept = list(loader)  # held, not copied: a slot reused too early would change them
+        return kept, _epoch(loader)
+
+    kept, again = epoch(slots=True)
+    plain, _ = epoch(slots=False)
+    assert len(kept) == len(plain) == len(again) > 2 * 4 * 4  # more than 2 workers x 4 slots x 4 batches
+    for held, other in [(kept, plain), (kept, again)]:
+        for a, b in zip(held, other, strict=True):
+            assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert kept[0].x.dtype == torch.float32 and not kept[0].x.is_shared()
+
+
+def test_leaving_an_epoch_early_frees_the_workers_waiting_for_a_slot(real_build, monkeypatch):
+    """A worker whose slots are all in flight waits for the main process; one that stops iterating must
+    free them, or the worker waits until the DataLoader gives up on it (5 s) and kills it."""
+    monkeypatch.setattr(stream_module, "SPARE_SLOTS", -1)  # one slot per worker: the second pack already waits
+    loader = make_loader(ShardStream(load_manifest(real_build), "train", 2, shuffle=True), num_workers=2)
+    for _ in range(2):
+        batches = iter(loader)
+        next(batches)
+        time.sleep(1.0)  # both workers have filled their slot and wait for it
+        started = time.monotonic()
+        batches.close()  # leave the epoch: the workers must finish their pack and exit
+        assert children(os.getpid()) == []
+        assert time.monotonic() - started < 4.0  # not the DataLoader's 5-s join timeout then a kill
