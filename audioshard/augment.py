@@ -126,24 +126,34 @@ class SpecAugment(nn.Module):
         self.band_centres = band_centres
         self._centres_on: dict[torch.device, torch.Tensor] = {}  # float32 copies per device, made once
         self._bank, self._bank_owner = torch.empty(0), None
+        self._work = torch.empty(0)
         self.bank_seed: int | None = None  # see `_noise`
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator, inplace: bool = False) -> torch.Tensor:
-        """x: (B, 1, n_mels, frames) float, normalised -> augmented x (a copy unless `inplace`)."""
+    def forward(self, x: torch.Tensor, generator: torch.Generator, inplace: bool = False, mean: float = 0.0,
+                std: float = 1.0) -> torch.Tensor:
+        """x: (B, 1, n_mels, frames) float -> augmented x (a copy unless `inplace`). `mean`, `std`: x is
+        normalised as (x - mean) / std on the way (fused with the noise and masks; by default it already is)."""
         batch, _, mels, frames = x.shape
-        if self.freq_warp or self.time_stretch:
-            x = self._warp(x, generator)  # a new tensor
-        elif not inplace:
-            x = x.clone()
-        if self.time_shift:
-            x = self._roll(x, generator)  # a new tensor
-        if self.noise_std:
-            x.add_(self._noise(x, generator), alpha=self.noise_std)
+        if self.freq_warp or self.time_stretch or self.time_shift:
+            # resampling and rolling act on normalised values (edges and seams repeat them)
+            x = (x.sub_(mean) if inplace else x - mean).mul_(1.0 / std)
+            mean, std, inplace = 0.0, 1.0, True
+            if self.freq_warp or self.time_stretch:
+                x = self._warp(x, generator)
+            x = self._roll(x, generator)
+        noise = self._noise(x, generator, out=self._scratch(x)) if self.noise_std else None
         time = _band_mask(batch, self.time_masks, self.time_mask_width, frames, generator, x.device)
         freq = _band_mask(batch, self.freq_masks, self.freq_mask_width, mels, generator, x.device)
-        # Multiplying by a broadcast 0/1 "keep" vector per axis is cheaper than building the full
-        # (batch, mels, frames) mask for masked_fill; inputs are finite, so 0 * x is 0.
-        x.mul_((~time).to(x.dtype).view(batch, 1, 1, frames))
+        # One pass for normalisation, noise and time masks together: keep * (noise_std * n + (x - mean) / std)
+        # = keep * (-mean / std) + (keep * scale) * values, with values = n + x / (noise_std * std) and
+        # scale = noise_std (or values = x, scale = 1 / std without noise). Masked frames are 0, and the
+        # inputs are finite, so 0 * x is 0.
+        keep = (~time).to(x.dtype).view(batch, 1, 1, frames)
+        if noise is not None:
+            values, scale = noise.add_(x, alpha=1.0 / (self.noise_std * std)), self.noise_std
+        else:
+            values, scale = x, 1.0 / std
+        x = torch.addcmul(keep * (-mean / std), values, keep * scale, out=x if inplace else None)
         if self.freq_masks and self.freq_mask_width:
             x.mul_((~freq).to(x.dtype).view(batch, 1, mels, 1))
         return x
@@ -209,7 +219,14 @@ class SpecAugment(nn.Module):
             self._centres_on[device] = self.band_centres.to(device, torch.float32)
         return self._centres_on[device]
 
-    def _noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
+        """A work buffer shaped like x, kept between batches: a fresh one per batch costs more in page
+        faults (a large allocation is new memory from the kernel each time) than the noise itself."""
+        if self._work.shape != x.shape or self._work.device != x.device or self._work.dtype != x.dtype:
+            self._work = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return self._work
+
+    def _noise(self, x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
         """Standard-normal noise shaped like x: each example reads its own random window of a bank of
         NOISE_BANK values, drawn from `bank_seed` when it is set (BatchTransform sets one per epoch, so
         that a batch's noise depends only on its own draws) or else from `generator` (redrawn whenever
@@ -230,7 +247,9 @@ class SpecAugment(nn.Module):
         starts = torch.randint(0, len(self._bank) - per_example + 1, (len(x),), generator=generator,
                                device=x.device)
         windows = self._bank.as_strided((len(self._bank) - per_example + 1, per_example), (1, 1))
-        return windows[starts].view_as(x)
+        if out is None:
+            return torch.index_select(windows, 0, starts).view(x.shape)
+        return torch.index_select(windows, 0, starts, out=out.view(len(x), per_example)).view(x.shape)
 
 
 class BatchTransform(nn.Module):
@@ -292,7 +311,7 @@ class BatchTransform(nn.Module):
         # Background noise is a power sum, so it goes in while x is still in dB; x is our own fresh copy.
         x = self.augment.apply_gain(batch.x.to(torch.float32, copy=True), generator)
         x = self.augment.mix_background(x, generator)
-        x = self.augment(self._normalize_(x), generator, inplace=True)
+        x = self.augment(x, generator, inplace=True, mean=self.mean, std=self.std)
         return batch._replace(x=x)
 
 

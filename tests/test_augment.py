@@ -46,6 +46,24 @@ def test_noise_is_relative_to_normalised_scale():
     assert abs(float(x.mean())) < 0.01 and 0.48 < float(x.std()) < 0.52
 
 
+@pytest.mark.parametrize("noise_std", [0.0, 0.3])
+def test_normalising_on_the_way_equals_normalising_first(noise_std):
+    """SpecAugment fuses the normalisation into its noise-and-mask pass; the result must be what normalising
+    first and then adding the same noise and masks gives, and the input must be left alone unless in place."""
+    augment = SpecAugment(noise_std=noise_std, time_masks=2, time_mask_width=10, freq_masks=1, freq_mask_width=6)
+    x_db = torch.randn(32, 1, 64, 63, generator=torch.Generator().manual_seed(1)) * 12 - 45
+    kept = x_db.clone()
+    fused = augment(x_db, torch.Generator().manual_seed(7), mean=-45.0, std=12.0)
+    assert torch.equal(x_db, kept)
+    reference = SpecAugment(noise_std=0.0, time_masks=0, freq_masks=0)(x_db, torch.Generator())  # masks off: copy
+    first = augment((reference + 45.0) / 12.0, torch.Generator().manual_seed(7))
+    assert torch.allclose(fused, first, atol=1e-5) and float(fused.abs().sum()) > 0
+    zero_frames = (fused == 0).all(dim=2).squeeze(1)
+    assert zero_frames.any() and not zero_frames.all()
+    assert torch.allclose(augment(x_db.clone(), torch.Generator().manual_seed(7), inplace=True, mean=-45.0, std=12.0),
+                          fused, atol=1e-6)
+
+
 def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="augment.time_masks"):
         SpecAugment(time_masks=-1)
