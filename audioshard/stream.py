@@ -23,9 +23,11 @@ import io
 import itertools
 import math
 import multiprocessing as mp
+import queue
 import random
 import sys
 import tarfile
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -434,9 +436,58 @@ class ShardStream(torch.utils.data.IterableDataset):
         capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
         batches = itertools.islice(batched(blocks, self.batch_size, capacity, rng if self.shuffle else None), skip,
                                    None)
+        if READ_AHEAD_BATCHES and (not packs or self.transform is not None):
+            # Read in a thread while this one runs what follows: the transform, or (without loader workers)
+            # the caller's own work. A worker that only reads and hands over gains nothing from it.
+            batches = ahead(batches, READ_AHEAD_BATCHES)
         if self.transform is not None:
             batches = (self.transform(batch, index) for index, batch in enumerate(batches, start=skip))
         yield from packed(batches, PACK_BATCHES - skip % PACK_BATCHES, hand_over) if packs else batches
+
+
+READ_AHEAD_BATCHES = 2  # batches a reader prepares in its thread while the transform or the caller runs
+
+
+def ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """`items`, produced in a thread up to `depth` ahead of the consumer: reading (file reads, numpy
+    copies) and the transform or a training step (torch) mostly run without the GIL, so a reader
+    uses a second core instead of alternating between the two kinds of work. Same items, same order; an
+    exception in the thread is raised here; leaving early stops the thread at its next item."""
+    out: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: tuple[Any, BaseException | None]) -> bool:
+        """Put `entry` for the consumer, unless it has left (then False)."""
+        while not stop.is_set():
+            try:
+                out.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as exn:  # noqa: BLE001 - handed to the consumer, which raises it
+            offer((done, exn))
+
+    thread = threading.Thread(target=produce, name="audioshard-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = out.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def resume_plan(reader_batches: list[int], consumed: int, pack: int) -> tuple[int, list[int]]:

@@ -1,8 +1,10 @@
 import io
+import itertools
 import json
 import os
 import shutil
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -256,3 +258,27 @@ def test_leaving_an_epoch_early_frees_the_workers_waiting_for_a_slot(real_build,
         batches.close()  # leave the epoch: the workers must finish their pack and exit
         assert children(os.getpid()) == []
         assert time.monotonic() - started < 4.0  # not the DataLoader's 5-s join timeout then a kill
+
+
+def test_read_ahead_keeps_order_raises_and_stops_when_left():
+    """Readers run in a thread a few batches ahead (stream.ahead): the same items in the same order, an error
+    in the thread raised to the consumer, and a consumer that leaves early leaves no thread behind."""
+    assert list(stream_module.ahead(iter(range(50)), 2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ShardDataError("shard x.tar key 3: broken")
+
+    with pytest.raises(ShardDataError, match="broken"):
+        list(stream_module.ahead(failing(), 2))
+
+    def reader_threads():
+        return [t for t in threading.enumerate() if t.name == "audioshard-read"]
+
+    items = stream_module.ahead(itertools.count(), 2)
+    assert next(items) == 0 and len(reader_threads()) == 1  # now waiting with a full queue
+    items.close()
+    deadline = time.monotonic() + 5.0
+    while reader_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert reader_threads() == []
