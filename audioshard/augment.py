@@ -237,7 +237,8 @@ class SpecAugment(nn.Module):
         two examples of a run share their noise in practice."""
         per_example = x[0].numel()
         owner = generator if self.bank_seed is None else self.bank_seed
-        if self._bank_owner != owner or self._bank.device != x.device or len(self._bank) < per_example:
+        if (self._bank_owner != owner or self._bank.device != x.device or self._bank.dtype != x.dtype
+                or len(self._bank) < per_example):
             source = generator
             if self.bank_seed is not None:
                 source = torch.Generator(device=x.device)

@@ -19,6 +19,7 @@ import http.client
 import io
 import json
 import os
+import stat
 import tempfile
 import time
 import urllib.error
@@ -316,6 +317,7 @@ def _open_verified(path: str, size: int, sha256: str, record: VerifiedRecord | N
     stream, opened = open(path, "rb"), None  # noqa: SIM115 - returned to the caller or closed below
     try:
         identity = os.fstat(stream.fileno())  # of the very file hashed (not of whatever the path names later)
+        seen = time.time()  # the stamps' age is judged as of now, not after a long hash
         if size > SPOOL_BYTES:
             digest = hashlib.sha256()
             while piece := stream.read(PIECE_BYTES):
@@ -329,7 +331,7 @@ def _open_verified(path: str, size: int, sha256: str, record: VerifiedRecord | N
         if opened is not stream:
             stream.close()
     if opened is not None and record is not None:
-        record.add(path, identity, sha256)
+        record.add(path, identity, sha256, seen)
     return opened
 
 
@@ -347,8 +349,9 @@ class VerifiedRecord:
 
     Entries are empty files named by the key's hash under `AUDIOSHARD_CACHE` (default
     $XDG_CACHE_HOME/audioshard, i.e. ~/.cache/audioshard) in verified/: creating one is atomic, so
-    loader workers and ranks share the record without locks. A folder that cannot be written just
-    means hashing every time. `audioshard verify` never uses the record.
+    loader workers and ranks share the record without locks. The record is used only in a folder no
+    one else can write to (see `trusted_folder`); a folder that cannot be used just means hashing
+    every time. `audioshard verify` never uses the record.
     """
 
     RACY_SECONDS = 2.0
@@ -364,15 +367,33 @@ class VerifiedRecord:
                                                           "audioshard")
         return Path(base) / "verified"
 
+    def trusted_folder(self, create: bool = False) -> Path | None:
+        """The folder when only this user can write to it (owned by us, no group or other write bit, not a
+        link), else None: an entry there is as good as a hash, so nobody else may be able to add one. No
+        home folder, or one that cannot be created: None too (hashing every time)."""
+        try:
+            folder = self.folder
+            if create:
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            status = os.lstat(folder)
+        except (OSError, RuntimeError, KeyError):  # Path.home() without HOME or a passwd entry: RuntimeError
+            return None
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
+            return None
+        return folder
+
     def open(self, path: str, sha256: str) -> BinaryIO | None:
         """The shard read without hashing when it is recorded as verified and unchanged, else None."""
+        folder = self.trusted_folder()
+        if folder is None:
+            return None
         try:
             stream = open(path, "rb")  # noqa: SIM115 - returned to the caller or closed below
         except OSError:
             return None
         try:
             identity = os.fstat(stream.fileno())
-            if not self.holds(path, identity, sha256):
+            if not (folder / self.key(path, identity, sha256)).exists():
                 stream.close()
                 return None
             if identity.st_size <= SPOOL_BYTES:
@@ -382,16 +403,23 @@ class VerifiedRecord:
         except OSError:
             stream.close()
             return None
+        except BaseException:
+            stream.close()
+            raise
 
-    def add(self, path: str, identity: os.stat_result, sha256: str) -> None:
-        if time.time() - identity.st_ctime < self.RACY_SECONDS or time.time() - identity.st_mtime < self.RACY_SECONDS:
+    def add(self, path: str, identity: os.stat_result, sha256: str, seen: float | None = None) -> None:
+        """Record `path` (as `identity` described it at time `seen`, default now) as holding `sha256`."""
+        seen = time.time() if seen is None else seen
+        if seen - identity.st_ctime < self.RACY_SECONDS or seen - identity.st_mtime < self.RACY_SECONDS:
             return
-        with contextlib.suppress(OSError):  # read-only home, full disk: no record, hashing next time
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(self.folder / self.key(path, identity, sha256), os.O_CREAT | os.O_WRONLY, 0o600))
+        folder = self.trusted_folder(create=True)
+        if folder is not None:
+            with contextlib.suppress(OSError):  # read-only home, full disk: no record, hashing next time
+                os.close(os.open(folder / self.key(path, identity, sha256), os.O_CREAT | os.O_WRONLY, 0o600))
 
     def holds(self, path: str, identity: os.stat_result, sha256: str) -> bool:
-        return (self.folder / self.key(path, identity, sha256)).exists()
+        folder = self.trusted_folder()
+        return folder is not None and (folder / self.key(path, identity, sha256)).exists()
 
     @staticmethod
     def key(path: str, identity: os.stat_result, sha256: str) -> str:

@@ -23,6 +23,7 @@ import io
 import itertools
 import math
 import multiprocessing as mp
+import os
 import queue
 import random
 import sys
@@ -701,6 +702,7 @@ class HandOver:
     def __init__(self, worker: int, slots: int, rows: int, x_shape: tuple[int, ...], x_dtype: torch.dtype,
                  context):
         self.worker, self.slots, self.sent = worker, slots, 0
+        self.owner = os.getpid()  # the main process: a worker whose parent is gone stops waiting for a slot
         self.x = torch.empty((slots, rows, *x_shape), dtype=x_dtype).share_memory_()
         self.meta = torch.empty((slots, rows, 3), dtype=torch.float64).share_memory_()
         self.free = context.Semaphore(slots)
@@ -715,7 +717,10 @@ class HandOver:
         per_row = math.prod(features.shape) * dtype.itemsize + 24
         if slots * rows * per_row > HAND_OVER_BYTES:
             return None
-        return [cls(worker, slots, rows, (1, *features.shape), dtype, context) for worker in range(workers)]
+        try:
+            return [cls(worker, slots, rows, (1, *features.shape), dtype, context) for worker in range(workers)]
+        except (RuntimeError, OSError):  # /dev/shm too small (a container's 64 MB): the DataLoader's own transport
+            return None
 
     def put(self, batches: list[Batch]) -> InSlot | Packed:
         """In the worker: the batches copied into the next slot (waiting for it to be free). Batches that do
@@ -724,7 +729,9 @@ class HandOver:
         if rows > self.x.shape[1] or any(b.x.dtype != self.x.dtype or b.x.shape[1:] != self.x.shape[2:]
                                          for b in batches):
             return _pack(batches)
-        self.free.acquire()
+        while not self.free.acquire(timeout=1.0):
+            if os.getppid() != self.owner:  # the main process was killed: nobody will free a slot again
+                raise SystemExit(f"audioshard loader worker {self.worker}: the main process is gone")
         slot = self.sent % self.slots
         self.sent += 1
         torch.cat([b.x for b in batches], out=self.x[slot, :rows])

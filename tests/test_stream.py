@@ -3,6 +3,9 @@ import itertools
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -223,11 +226,13 @@ def _epoch(loader) -> list:
     return [tuple(t.clone() for t in batch) for batch in loader]
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_hand_over_slots_give_what_the_dataloader_transport_gives(real_build, monkeypatch, augment):
+@pytest.mark.parametrize(("augment", "spare"), [(False, 2), (True, 2), (True, -1)])
+def test_hand_over_slots_give_what_the_dataloader_transport_gives(real_build, monkeypatch, augment, spare):
     """Loader workers hand their batches over through reused shared-memory slots (stream.HandOver). Every
     batch of an epoch is kept here while later ones arrive through the same slots: none may change, and the
     epoch must equal the one sent by the DataLoader's own transport (new shared memory per batch)."""
+    monkeypatch.setattr(stream_module, "SPARE_SLOTS", spare)  # -1: one slot per worker, always in demand
+
     def epoch(slots: bool) -> tuple[list, list]:
         monkeypatch.setattr(stream_module, "HAND_OVER_BYTES", 256 << 20 if slots else 0)
         loader = open_shards(str(real_build), "train", batch_size=2, num_workers=2, augment=augment,
@@ -282,3 +287,43 @@ def test_read_ahead_keeps_order_raises_and_stops_when_left():
     while reader_threads() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert reader_threads() == []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_workers_waiting_for_a_slot_exit_when_the_main_process_is_killed(real_build):
+    """A worker waiting for a slot never reaches the DataLoader's own check that its parent is alive; when
+    the main process is killed (SIGKILL, a torchrun teardown) it must notice by itself, not stay forever."""
+    script = (
+        "import sys, time\n"
+        "from audioshard import stream\n"
+        "from audioshard.manifest import load_manifest\n"
+        "stream.SPARE_SLOTS = -1\n"
+        "loader = stream.make_loader(stream.ShardStream(load_manifest(sys.argv[1]), 'train', 2, shuffle=True),"
+        " num_workers=2)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n")
+    main = subprocess.Popen([sys.executable, "-c", script, str(real_build)], stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert main.stdout.readline().strip() == "ready"
+        time.sleep(1.0)  # the workers fill their one slot each and wait
+        workers = children(main.pid)
+        assert len(workers) == 2
+        main.kill()
+        main.wait()
+        deadline = time.monotonic() + 10.0
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_running, workers))
+    finally:
+        main.kill()
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)

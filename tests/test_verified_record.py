@@ -88,3 +88,20 @@ def test_a_record_folder_that_cannot_be_written_only_means_hashing(real_build, t
         assert len(Fetcher().open_shard(path, shard.bytes, shard.sha256).read()) == shard.bytes
     with pytest.raises(IntegrityError):
         Fetcher().open_shard(path, shard.bytes, WRONG)
+
+
+def test_a_record_folder_others_can_write_to_is_not_trusted(real_build, tmp_path, monkeypatch):
+    """An entry is as good as a hash: in a folder that others could write to (group or world writable), a
+    forged entry must not let a shard through unhashed."""
+    build = copy_build(real_build, tmp_path)
+    path, shard = first_shard(build)
+    shared = tmp_path / "shared-cache"
+    monkeypatch.setenv("AUDIOSHARD_CACHE", str(shared))
+    (shared / "verified").mkdir(parents=True)
+    (shared / "verified" / VERIFIED.key(path, os.stat(path), WRONG)).touch()  # "verified" under a wrong checksum
+    for mode in (0o777, 0o775):
+        os.chmod(shared / "verified", mode)
+        with pytest.raises(IntegrityError):
+            Fetcher().open_shard(path, shard.bytes, WRONG)
+    os.chmod(shared / "verified", 0o700)  # only ours: the entry counts
+    assert len(Fetcher().open_shard(path, shard.bytes, WRONG).read()) == shard.bytes
