@@ -153,11 +153,7 @@ class Fetcher:
                                      "or was changed after the build (`audioshard verify` checks every shard)")
             if not (self.verify_local and sha256):
                 return _open_local(location, actual)
-            record = VERIFIED if self.remember_verified else None
-            stream = record.open(location, sha256) if record else None
-            if stream is not None:
-                return stream
-            stream = _open_verified(location, actual, sha256, record)
+            stream = _open_verified(location, actual, sha256, VERIFIED if self.remember_verified else None)
             if stream is None:
                 raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
                                      "changed after the build")
@@ -304,26 +300,34 @@ def _parsed(parse, data: bytes) -> None:
 
 
 def _open_local(path: str, size: int) -> BinaryIO:
-    if size <= SPOOL_BYTES:  # read whole: parsed in place from memory (see stream.tar_members)
-        return io.BytesIO(Path(path).read_bytes())
-    return open(path, "rb")  # noqa: SIM115 - the caller owns the stream
+    return _in_memory_if_small(open(path, "rb"), size)  # noqa: SIM115 - the caller owns the stream
+
+
+def _in_memory_if_small(stream: BinaryIO, size: int) -> BinaryIO:
+    """Up to SPOOL_BYTES: read whole (and closed), to be parsed in place from memory (see
+    stream.tar_members); larger: the open file itself."""
+    if size > SPOOL_BYTES:
+        return stream
+    with stream:
+        return io.BytesIO(stream.read())
 
 
 def _open_verified(path: str, size: int, sha256: str, record: VerifiedRecord | None = None) -> BinaryIO | None:
-    """The file as a readable stream if its sha256 matches, else None (and, with `record`, remembered
-    as verified). Files up to SPOOL_BYTES are read once, and that one read serves both the check and
-    the parsing; larger ones are hashed, then read again from the same open file, rather than held
-    in memory."""
+    """The file as a readable stream if its sha256 matches, else None. With `record`: not hashed when the
+    record holds this very file as verified, and recorded once it has passed. Files up to SPOOL_BYTES
+    are read once, and that one read serves both the check and the parsing; larger ones are hashed,
+    then read again from the same open file, rather than held in memory."""
     stream, opened = open(path, "rb"), None  # noqa: SIM115 - returned to the caller or closed below
     try:
-        identity = os.fstat(stream.fileno())  # of the very file hashed (not of whatever the path names later)
+        identity = os.fstat(stream.fileno())  # of the very file read (not of whatever the path names later)
         seen = time.time()  # the stamps' age is judged as of now, not after a long hash
+        if record is not None and record.holds(path, identity, sha256):
+            opened = _in_memory_if_small(stream, size)
+            return opened
         if size > SPOOL_BYTES:
-            digest = hashlib.sha256()
-            while piece := stream.read(PIECE_BYTES):
-                digest.update(piece)
+            matches = _sha256_of(stream) == sha256
             stream.seek(0)
-            opened = stream if digest.hexdigest() == sha256 else None
+            opened = stream if matches else None
         else:
             data = stream.read()
             opened = io.BytesIO(data) if hashlib.sha256(data).hexdigest() == sha256 else None
@@ -356,13 +360,8 @@ class VerifiedRecord:
 
     RACY_SECONDS = 2.0
 
-    def __init__(self, folder: Path | None = None):
-        self._folder = folder
-
     @property
     def folder(self) -> Path:
-        if self._folder is not None:
-            return self._folder
         base = os.environ.get("AUDIOSHARD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
                                                           "audioshard")
         return Path(base) / "verified"
@@ -381,31 +380,6 @@ class VerifiedRecord:
         if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o022:
             return None
         return folder
-
-    def open(self, path: str, sha256: str) -> BinaryIO | None:
-        """The shard read without hashing when it is recorded as verified and unchanged, else None."""
-        folder = self.trusted_folder()
-        if folder is None:
-            return None
-        try:
-            stream = open(path, "rb")  # noqa: SIM115 - returned to the caller or closed below
-        except OSError:
-            return None
-        try:
-            identity = os.fstat(stream.fileno())
-            if not (folder / self.key(path, identity, sha256)).exists():
-                stream.close()
-                return None
-            if identity.st_size <= SPOOL_BYTES:
-                with stream:
-                    return io.BytesIO(stream.read())
-            return stream
-        except OSError:
-            stream.close()
-            return None
-        except BaseException:
-            stream.close()
-            raise
 
     def add(self, path: str, identity: os.stat_result, sha256: str, seen: float | None = None) -> None:
         """Record `path` (as `identity` described it at time `seen`, default now) as holding `sha256`."""
@@ -438,11 +412,16 @@ def _refuse_other_schemes(location: str) -> None:
                           "(pipe: and other schemes are never run from a shard list)")
 
 
-def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as stream:
-        while block := stream.read(bufsize):
-            digest.update(block)
+        return _sha256_of(stream)
+
+
+def _sha256_of(stream: BinaryIO) -> str:
+    """The sha256 of what is left of `stream`, read a piece at a time (bounded memory)."""
+    digest = hashlib.sha256()
+    while piece := stream.read(PIECE_BYTES):
+        digest.update(piece)
     return digest.hexdigest()
 
 

@@ -642,15 +642,16 @@ def packed(batches: Iterable[Batch], first: int = 0, hand_over: HandOver | None 
     """In a loader worker: batches handed over PACK_BATCHES at a time (unpacked by the loader wrapper),
     through `hand_over`'s slots when there is one; the first group holds `first` (when resuming mid-group,
     the rest of the interrupted group)."""
+    send = hand_over.put if hand_over is not None else _pack
     group: list[Batch] = []
     size = first or PACK_BATCHES
     for batch in batches:
         group.append(batch)
         if len(group) == size:
-            yield hand_over.put(group) if hand_over is not None else _pack(group)
+            yield send(group)
             group, size = [], PACK_BATCHES
     if group:
-        yield hand_over.put(group) if hand_over is not None else _pack(group)
+        yield send(group)
 
 
 # Batches a loader worker sends to the main process in one transfer. Each transfer moves every tensor
@@ -668,8 +669,13 @@ class Packed(NamedTuple):
 
 
 def _pack(batches: list[Batch]) -> Packed:
-    meta = torch.cat([torch.stack([b.y.double(), b.source.double(), b.start.double()], dim=1) for b in batches])
-    return Packed(torch.cat([b.x for b in batches]), meta, torch.tensor([len(b.y) for b in batches]))
+    return Packed(torch.cat([b.x for b in batches]), _meta(batches), torch.tensor([len(b.y) for b in batches]))
+
+
+def _meta(batches: list[Batch], out: torch.Tensor | None = None) -> torch.Tensor:
+    """(y, source, start) of the batches as one (rows, 3) float64 tensor (exact for all three)."""
+    return torch.cat([torch.stack([b.y.double(), b.source.double(), b.start.double()], dim=1) for b in batches],
+                     out=out)
 
 
 class InSlot(NamedTuple):
@@ -735,8 +741,7 @@ class HandOver:
         slot = self.sent % self.slots
         self.sent += 1
         torch.cat([b.x for b in batches], out=self.x[slot, :rows])
-        torch.cat([torch.stack([b.y.double(), b.source.double(), b.start.double()], dim=1) for b in batches],
-                  out=self.meta[slot, :rows])
+        _meta(batches, out=self.meta[slot, :rows])
         return InSlot(self.worker, slot, tuple(len(b.y) for b in batches))
 
     def take(self, item: InSlot, pin: bool = False) -> Packed:
