@@ -453,7 +453,8 @@ def ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
     """`items`, produced in a thread up to `depth` ahead of the consumer: reading (file reads, numpy
     copies) and the transform or a training step (torch) mostly run without the GIL, so a reader
     uses a second core instead of alternating between the two kinds of work. Same items, same order; an
-    exception in the thread is raised here; leaving early stops the thread at its next item."""
+    exception in the thread is raised here; leaving early stops the thread at its next item, and
+    waits for it."""
     out: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     done = object()
@@ -488,7 +489,11 @@ def ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
                 return
             yield item
     finally:
+        # Wait for the thread to stop (at most one item away): a thread left running could hold a lock
+        # when the process forks next (DataLoader workers), and the child would wait on it forever.
         stop.set()
+        if thread is not threading.current_thread():
+            thread.join()
 
 
 def resume_plan(reader_batches: list[int], consumed: int, pack: int) -> tuple[int, list[int]]:
