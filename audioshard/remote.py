@@ -153,7 +153,7 @@ class Fetcher:
                                      "or was changed after the build (`audioshard verify` checks every shard)")
             if not (self.verify_local and sha256):
                 return _open_local(location, actual)
-            stream = _open_verified(location, actual, sha256, VERIFIED if self.remember_verified else None)
+            stream = _open_verified(location, sha256, VERIFIED if self.remember_verified else None)
             if stream is None:
                 raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
                                      "changed after the build")
@@ -171,8 +171,11 @@ class Fetcher:
         cache = Path(self.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / f"{sha256}.tar"
-        if path.exists():
-            stream = _open_verified(str(path), path.stat().st_size, sha256)
+        try:
+            stream = _open_verified(str(path), sha256)
+        except FileNotFoundError:  # not cached, or evicted by another process a moment ago
+            stream = None
+        else:
             if stream is not None:
                 with contextlib.suppress(OSError):  # evicted meanwhile by another process: the stream still reads
                     os.utime(path)  # "recently used": eviction goes by modification time, oldest first
@@ -312,7 +315,7 @@ def _in_memory_if_small(stream: BinaryIO, size: int) -> BinaryIO:
         return io.BytesIO(stream.read())
 
 
-def _open_verified(path: str, size: int, sha256: str, record: VerifiedRecord | None = None) -> BinaryIO | None:
+def _open_verified(path: str, sha256: str, record: VerifiedRecord | None = None) -> BinaryIO | None:
     """The file as a readable stream if its sha256 matches, else None. With `record`: not hashed when the
     record holds this very file as verified, and recorded once it has passed. Files up to SPOOL_BYTES
     are read once, and that one read serves both the check and the parsing; larger ones are hashed,
@@ -320,6 +323,7 @@ def _open_verified(path: str, size: int, sha256: str, record: VerifiedRecord | N
     stream, opened = open(path, "rb"), None  # noqa: SIM115 - returned to the caller or closed below
     try:
         identity = os.fstat(stream.fileno())  # of the very file read (not of whatever the path names later)
+        size = identity.st_size
         seen = time.time()  # the stamps' age is judged as of now, not after a long hash
         if record is not None and record.holds(path, identity, sha256):
             opened = _in_memory_if_small(stream, size)
