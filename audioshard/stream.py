@@ -362,6 +362,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._skipped = mp.Value("l", 0)
         self.hand_overs: list[HandOver] | None = None  # one per loader worker, set by the loader per iteration
 
+    def share_from(self, context) -> None:
+        """Make the state shared with loader workers in the multiprocessing context that starts them (a lock
+        made for fork cannot be passed to a worker started by the forkserver); the count so far is kept."""
+        self._skipped = context.Value("l", self._skipped.value)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.resume_batches = 0
@@ -713,7 +718,8 @@ class HandOver:
     def __init__(self, worker: int, slots: int, rows: int, x_shape: tuple[int, ...], x_dtype: torch.dtype,
                  context):
         self.worker, self.slots, self.sent = worker, slots, 0
-        self.owner = os.getpid()  # the main process: a worker whose parent is gone stops waiting for a slot
+        self.parent: int | None = None  # the worker's parent, seen at its first put(): if it changes, the
+        # main process (or the forkserver that started the worker, which exits with it) is gone
         self.x = torch.empty((slots, rows, *x_shape), dtype=x_dtype).share_memory_()
         self.meta = torch.empty((slots, rows, 3), dtype=torch.float64).share_memory_()
         self.free = context.Semaphore(slots)
@@ -740,8 +746,10 @@ class HandOver:
         if rows > self.x.shape[1] or any(b.x.dtype != self.x.dtype or b.x.shape[1:] != self.x.shape[2:]
                                          for b in batches):
             return _pack(batches)
+        if self.parent is None:
+            self.parent = os.getppid()
         while not self.free.acquire(timeout=1.0):
-            if os.getppid() != self.owner:  # the main process was killed: nobody will free a slot again
+            if os.getppid() != self.parent:  # the main process was killed: nobody will free a slot again
                 raise SystemExit(f"audioshard loader worker {self.worker}: the main process is gone")
         slot = self.sent % self.slots
         self.sent += 1
@@ -842,9 +850,48 @@ def make_loader(dataset: ShardStream, num_workers: int = 0, pin_memory: bool = F
         kwargs["persistent_workers"] = persistent_workers
     # A private generator for the loader's own seed draw: from the global one, every `iter(loader)` would move
     # the training's dropout draws, and a resumed run (which starts its loader at another step) would differ.
+    context = _worker_start(num_workers)
+    if context is not None:
+        dataset.share_from(context)
+        kwargs["worker_init_fn"] = _leave_forkserver
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                         generator=torch.Generator(), **kwargs)
+                                         generator=torch.Generator(), multiprocessing_context=context, **kwargs)
     return _SizedLoader(loader, dataset)
+
+
+def _worker_start(num_workers: int):
+    """How loader workers start: forked from this process, except under torch.distributed.
+
+    A process in a process group runs the backend's threads (gloo's work loop, NCCL's watchdog), and they
+    take Python's runtime lock without holding the GIL when they free finished work (pybind11 makes a
+    thread state for the decref). A fork at that instant copies the lock held, and the new worker waits
+    on it forever inside os.fork() (CPython gh-112275, fixed in 3.12; forking a multi-threaded process is
+    unsafe in general). Measured: a 2-rank gloo run hung about once in 5-8 runs of 4 epochs. So workers of
+    a rank start from the forkserver: one single-threaded process, started once, that has already
+    imported this module (and torch), so a worker starts in milliseconds, not by importing torch again."""
+    if num_workers == 0 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # the DataLoader's default (fork on Linux)
+    context = torch.multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # read when the server starts (the first time only)
+    return context
+
+
+def _leave_forkserver(worker_id: int) -> None:
+    """In a worker started by the forkserver: let the server exit with the process that started it.
+
+    Every process the server starts holds the write end of the server's "alive" pipe (so that it could start
+    processes of its own), and the server exits only when all of them are closed. A worker's parent is the
+    server, and a worker stops when its parent is gone (the DataLoader's watchdog, HandOver.put). So if the
+    rank is killed, the server waits for its workers and the workers for the server: both live on, holding
+    the rank's output open, and torchrun never restarts it. A loader worker starts no processes: it closes
+    its copy, the server exits with the rank, and the workers follow."""
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # CPython's module-level instance; the attribute is there since 3.4
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 def open_shards(source: str, split: str = "train", batch_size: int = 64, *, shuffle: bool | None = None,

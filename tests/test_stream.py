@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import children
+from conftest import children, copy_build
 
 from audioshard import stream as stream_module
 from audioshard.manifest import ShardInfo, load_manifest, sha256_file
@@ -327,3 +327,39 @@ def test_workers_waiting_for_a_slot_exit_when_the_main_process_is_killed(real_bu
         main.kill()
         for pid in filter(_running, workers):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_rank_starts_its_loader_workers_from_the_forkserver(real_build, tmp_path):
+    """In a process group the backend's threads can hold Python's runtime lock at the instant of a fork, and
+    the forked worker then waits forever (CPython gh-112275): a rank's loader workers must not be forked
+    from it. They start from the forkserver (children of the server, not of this process), read the same
+    batches, and a skipped shard is still counted across them (the shared counter follows their context)."""
+    build = copy_build(real_build, tmp_path)
+    shard = build / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])  # truncated: skipped and counted, by whichever worker reads it
+    manifest = load_manifest(build)
+    want = chunk_ids(make_loader(ShardStream(manifest, "train", 4, rank=0, world_size=1), num_workers=2))
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(str(tmp_path / "store"), 1),
+                                         rank=0, world_size=1)
+    try:
+        dataset = ShardStream(manifest, "train", 4)
+        loader = make_loader(dataset, num_workers=2)
+        got, forked, served = [], set(), set()
+        for batch in loader:
+            got.append(batch)
+            mine = children(os.getpid())
+            forked |= {pid for pid in mine if _cmdline(pid) == _cmdline(os.getpid())}  # a fork runs our command
+            served |= {w for pid in mine if b"forkserver" in _cmdline(pid) for w in children(pid)}
+            torch.distributed.all_reduce(torch.ones(1), async_op=True).wait()  # the backend's threads at work
+    finally:
+        torch.distributed.destroy_process_group()
+    assert chunk_ids(got) == want and len(want) < manifest.samples("train")
+    assert dataset.skipped_blocks == 1
+    assert len(served) == 2 and not forked  # both workers are the server's children, none is this process's
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
