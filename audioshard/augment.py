@@ -131,31 +131,34 @@ class SpecAugment(nn.Module):
 
     def forward(self, x: torch.Tensor, generator: torch.Generator, inplace: bool = False, mean: float = 0.0,
                 std: float = 1.0) -> torch.Tensor:
-        """x: (B, 1, n_mels, frames) float -> augmented x (a copy unless `inplace`). `mean`, `std`: x is
-        normalised as (x - mean) / std on the way (fused with the noise and masks; by default it already is)."""
+        """x: (B, 1, n_mels, frames) float -> augmented x (a copy unless `inplace`), at least float32: a
+        float16 x is read as it is, not copied to float32 first. `mean`, `std`: x is normalised as
+        (x - mean) / std on the way (fused with the noise and masks; by default it already is)."""
         batch, _, mels, frames = x.shape
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        inplace = inplace and x.dtype == dtype
         if self.freq_warp or self.time_stretch or self.time_shift:
             # resampling and rolling act on normalised values (edges and seams repeat them)
-            x = (x.sub_(mean) if inplace else x - mean).mul_(1.0 / std)
+            x = (x.sub_(mean) if inplace else x.to(dtype) - mean).mul_(1.0 / std)
             mean, std, inplace = 0.0, 1.0, True
             if self.freq_warp or self.time_stretch:
                 x = self._warp(x, generator)
             x = self._roll(x, generator)
-        noise = self._noise(x, generator, out=self._scratch(x)) if self.noise_std else None
+        noise = self._noise(x, generator, out=self._scratch(x, dtype)) if self.noise_std else None
         time = _band_mask(batch, self.time_masks, self.time_mask_width, frames, generator, x.device)
         freq = _band_mask(batch, self.freq_masks, self.freq_mask_width, mels, generator, x.device)
         # One pass for normalisation, noise and time masks together: keep * (noise_std * n + (x - mean) / std)
         # = keep * (-mean / std) + (keep * scale) * values, with values = n + x / (noise_std * std) and
         # scale = noise_std (or values = x, scale = 1 / std without noise). Masked frames are 0, and the
         # inputs are finite, so 0 * x is 0.
-        keep = (~time).to(x.dtype).view(batch, 1, 1, frames)
+        keep = (~time).to(dtype).view(batch, 1, 1, frames)
         if noise is not None:
             values, scale = noise.add_(x, alpha=1.0 / (self.noise_std * std)), self.noise_std
         else:
             values, scale = x, 1.0 / std
         x = torch.addcmul(keep * (-mean / std), values, keep * scale, out=x if inplace else None)
         if self.freq_masks and self.freq_mask_width:
-            x.mul_((~freq).to(x.dtype).view(batch, 1, mels, 1))
+            x.mul_((~freq).to(dtype).view(batch, 1, mels, 1))
         return x
 
     def mix_background(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -219,11 +222,11 @@ class SpecAugment(nn.Module):
             self._centres_on[device] = self.band_centres.to(device, torch.float32)
         return self._centres_on[device]
 
-    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
+    def _scratch(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A work buffer shaped like x, kept between batches: a fresh one per batch costs more in page
         faults (a large allocation is new memory from the kernel each time) than the noise itself."""
-        if self._work.shape != x.shape or self._work.device != x.device or self._work.dtype != x.dtype:
-            self._work = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if self._work.shape != x.shape or self._work.device != x.device or self._work.dtype != dtype:
+            self._work = torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
         return self._work
 
     def _noise(self, x: torch.Tensor, generator: torch.Generator, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,14 +239,15 @@ class SpecAugment(nn.Module):
         (about 20 us per example); a window copy costs about 1 us, and with 2M start positions no
         two examples of a run share their noise in practice."""
         per_example = x[0].numel()
+        dtype = x.dtype if out is None else out.dtype
         owner = generator if self.bank_seed is None else self.bank_seed
-        if (self._bank_owner != owner or self._bank.device != x.device or self._bank.dtype != x.dtype
+        if (self._bank_owner != owner or self._bank.device != x.device or self._bank.dtype != dtype
                 or len(self._bank) < per_example):
             source = generator
             if self.bank_seed is not None:
                 source = torch.Generator(device=x.device)
                 source.manual_seed(self.bank_seed)
-            self._bank = torch.randn(NOISE_BANK + per_example, generator=source, device=x.device, dtype=x.dtype)
+            self._bank = torch.randn(NOISE_BANK + per_example, generator=source, device=x.device, dtype=dtype)
             self._bank_owner = owner
         starts = torch.randint(0, len(self._bank) - per_example + 1, (len(x),), generator=generator,
                                device=x.device)
@@ -309,11 +313,12 @@ class BatchTransform(nn.Module):
         if self.augment is None:
             return batch._replace(x=self.normalize(batch.x))
         generator = self._generator(batch.x.device, index)
-        # Background noise is a power sum, so it goes in while x is still in dB; x is our own fresh copy.
-        x = self.augment.apply_gain(batch.x.to(torch.float32, copy=True), generator)
-        x = self.augment.mix_background(x, generator)
-        x = self.augment(x, generator, inplace=True, mean=self.mean, std=self.std)
-        return batch._replace(x=x)
+        augment = self.augment
+        if not (augment.gain_db or augment.background_prob):  # nothing acts in dB: one pass from the input
+            return batch._replace(x=augment(batch.x, generator, mean=self.mean, std=self.std))
+        # Gain and background noise (a power sum) act while x is still in dB, on our own fresh copy.
+        x = augment.mix_background(augment.apply_gain(batch.x.to(torch.float32, copy=True), generator), generator)
+        return batch._replace(x=augment(x, generator, inplace=True, mean=self.mean, std=self.std))
 
 
 def draw_seed(key: tuple[int, ...]) -> int:

@@ -80,6 +80,24 @@ def test_normalising_on_the_way_with_warp_stretch_and_shift():
     assert torch.allclose(fused, first, atol=1e-5) and not torch.allclose(fused, (x_db + 50.0) / 10.0, atol=0.1)
 
 
+@pytest.mark.parametrize("settings", [{"noise_std": 0.0}, {"noise_std": 0.3}, {"noise_std": 0.3, "time_shift": 0.25},
+                                      {"noise_std": 0.0, "freq_masks": 0, "time_masks": 0}])
+def test_a_float16_batch_is_read_as_it_is_and_gives_what_its_float32_copy_gives(settings):
+    """With nothing acting in dB (no gain, no background), BatchTransform reads the loader's float16 batch
+    directly instead of copying it to float32 first: the same float32 values bit for bit, input untouched."""
+    augment = SpecAugment(**{"time_masks": 2, "time_mask_width": 8, "freq_masks": 1, "freq_mask_width": 6,
+                             **settings})
+    transform = BatchTransform(-40.0, 15.0, augment)
+    x16 = (torch.randn(24, 1, 64, 63, generator=torch.Generator().manual_seed(4)) * 15 - 40).half()
+    batch, kept = ones_batch(24)._replace(x=x16), x16.clone()
+    transform.reseed(seed=5, epoch=2)
+    direct = transform(batch, index=3).x
+    transform.reseed(seed=5, epoch=2)
+    via_copy = transform(batch._replace(x=x16.float()), index=3).x
+    assert direct.dtype == torch.float32 and torch.equal(direct, via_copy)
+    assert torch.equal(batch.x, kept) and not torch.equal(direct, x16.float())
+
+
 def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="augment.time_masks"):
         SpecAugment(time_masks=-1)
