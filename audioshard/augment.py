@@ -161,6 +161,11 @@ class SpecAugment(nn.Module):
             x.mul_((~freq).to(dtype).view(batch, 1, mels, 1))
         return x
 
+    @property
+    def acts_in_db(self) -> bool:
+        """Whether gain or background noise is on: those act on dB values, before the normalisation."""
+        return bool(self.gain_db or self.background_prob)
+
     def mix_background(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Add stationary background noise to a share `background_prob` of the examples, in place.
 
@@ -314,7 +319,7 @@ class BatchTransform(nn.Module):
             return batch._replace(x=self.normalize(batch.x))
         generator = self._generator(batch.x.device, index)
         augment = self.augment
-        if not (augment.gain_db or augment.background_prob):  # nothing acts in dB: one pass from the input
+        if not augment.acts_in_db:  # one pass from the input, float16 or not
             return batch._replace(x=augment(batch.x, generator, mean=self.mean, std=self.std))
         # Gain and background noise (a power sum) act while x is still in dB, on our own fresh copy.
         x = augment.mix_background(augment.apply_gain(batch.x.to(torch.float32, copy=True), generator), generator)

@@ -848,12 +848,12 @@ def make_loader(dataset: ShardStream, num_workers: int = 0, pin_memory: bool = F
         # Persistent workers keep their copy of the dataset, so they do not see set_epoch(): every epoch
         # then reads in the same order. Only for measurements that want long-lived workers.
         kwargs["persistent_workers"] = persistent_workers
-    # A private generator for the loader's own seed draw: from the global one, every `iter(loader)` would move
-    # the training's dropout draws, and a resumed run (which starts its loader at another step) would differ.
     context = _worker_start(num_workers)
     if context is not None:
         dataset.share_from(context)
         kwargs["worker_init_fn"] = _leave_forkserver
+    # A private generator for the loader's own seed draw: from the global one, every `iter(loader)` would move
+    # the training's dropout draws, and a resumed run (which starts its loader at another step) would differ.
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                          generator=torch.Generator(), multiprocessing_context=context, **kwargs)
     return _SizedLoader(loader, dataset)
