@@ -29,6 +29,7 @@ import random
 import sys
 import tarfile
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -697,7 +698,9 @@ class InSlot(NamedTuple):
 
 
 HAND_OVER_BYTES = 256 << 20  # the most shared memory the slots of one loader worker may take
-SPARE_SLOTS = 2  # slots per worker beyond the DataLoader's prefetch_factor (items it may request ahead)
+# Slots per worker beyond the DataLoader's prefetch_factor (the items it may request ahead): the pack the
+# caller is reading, and the previous one until its last batch is dropped.
+SPARE_SLOTS = 2
 
 
 class HandOver:
@@ -706,23 +709,24 @@ class HandOver:
     The DataLoader's own transport puts every tensor it sends in new shared memory: the worker creates
     a segment and copies into it, the main process maps it, and both fault in every page of it, once
     per batch. With loader workers that kernel time cost more than reading the shards (two page faults
-    per 8 KB chunk on each side). Here a worker writes its packs into `slots` fixed segments in turn and
-    sends only (worker, slot, sizes); the main process copies the batches out into its own (reused)
-    memory and frees the slot, counted by a semaphore. The pages stay mapped in both processes.
+    per 8 KB chunk on each side). Here a worker writes each pack into one of `slots` fixed segments and
+    sends only (worker, slot, sizes). The main process hands the caller batches that *are* views of the
+    slot (copying 16 MB out of every pack took most of its time) and the slot becomes free when the
+    last of them is dropped (a finalizer on the array the tensors share; with CUDA pinning, after the
+    copy into page-locked memory). The pages stay mapped in both processes.
 
-    Packs leave in order and are taken in order (the DataLoader yields each worker's items in the
-    order they were made), so slot n % slots is always the next one; a worker waits only while all
-    of its slots are in flight, and the main process frees every slot when it stops iterating, so
-    a waiting worker can always finish."""
+    A worker never waits for a slot: when the caller still holds every one (it keeps its batches), the
+    pack travels by the DataLoader's transport instead. So a worker cannot be stuck behind a caller, and
+    a batch the caller holds is never written over, even after it leaves the iteration."""
 
     def __init__(self, worker: int, slots: int, rows: int, x_shape: tuple[int, ...], x_dtype: torch.dtype,
                  context):
-        self.worker, self.slots, self.sent = worker, slots, 0
-        self.parent: int | None = None  # the worker's parent, seen at its first put(): if it changes, the
-        # main process (or the forkserver that started the worker, which exits with it) is gone
+        self.worker = worker
         self.x = torch.empty((slots, rows, *x_shape), dtype=x_dtype).share_memory_()
         self.meta = torch.empty((slots, rows, 3), dtype=torch.float64).share_memory_()
-        self.free = context.Semaphore(slots)
+        self.busy = torch.zeros(slots, dtype=torch.uint8).share_memory_()  # set by the worker, cleared by main
+        self.free = context.Semaphore(slots)  # never more than the slots marked free: a barrier between the two
+        self.arrays: np.ndarray | None = None  # in the main process: self.x as NumPy, to make per-pack views of
 
     @classmethod
     def for_workers(cls, dataset: ShardStream, workers: int, prefetch_factor: int, context) -> list[HandOver] | None:
@@ -740,36 +744,40 @@ class HandOver:
             return None
 
     def put(self, batches: list[Batch]) -> InSlot | Packed:
-        """In the worker: the batches copied into the next slot (waiting for it to be free). Batches that do
-        not fit the slots (a transform that changes shape or dtype) travel as a Packed instead."""
+        """In the worker: the batches copied into a free slot. Batches that do not fit the slots (a transform
+        that changes shape or dtype), or that find every slot still held by the caller, travel as a Packed."""
         rows = sum(len(b.y) for b in batches)
         if rows > self.x.shape[1] or any(b.x.dtype != self.x.dtype or b.x.shape[1:] != self.x.shape[2:]
                                          for b in batches):
             return _pack(batches)
-        if self.parent is None:
-            self.parent = os.getppid()
-        while not self.free.acquire(timeout=1.0):
-            if os.getppid() != self.parent:  # the main process was killed: nobody will free a slot again
-                raise SystemExit(f"audioshard loader worker {self.worker}: the main process is gone")
-        slot = self.sent % self.slots
-        self.sent += 1
+        if not self.free.acquire(block=False):
+            return _pack(batches)
+        slot = self.busy.tolist().index(0)  # there is one: the semaphore counts at most the free slots
+        self.busy[slot] = 1
         torch.cat([b.x for b in batches], out=self.x[slot, :rows])
         _meta(batches, out=self.meta[slot, :rows])
         return InSlot(self.worker, slot, tuple(len(b.y) for b in batches))
 
     def take(self, item: InSlot, pin: bool = False) -> Packed:
-        """In the main process: the slot's batches copied out, and the slot freed for the worker."""
+        """In the main process: the slot's batches, as views of the slot that free it when the caller drops the
+        last of them; with `pin`, copied into page-locked memory (for an asynchronous copy to the GPU)."""
         rows = sum(item.sizes)
-        x = torch.empty((rows, *self.x.shape[2:]), dtype=self.x.dtype, pin_memory=pin)
-        x.copy_(self.x[item.slot, :rows])
         meta = self.meta[item.slot, :rows].clone()
-        self.free.release()
+        if pin:
+            x = torch.empty((rows, *self.x.shape[2:]), dtype=self.x.dtype, pin_memory=True)
+            x.copy_(self.x[item.slot, :rows])
+            self._release(item.slot)
+        else:
+            if self.arrays is None:
+                self.arrays = self.x.numpy()
+            view = self.arrays[item.slot, :rows]  # a new array object per pack: the tensors below keep it alive
+            weakref.finalize(view, self._release, item.slot).atexit = False
+            x = torch.from_numpy(view)
         return Packed(x, meta, torch.tensor(item.sizes))
 
-    def release_all(self) -> None:
-        """Free every slot (the iteration ended or was left): a worker waiting for one can finish and exit."""
-        for _ in range(self.slots):
-            self.free.release()
+    def _release(self, slot: int) -> None:
+        self.busy[slot] = 0
+        self.free.release()
 
 
 def _unpack(packed: Packed) -> Iterator[Batch]:
@@ -794,16 +802,12 @@ class _SizedLoader:
         items = iter(self.loader)  # loader workers start here, each with a copy of the resume position
         self.dataset.resume_batches, self.dataset.hand_overs = 0, None  # the next iteration starts afresh
         pin = self.loader.pin_memory and torch.cuda.is_available()
-        try:
-            for item in items:
-                if isinstance(item, InSlot):
-                    item = hand_overs[item.worker].take(item, pin)
-                for batch in _unpack(item) if isinstance(item, Packed) else (item,):
-                    self.consumed += 1
-                    yield batch
-        finally:
-            for hand_over in hand_overs or ():
-                hand_over.release_all()
+        for item in items:
+            if isinstance(item, InSlot):
+                item = hand_overs[item.worker].take(item, pin)
+            for batch in _unpack(item) if isinstance(item, Packed) else (item,):
+                self.consumed += 1
+                yield batch
 
     def _hand_overs(self) -> list[HandOver] | None:
         """Shared-memory slots for each loader worker (see HandOver); none without workers, or with
@@ -881,7 +885,7 @@ def _leave_forkserver(worker_id: int) -> None:
 
     Every process the server starts holds the write end of the server's "alive" pipe (so that it could start
     processes of its own), and the server exits only when all of them are closed. A worker's parent is the
-    server, and a worker stops when its parent is gone (the DataLoader's watchdog, HandOver.put). So if the
+    server, and a worker stops when its parent is gone (the DataLoader's watchdog). So if the
     rank is killed, the server waits for its workers and the workers for the server: both live on, holding
     the rank's output open, and torchrun never restarts it. A loader worker starts no processes: it closes
     its copy, the server exits with the rank, and the workers follow."""

@@ -226,43 +226,80 @@ def _epoch(loader) -> list:
     return [tuple(t.clone() for t in batch) for batch in loader]
 
 
+def _count_packs(monkeypatch) -> tuple[list, list]:
+    """(packs taken from a slot, all packs) as the main process unpacks them."""
+    taken, unpacked = [], []
+    take, unpack = stream_module.HandOver.take, stream_module._unpack
+
+    def counted_take(self, item, pin=False):
+        taken.append(item.slot)
+        return take(self, item, pin)
+
+    def counted_unpack(packed):
+        unpacked.append(len(packed.sizes))
+        return unpack(packed)
+
+    monkeypatch.setattr(stream_module.HandOver, "take", counted_take)
+    monkeypatch.setattr(stream_module, "_unpack", counted_unpack)
+    return taken, unpacked
+
+
 @pytest.mark.parametrize(("augment", "spare"), [(False, 2), (True, 2), (True, -1)])
 def test_hand_over_slots_give_what_the_dataloader_transport_gives(real_build, monkeypatch, augment, spare):
-    """Loader workers hand their batches over through reused shared-memory slots (stream.HandOver). Every
-    batch of an epoch is kept here while later ones arrive through the same slots: none may change, and the
-    epoch must equal the one sent by the DataLoader's own transport (new shared memory per batch)."""
+    """Loader workers hand their batches over through reused shared-memory slots (stream.HandOver), and the
+    caller's batches are views of a slot. Every batch of an epoch is kept here while later ones arrive: none
+    may change (a slot reused while its batches live would change them), the packs that find every slot
+    held must travel another way, and the epoch must equal the one sent by the DataLoader's own transport."""
     monkeypatch.setattr(stream_module, "SPARE_SLOTS", spare)  # -1: one slot per worker, always in demand
+    taken, unpacked = _count_packs(monkeypatch)
 
     def epoch(slots: bool) -> tuple[list, list]:
         monkeypatch.setattr(stream_module, "HAND_OVER_BYTES", 256 << 20 if slots else 0)
         loader = open_shards(str(real_build), "train", batch_size=2, num_workers=2, augment=augment,
                              shuffle_blocks=2)
         assert (loader._hand_overs() is not None) == slots
-        kept = list(loader)  # held, not copied: a slot reused too early would change them
-        return kept, _epoch(loader)
+        kept = list(loader)  # held, not copied
+        counts = len(taken), len(unpacked)
+        return kept, _epoch(loader), counts
 
-    kept, again = epoch(slots=True)
-    plain, _ = epoch(slots=False)
+    kept, again, (in_slots, packs) = epoch(slots=True)
+    slots = 2 * max(1, 2 + spare)
+    assert in_slots == slots < packs  # each worker's slots are used once, then every later pack goes round
+    plain, _, _ = epoch(slots=False)
     assert len(kept) == len(plain) == len(again) > 2 * 4 * 4  # more than 2 workers x 4 slots x 4 batches
     for held, other in [(kept, plain), (kept, again)]:
         for a, b in zip(held, other, strict=True):
             assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
-    assert kept[0].x.dtype == torch.float32 and not kept[0].x.is_shared()
+    assert kept[0].x.dtype == torch.float32  # normalised in the worker, augmented or not
 
 
-def test_leaving_an_epoch_early_frees_the_workers_waiting_for_a_slot(real_build, monkeypatch):
-    """A worker whose slots are all in flight waits for the main process; one that stops iterating must
-    free them, or the worker waits until the DataLoader gives up on it (5 s) and kills it."""
-    monkeypatch.setattr(stream_module, "SPARE_SLOTS", -1)  # one slot per worker: the second pack already waits
+def test_a_slot_is_free_again_when_the_caller_drops_its_batches(real_build, monkeypatch):
+    """A caller that drops each batch before taking the next (a training loop) gets every pack through a
+    slot: the slot is freed when the last batch viewing it goes, never later and never before."""
+    taken, unpacked = _count_packs(monkeypatch)
+    loader = open_shards(str(real_build), "train", batch_size=2, num_workers=2, augment=True, shuffle_blocks=2)
+    sums = [float(batch.x.double().sum()) for batch in loader]
+    assert len(taken) == len(unpacked) > 2 * 4  # more packs than slots
+    monkeypatch.setattr(stream_module, "HAND_OVER_BYTES", 0)  # the DataLoader's transport
+    assert sums == [float(batch.x.double().sum()) for batch in loader]
+
+
+def test_leaving_an_epoch_early_holding_batches_stops_the_workers_at_once(real_build, monkeypatch):
+    """A caller that stops iterating while it holds the batches of every slot: the workers must not wait
+    for a slot (nothing would ever free it) but finish and exit with the DataLoader, and the batches held
+    stay as they were."""
+    monkeypatch.setattr(stream_module, "SPARE_SLOTS", -1)  # one slot per worker: the second pack finds it held
     loader = make_loader(ShardStream(load_manifest(real_build), "train", 2, shuffle=True), num_workers=2)
     for _ in range(2):
         batches = iter(loader)
-        next(batches)
-        time.sleep(1.0)  # both workers have filled their slot and wait for it
+        held = [next(batches) for _ in range(6)]
+        values = [batch.x.clone() for batch in held]
+        time.sleep(1.0)  # both workers have made every pack they may make ahead
         started = time.monotonic()
         batches.close()  # leave the epoch: the workers must finish their pack and exit
         assert children(os.getpid()) == []
         assert time.monotonic() - started < 4.0  # not the DataLoader's 5-s join timeout then a kill
+        assert all(torch.equal(batch.x, value) for batch, value in zip(held, values, strict=True))
 
 
 def test_read_ahead_keeps_order_raises_and_stops_when_left():
@@ -296,9 +333,9 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_workers_waiting_for_a_slot_exit_when_the_main_process_is_killed(real_build):
-    """A worker waiting for a slot never reaches the DataLoader's own check that its parent is alive; when
-    the main process is killed (SIGKILL, a torchrun teardown) it must notice by itself, not stay forever."""
+def test_workers_holding_slots_exit_when_the_main_process_is_killed(real_build):
+    """Workers whose every slot the main process holds must still exit when it is killed (SIGKILL, a torchrun
+    teardown), not stay forever."""
     script = (
         "import sys, time\n"
         "from audioshard import stream\n"
@@ -314,7 +351,7 @@ def test_workers_waiting_for_a_slot_exit_when_the_main_process_is_killed(real_bu
     workers = []
     try:
         assert main.stdout.readline().strip() == "ready"
-        time.sleep(1.0)  # the workers fill their one slot each and wait
+        time.sleep(1.0)  # the workers fill their one slot each and make what they may ahead
         workers = children(main.pid)
         assert len(workers) == 2
         main.kill()
