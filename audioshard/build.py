@@ -246,7 +246,10 @@ def process_files(sources: list[tuple[Source, bool]], cfg: Config) -> list[FileR
             first += len(part)
             if want_stats:
                 values = result.mel.astype(np.float64).ravel()
-                result.stats = (float(values.sum()), float(np.dot(values, values)), values.size)
+                # einsum, not np.dot: np.dot is BLAS, whose own thread pool (OpenBLAS: one thread per core,
+                # spinning between calls) in every build process took the cores from the other processes:
+                # a 2-worker build of 637 files took 1.2-2.0 s instead of 0.4 s (docs/benchmarks.md)
+                result.stats = (float(values.sum()), float(np.einsum("i,i->", values, values)), values.size)
         pending.clear()
 
     for source, want_stats in sources:

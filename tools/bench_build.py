@@ -17,8 +17,9 @@ What it measures
     seed's way uses a multiprocessing pool of N (fork on Linux) with `imap(chunksize=1)` over files,
     results back to the main process, which writes the CSVs; audioshard's calling process works beside
     N - 1 forked helpers and writes the shards (its own design, see `audioshard.parallel.ordered_map`).
-    OMP/MKL/OpenBLAS/numba threads are pinned to 1 before numpy/torch/librosa are imported, so "1
-    worker" really is one core for both methods.
+    The seed's processes start with OMP/MKL/OpenBLAS/numba threads pinned to 1, so its "1 worker"
+    really is one core; audioshard's start without any such setting, as `audioshard build` does in a
+    plain shell (it keeps each of its processes to one thread itself: torch.set_num_threads, no BLAS).
 
 What is timed
     Every run (one method, one worker count) is a fresh Python process (this script with an internal
@@ -81,12 +82,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Before numpy/torch/librosa are imported: one thread per process, so N workers use N cores.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-
 import numpy as np
 import soundfile as sf
 
@@ -94,6 +89,12 @@ from audioshard.audio import resample
 from audioshard.build import build_shards
 from audioshard.config import Config, load_config
 from audioshard.features import FeatureParams, log_mel
+
+# The seed's runs: one thread per process (numpy's BLAS, numba), so N workers use N cores. Set in the
+# environment of the seed's child processes only: audioshard's runs get no such help, so they measure
+# what `audioshard build` does in a plain shell (it keeps itself to one thread per process).
+SEED_THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                       "NUMBA_NUM_THREADS")}
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "drone_car_speech"
 TARGET_RATIO_1_WORKER = 5.0
@@ -342,8 +343,9 @@ def time_concurrent(method: str, input_dir: Path, workers: int, copies: int) -> 
     nothing (no pool, no main process, no IPC) contend only for the cores, caches and memory bandwidth."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--input", str(input_dir), "--workers", str(workers),
            "--child", method, "--sync"]
-    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(copies)]
+    env = {**SEED_THREADS, **os.environ} if method == "seed" else None  # a value set by hand wins
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(copies)]
     for proc in procs:  # all warmed up, then all start timing together
         proc.stdout.readline()
     for proc in procs:
