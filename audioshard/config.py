@@ -95,6 +95,7 @@ class TrainConfig:
     prefetch_factor: int = 2
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
     sanity_steps: int = 30
     select_metric: str = "last"
     ema_epochs: float = 0.0
@@ -174,6 +175,7 @@ def parse_size(text: str) -> int:
 CHOICES: dict[str, tuple[str, ...]] = {
     "audio.short_clip": ("pad", "repeat", "drop"),
     "train.optimizer": ("adam", "adamw"),
+    "train.precision": ("auto", "bf16", "fp32"),
     "train.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss"),

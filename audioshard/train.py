@@ -124,6 +124,20 @@ def weight_average(model: torch.nn.Module, cfg: Config, steps_per_epoch: int) ->
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether the train step runs in bfloat16 autocast: `train.precision`, where "auto" means where the
+    hardware multiplies bfloat16 natively. CUDA GPUs do. A CPU does with AMX tiles (Intel Xeon 4th gen and
+    later): a train step of the default model there 2.0x faster than float32. CPUs without them emulate
+    it in oneDNN: measured here with AMX switched off, 0.7x with AVX512-BF16 and 0.1x with AVX2. Weights,
+    optimizer and loss stay float32 either way (mixed precision); evaluation runs in float32."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # not in older torch: float32 there
+    return device.type == "cpu" and capabilities is not None and bool(capabilities().get("amx_bf16"))
+
+
 def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, device: torch.device, steps: int,
                  lr: float, frozen: bool = False) -> tuple[float, float]:
     """Overfit one batch on a copy of the model (the original system's check); returns (first, last) loss."""
@@ -333,6 +347,8 @@ class Run:
     start_epoch: int = 0
     averaged: AveragedModel | None = None
     ddp_model: torch.nn.Module | None = None  # what the train step calls: the model, wrapped under DDP
+    bf16: bool = False  # the train step's forward in bfloat16 autocast (train.precision)
+    channels_last: bool = False  # model and batches in channels-last layout (on a CPU)
     position: dict[str, Any] | None = None  # where a last.pt saved mid-epoch stopped (taken by the next epoch)
 
     @property
@@ -515,6 +531,14 @@ def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: b
     if cfg.model.freeze_backbone:
         freeze_backbone(model)
     model = model.to(dist.device)
+    bf16 = uses_bf16(cfg.train.precision, dist.device)
+    # Channels-last convolutions on a CPU (oneDNN's preferred layout): a train step of the default model
+    # 1.1-1.2x faster in float32, 1.5x in bfloat16. Not measured on GPUs, so left as it was there.
+    channels_last = dist.device.type == "cpu"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    print0(f"training arithmetic: {'bfloat16 autocast' if bf16 else 'float32'}"
+           f"{', channels-last' if channels_last else ''} (train.precision = {cfg.train.precision})")
     optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                               weight_decay=cfg.train.weight_decay)
@@ -526,7 +550,7 @@ def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: b
                                prefetch_factor=cfg.train.prefetch_factor)
     run = Run(shards, cfg, manifest, dist, args, model, optimizer, None, weight, train_data, train_loader,
               BatchTransform.from_manifest(manifest, cfg.augment, enabled=True),
-              BatchTransform(manifest.mean, manifest.std), steps_per_epoch=0)
+              BatchTransform(manifest.mean, manifest.std), steps_per_epoch=0, bf16=bf16, channels_last=channels_last)
     run.steps_per_epoch = run.steps_in(0)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, run.steps_per_epoch))
     return run
@@ -663,9 +687,11 @@ def _position(run: Run, epoch: int, step: int, sums: torch.Tensor, skipped: int)
 
 def _step(run: Run, x: torch.Tensor, y_mix: torch.Tensor, lam: float,
           y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward (bf16 autocast on CUDA), the mixup loss, backward, optimizer and schedule step."""
+    """Forward (in bfloat16 autocast with run.bf16), the mixup loss, backward, optimizer and schedule step."""
     cfg = run.cfg
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         logits = run.ddp_model(x)
         loss = F.cross_entropy(logits.float(), y, weight=run.weight, label_smoothing=cfg.train.label_smoothing)
         if lam < 1.0:
@@ -743,6 +769,7 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         seconds = [h["seconds"] for h in history]
         where = manifest.root if "://" in manifest.root else str(Path(manifest.root).resolve())  # for `report`
         results.update({"shards": where, "device": _device_name(device), "train_seconds": sum(seconds),
+                        "bf16_autocast": uses_bf16(cfg.train.precision, device),
                         "seconds_per_epoch": sum(seconds) / max(1, len(seconds))})
         write_json(run_dir / "metrics.json", results)
         if history:

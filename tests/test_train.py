@@ -11,7 +11,7 @@ from audioshard.checkpoint import CheckpointError, load_checkpoint, save_checkpo
 from audioshard.config import ConfigError, load_config
 from audioshard.evaluate import evaluate_checkpoint
 from audioshard.manifest import load_manifest
-from audioshard.train import TrainingError, train
+from audioshard.train import TrainingError, train, uses_bf16
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +301,34 @@ def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, tmp_p
     off = tmp_path / "off"
     train(str(real_build), off, load_config(overrides=TINY_TRAIN), progress=False)
     assert not (off / "tensorboard").exists()  # off by default
+
+
+def test_precision_auto_uses_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
+    """"auto": bfloat16 on CUDA and on CPUs with AMX; a CPU with only AVX512-BF16 or less emulates it (slower:
+    float32). The CPU's capabilities are replaced here: the test cannot change the machine it runs on."""
+    cpu = torch.device("cpu")
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", torch.device("cuda"))
+    assert uses_bf16("auto", torch.device("cuda")) and not uses_bf16("auto", torch.device("mps"))
+    for capabilities, expected in [({"amx_bf16": True, "avx512_bf16": True}, True),
+                                   ({"amx_bf16": False, "avx512_bf16": True}, False), ({"avx2": True}, False)]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda found=capabilities: found)
+        assert uses_bf16("auto", cpu) is expected
+
+
+def test_the_train_step_runs_in_the_precision_asked_for(real_build, tmp_path, capsys):
+    """train.precision reaches the train step: bfloat16 autocast changes the arithmetic, so the weights
+    after one epoch differ from float32's (same seed, same batches); both train, and the log says which."""
+    weights, losses = {}, {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "train.epochs=1", "train.sanity_steps=0",
+                                                           f"train.precision={precision}"]), progress=False)
+        weights[precision] = torch.load(run / "last.pt", weights_only=True)["model"]
+        losses[precision] = history(run)[0]["train_loss"]
+        assert json.loads((run / "metrics.json").read_text())["bf16_autocast"] is (precision == "bf16")
+    out = capsys.readouterr().out
+    assert "training arithmetic: float32, channels-last (train.precision = fp32)" in out
+    assert "training arithmetic: bfloat16 autocast, channels-last (train.precision = bf16)" in out
+    assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
+    assert all(torch.isfinite(t).all() for t in weights["bf16"].values() if t.is_floating_point())
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)  # the same training, rounded otherwise

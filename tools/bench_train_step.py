@@ -1,0 +1,93 @@
+"""Benchmark one training step on this machine's CPU: float32 against bfloat16 autocast, in the
+default (contiguous) and the channels-last layout, side by side in one process.
+
+What it measures: the default model (`cnn6`, width 64, or `--model/--width`), batches of random
+(1, 64, 63) inputs (the default features of a 2-s chunk), 50 classes, AdamW; forward, cross-entropy,
+backward and optimizer step, as `audioshard train` runs them. Each of the four variants is warmed up
+(`--warmup` steps: oneDNN builds its kernels), then timed over `--steps` steps; variants take turns
+`--repeat` times and the fastest round of each is kept. What `train.precision = "auto"` would choose
+here is printed with the CPU's bf16 capabilities.
+
+    .venv/bin/python tools/bench_train_step.py
+    .venv/bin/python tools/bench_train_step.py --json
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 .venv/bin/python tools/bench_train_step.py   # as a CPU without AMX
+    ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python tools/bench_train_step.py               # as an AVX2 CPU
+
+(`ONEDNN_MAX_CPU_ISA` caps the instructions oneDNN uses, so one machine shows what older CPUs get.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from audioshard.models import build_model, model_args
+from audioshard.train import uses_bf16
+
+VARIANTS = [("float32", False, False), ("float32, channels-last", False, True),
+            ("bfloat16 autocast", True, False), ("bfloat16 autocast, channels-last", True, True)]
+
+
+def time_steps(bf16: bool, channels_last: bool, args: argparse.Namespace) -> float:
+    """Seconds per training step of a fresh model (after the warm-up)."""
+    torch.manual_seed(0)
+    model = build_model(model_args(args.model, 50, args.width, 0.2)).train()
+    x, y = torch.randn(args.batch, 1, 64, 63), torch.randint(0, 50, (args.batch,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    return (time.perf_counter() - started) / args.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="cnn6")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    args = parser.parse_args()
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    best = {name: float("inf") for name, _, _ in VARIANTS}
+    for _ in range(args.repeat):  # the variants take turns: a slow moment of the machine hits all of them
+        for name, bf16, layout in VARIANTS:
+            best[name] = min(best[name], time_steps(bf16, layout, args))
+    result = {
+        "model": f"{args.model} width {args.width}", "batch": args.batch, "threads": torch.get_num_threads(),
+        "cpu": {k: capabilities.get(k) for k in ("cpu_name", "amx_bf16", "avx512_bf16", "avx512_f", "avx2")},
+        "auto_uses_bf16": uses_bf16("auto", torch.device("cpu")),
+        "ms_per_step": {name: round(1000 * s, 1) for name, s in best.items()},
+        "samples_per_s": {name: round(args.batch / s) for name, s in best.items()},
+        "vs_float32": {name: round(best["float32"] / s, 2) for name, s in best.items()},
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{result['model']}, batch {args.batch}, {result['threads']} threads; CPU {result['cpu']}")
+    print(f"train.precision = \"auto\" would use bfloat16 here: {result['auto_uses_bf16']}")
+    for name in best:
+        print(f"  {name:<34} {result['ms_per_step'][name]:>8.1f} ms/step  {result['samples_per_s'][name]:>6} samples/s"
+              f"  {result['vs_float32'][name]:.2f}x float32")
+
+
+if __name__ == "__main__":
+    main()
