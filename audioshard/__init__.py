@@ -12,6 +12,8 @@ loads its module on first use, so `import audioshard` and the command line start
     audioshard.evaluate_checkpoint("runs/first/best_model.pt", "shards/", "test", "runs/first/test")
     audioshard.Predictor("runs/first/best_model.pt").predict_file("new.wav").label
     for batch in audioshard.open_shards("shards/", "train", batch_size=64): ...
+    cached = audioshard.Fetcher(cache_dir="/scratch/cache", cache_limit=20 << 30, timeout=30, retries=4)
+    loader = audioshard.open_shards("https://host/build/", "train", fetcher=cached)  # each shard downloaded once
 
 (`train_model` is `audioshard.train.train`: the package attribute `train` is the module once it is
 imported, so the function has a name of its own.) The Lightning data module is
@@ -30,6 +32,7 @@ _API = {
     "load_manifest": ("manifest", "load_manifest"),
     "Manifest": ("manifest", "Manifest"),
     "open_shards": ("stream", "open_shards"),
+    "Fetcher": ("remote", "Fetcher"),
     "ShardStream": ("stream", "ShardStream"),
     "Batch": ("stream", "Batch"),
     "train_model": ("train", "train"),

@@ -4,7 +4,6 @@ and one manifest over the manifests of part builds (`build --merge`)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from audioshard.manifest import (
 )
 from audioshard.names import SPLITS
 from audioshard.params import FeatureParams
+from audioshard.remote import DEFAULT_FETCHER, SourceError
 
 
 @dataclass
@@ -197,7 +197,12 @@ def _finished_parts(out_dir: Path) -> list[tuple[str, Manifest]]:
     unless all N are there, from the same job and written by this format version."""
     parts = []
     for path in sorted(out_dir.glob("part-*-of-*/" + MANIFEST_NAME)):
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:  # read as every manifest is: a regular file, within the size and node budgets
+            data = DEFAULT_FETCHER.read_json(str(path))
+        except (SourceError, ValueError) as exn:
+            raise BuildError(f"{path}: not a usable part build ({exn})") from exn
+        if not isinstance(data, dict):
+            raise BuildError(f"{path}: not a usable part build (not a JSON object)")
         if data.get("format_version") != FORMAT_VERSION or not isinstance(data.get("part"), dict):
             raise BuildError(f"{path}: a part build of another audioshard format (version "
                              f"{data.get('format_version')!r:.20}, this one writes {FORMAT_VERSION}); rebuild the "

@@ -176,16 +176,27 @@ def _ffmpeg_and_rate(path: Path) -> tuple[str, int]:
     return ffmpeg, _probe_rate(path, ffmpeg)
 
 
+def _local_input(path: Path) -> list[str]:
+    """ffmpeg's input options for the local file `path`, and nothing but it.
+
+    ffmpeg reads a name as a URL when it has a protocol prefix: a file named `tcp:HOST:PORT.wav` or
+    `http:HOST:PORT.m4a` would make it connect there, and a playlist or concat file could name any
+    URL. `file:` + the absolute path makes the name a local path whatever it holds, and the whitelist
+    keeps every input, nested ones included, to local files."""
+    return ["-protocol_whitelist", "file", "-i", f"file:{path.absolute()}"]
+
+
 def _ffmpeg_command(ffmpeg: str, path: Path, rate: int) -> list[str]:
     """ffmpeg decoding the first audio stream to mono float32 at the file's own rate, on stdout:
     resampling stays with torchaudio, the same for every format."""
-    return [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(rate),
+    return [ffmpeg, "-nostdin", "-v", "error", *_local_input(path), "-vn", "-ac", "1", "-ar", str(rate),
             "-f", "f32le", "-acodec", "pcm_f32le", "-"]
 
 
 def _probe_rate(path: Path, ffmpeg: str) -> int:
     """The first audio stream's sample rate, from `ffmpeg -i` (ffprobe is not always installed)."""
-    proc = subprocess.run([ffmpeg, "-nostdin", "-hide_banner", "-i", str(path)], capture_output=True, timeout=600)
+    proc = subprocess.run([ffmpeg, "-nostdin", "-hide_banner", *_local_input(path)], capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=600)
     for line in proc.stderr.decode("utf-8", "replace").splitlines():
         if "Audio:" in line and " Hz" in line:
             for part in line.split(","):

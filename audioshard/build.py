@@ -155,8 +155,13 @@ def _group_by_origin(input_path: Path, sources: list[Source]) -> list[Source]:
 
 
 def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
+    """The rows of a CSV manifest. Rows naming a file outside the CSV's folder (after `..` and links) are refused
+    unless `shards.csv_allow_outside` is set: a CSV from someone else must not pull other files of this machine
+    into a build that may be published. That test comes first and needs no file, so the skip reasons do not tell
+    which paths outside exist."""
     found = Discovery(sources=[])
     lines: list[int] = []  # the CSV line of each source
+    folder, outside = Path(os.path.realpath(csv_path.parent)), 0
     with open(csv_path, newline="", encoding="utf-8-sig") as stream:
         reader = csv.DictReader(stream)
         columns = set(reader.fieldnames or [])
@@ -175,12 +180,21 @@ def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
                                       f"one of {', '.join(SPLITS)}"})
                 continue
             path = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
+            if not cfg.shards.csv_allow_outside and not Path(os.path.realpath(path)).is_relative_to(folder):
+                outside += 1
+                found.skipped.append({"path": rel, "reason": f"{csv_path.name} line {line}: outside the CSV's folder; "
+                                      "refused (shards.csv_allow_outside = true uses such rows)"})
+                continue
             if not path.is_file():
                 found.skipped.append({"path": rel, "reason": f"{csv_path.name} line {line}: file not found ({path})"})
                 continue
             group = (row.get("group") or "").strip() or group_of(rel, cfg.split.group_regex)
             found.sources.append(Source(str(path.resolve()), rel, label, group, split))
             lines.append(line)
+    if outside:
+        found.warnings.append(f"{outside} rows of {csv_path.name} name files outside its folder {folder} and were "
+                              "refused (a CSV must not pull in other files of this machine); if the CSV is yours, "
+                              "set shards.csv_allow_outside = true (--set shards.csv_allow_outside=true)")
     return _drop_duplicates(found, lines, csv_path.name)
 
 
@@ -393,7 +407,8 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
     found = discover(input_path, cfg)
     if not found.sources:
         raise BuildError(f"{input_path}: no usable audio files found "
-                         f"({sum(found.ignored.values())} ignored, {len(found.skipped)} skipped)")
+                         f"({sum(found.ignored.values())} ignored, {len(found.skipped)} skipped)"
+                         + "".join(f"; {warning}" for warning in found.warnings[:3]))
     fingerprint = job = _fingerprint(found.sources, cfg)
     if part is not None:
         index, count = part

@@ -2,7 +2,10 @@
 
 A checkpoint holds the weights, the model's arguments, class names, feature parameters,
 normalisation, the resolved config, the epoch and metrics: enough to predict with nothing else.
-It is read with `torch.load(weights_only=True)`, which refuses pickled code (torch >= 2.6).
+It is read with `torch.load(weights_only=True)`, which refuses pickled code (torch >= 2.6), but keeps
+shared references: every value is then walked within a budget (`tree_problem`) and each record checked
+against its schema (`check_schema`: chunking rules, training state, mid-epoch position included) before
+anything prints, serialises or uses it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from audioshard.audio import ChunkRules
-from audioshard.config import MAX_WIDTH  # one bound for settings and files alike
+from audioshard.config import CHOICES, MAX_OVERLAP, MAX_WIDTH  # one bound for settings and files alike
 from audioshard.errors import AudioshardError
 from audioshard.manifest import Manifest
 from audioshard.models import MODELS, build_model
@@ -30,6 +33,24 @@ CHECKPOINT_FORMAT = "audioshard-checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_CLASSES = 100_000
 MAX_CHECKPOINT_BYTES = 4 << 30  # last.pt at MAX_WIDTH with Adam's two moments and averaged weights: ~1.5 GB
+
+# What a checkpoint from a stranger may hold. The safe loader keeps shared references, so a 112 KB file can
+# hold one list reached 2**40 times: every value is walked, a shared one each time it is reached, within these
+# bounds, before anything prints, serialises or uses it. A real last.pt reaches a few hundred values.
+MAX_VALUES = 1_000_000  # 100 000 class names or a history of 10 000 epochs fit
+MAX_DEPTH = 8  # containers within containers; audioshard writes 4 (optimizer/state/0/exp_avg)
+MAX_TEXT = 4096  # characters in one string (a path, a class name), bytes in one bytes value
+MAX_TEXT_TOTAL = 16 << 20  # characters in all strings together
+MAX_INT = 1 << 63
+MAX_EPOCHS = 1_000_000
+MAX_WORLD_SIZE = 65_536
+# The chunking rules a checkpoint carries (its config's [audio]): what predict and export cut audio with,
+# in the ranges config validation gives a build (a hop of one sample made a 3-s file 48 000 chunks, 3 GB).
+MAX_CHUNK_SAMPLES = 1 << 26  # one chunk: 256 MB as float32 (an hour at 16 kHz)
+# What every history record holds as a number: the curves and metrics.json read these after training.
+HISTORY_NUMBERS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_clip_macro_f1",
+                   "seconds")
+POSITION_KEYS = ("epoch", "step", "sums", "rng", "world_size")
 
 
 class CheckpointError(AudioshardError, ValueError):
@@ -100,7 +121,12 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """`load_checkpoint`, typed."""
+    """`load_checkpoint`, typed; a `.safetensors` export (with its JSON) is read by `weights.read_safetensors`,
+    without torch.load."""
+    if str(path).endswith(".safetensors"):
+        from audioshard.weights import read_safetensors  # imports this module
+
+        return read_safetensors(path)
     return Checkpoint.from_dict(load_checkpoint(path), str(path))
 
 
@@ -140,6 +166,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a safe audioshard checkpoint ({type(exn).__name__}: "
                               f"{str(exn).splitlines()[0] if str(exn) else ''}); it may be corrupt, "
                               "or carry pickled code, which audioshard never loads") from exn
+    problem = tree_problem(state, tensor_bytes=2 * path.stat().st_size + (1 << 20))
+    if problem:  # before anything else reads it: a message, a comparison or json.dumps could take hours
+        raise CheckpointError(f"{path}: not a usable audioshard checkpoint: {problem}; audioshard never writes "
+                              "this: use a best_model.pt or last.pt that `audioshard train` wrote")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an audioshard checkpoint")
     check_schema(state, str(path))
@@ -147,21 +177,101 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _check_archive(path: Path) -> None:
+    problem = archive_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
+
+
+def archive_problem(path: Path) -> str:
     """torch.save writes a zip of stored (uncompressed) entries, so what torch.load allocates is at most
     the file's own size. Refuse a zip whose entries inflate beyond that (a 4.7 MB file made a 1 GiB
-    tensor), and files over MAX_CHECKPOINT_BYTES, from the central directory, before reading any entry."""
+    tensor), and files over MAX_CHECKPOINT_BYTES, from the central directory, before reading any entry.
+    Every torch file audioshard reads goes through it ('' when the file may be loaded)."""
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
-        raise CheckpointError(f"{path}: {size} bytes; audioshard checkpoints are at most "
-                              f"{MAX_CHECKPOINT_BYTES >> 20} MB (model.width <= {MAX_WIDTH})")
+        return (f"{size} bytes; audioshard checkpoints are at most {MAX_CHECKPOINT_BYTES >> 20} MB "
+                f"(model.width <= {MAX_WIDTH})")
     try:
         with zipfile.ZipFile(path) as archive:
             inflated = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return  # not a zip: torch.load refuses it, or reads the legacy format, which does not inflate
+        return ""  # not a zip: torch.load refuses it, or reads the legacy format, which does not inflate
     if inflated > size:
-        raise CheckpointError(f"{path}: its zip entries inflate to {inflated} bytes from a {size}-byte file; "
-                              "torch.save never compresses, so this is not a checkpoint audioshard wrote")
+        return (f"its zip entries inflate to {inflated} bytes from a {size}-byte file; torch.save never "
+                "compresses, so torch did not write this file")
+    return ""
+
+
+def shown(value: Any) -> str:
+    """A value read from a file, for a message: short scalars as they are, anything else by its type and size
+    (never its repr, which for a shared or huge structure could take hours)."""
+    if value is None or type(value) in (bool, float) or (type(value) is int and abs(value) < 10**18):
+        return repr(value)
+    if type(value) is str:
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    size = f" of {len(value)} items" if isinstance(value, (dict, list, tuple, set)) else ""
+    return f"a {type(value).__name__}{size}"
+
+
+def _where(path: list[Any]) -> str:
+    return "/".join(repr(k[:40])[1:-1] if type(k) is str else str(k) if type(k) is int and abs(k) < 10**18
+                    else f"<{type(k).__name__}>" for k in path) or "the top level"
+
+
+_END = object()
+
+
+def tree_problem(state: Any, tensor_bytes: int) -> str:
+    """What is wrong with the structure of a loaded torch file ('' when nothing is): only dicts, lists,
+    tuples, strings, numbers, None and dense CPU tensors, within MAX_VALUES values (a value reached twice
+    counts twice), MAX_DEPTH levels, MAX_TEXT characters per string and MAX_TEXT_TOTAL in all, and
+    `tensor_bytes` of tensors. Depth-first with one iterator per level: its memory is MAX_DEPTH frames."""
+    values = text = tensors = 0
+    path: list[Any] = []
+    pending: list[Any] = [iter((("", state),))]
+    while pending:
+        item = next(pending[-1], _END)
+        if item is _END:
+            pending.pop()
+            if path:
+                path.pop()
+            continue
+        key, value = item
+        values += 1
+        container = isinstance(value, (dict, list, tuple))
+        problem = ("" if type(key) in (str, int) else "a key that is not a string") or _leaf_problem(key)
+        if not problem:
+            if container:
+                problem = f"values nested more than {MAX_DEPTH} deep" if len(pending) > MAX_DEPTH else ""
+            else:
+                problem = _leaf_problem(value)
+                tensors += value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+        text += (len(key) if type(key) is str else 0) + (len(value) if type(value) is str else 0)
+        if values > MAX_VALUES:
+            problem = f"more than {MAX_VALUES} values (a value shared by reference counts each time it is reached)"
+        elif text > MAX_TEXT_TOTAL:
+            problem = f"more than {MAX_TEXT_TOTAL} characters of text (counted each time reached)"
+        elif tensors > tensor_bytes:
+            problem = f"tensors of more than {tensor_bytes} bytes (a shared tensor counts each time it is reached)"
+        if problem:
+            return f"it holds {problem} at {_where([*path, key][1:])}"
+        if container:
+            pending.append(iter(value.items()) if isinstance(value, dict) else enumerate(value))
+            path.append(key)
+    return ""
+
+
+def _leaf_problem(value: Any) -> str:
+    if type(value) in (str, bytes, bytearray):
+        return f"a text of {len(value)} characters (at most {MAX_TEXT})" if len(value) > MAX_TEXT else ""
+    if isinstance(value, torch.Tensor):
+        dense = value.layout is torch.strided and value.device.type == "cpu" and not value.is_quantized
+        return "" if dense else f"a {value.layout} tensor (audioshard writes dense ones)"
+    if type(value) is int:
+        return "" if -MAX_INT < value < MAX_INT else f"an integer of {value.bit_length()} bits"
+    if value is None or type(value) in (bool, float):
+        return ""
+    return f"a {type(value).__name__}, which audioshard never writes"
 
 
 def check_schema(state: dict[str, Any], where: str) -> None:
@@ -173,42 +283,189 @@ def check_schema(state: dict[str, Any], where: str) -> None:
 
 
 def _schema_problem(state: dict[str, Any]) -> str:
-    weights, classes, norm = state.get("model"), state.get("classes"), state.get("normalization")
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        return "'model' is not a dict of tensors"
-    problem = _model_args_problem(state.get("model_args"))
+    """One check per record of the checkpoint, in the order they depend on each other; `tree_problem` has
+    already bounded every value, so these may look at anything."""
+    problem = (_tensors_problem(state.get("model"), "'model'") or _model_args_problem(state.get("model_args"))
+               or _classes_problem(state.get("classes"), state["model_args"]["num_classes"])
+               or _normalization_problem(state.get("normalization")) or _features_problem(state.get("features")))
     if problem:
         return problem
-    if not isinstance(classes, list) or len(classes) != state["model_args"]["num_classes"] or not all(
-            isinstance(c, str) for c in classes):
+    features = FeatureParams.from_dict(state["features"])
+    epoch = state.get("epoch", 0)
+    if type(epoch) is not int or not -1 <= epoch < MAX_EPOCHS:
+        return f"epoch = {shown(epoch)}, expected an integer in -1..{MAX_EPOCHS - 1}"
+    return (_config_problem(state.get("config", {}), features) or _record_problem(state.get("metrics", {}), "metrics")
+            or _training_problem(state, epoch))
+
+
+def _tensors_problem(weights: Any, name: str) -> str:
+    if not isinstance(weights, dict) or not all(type(k) is str and isinstance(v, torch.Tensor)
+                                                for k, v in weights.items()):
+        return f"{name} is not a dict of tensors"
+    return ""
+
+
+def _classes_problem(classes: Any, num_classes: int) -> str:
+    if not isinstance(classes, list) or len(classes) != num_classes or not all(type(c) is str for c in classes):
         return "'classes' must be a list of num_classes names"
+    return ""
+
+
+def _normalization_problem(norm: Any) -> str:
     if not isinstance(norm, dict) or not all(type(norm.get(k)) is float and math.isfinite(norm[k])
                                              for k in ("mean", "std")) or not norm["std"] > 0:
         return "'normalization' must hold a finite mean and a positive std"
-    return _features_problem(state.get("features"))
+    return ""
 
 
 def _model_args_problem(args: Any) -> str:
-    if not isinstance(args, dict) or not isinstance(args.get("name"), str) or args["name"] not in MODELS:
-        return f"model_args must name one of {', '.join(MODELS)} (got {args!r:.200})"
-    unknown = set(args) - set(inspect.signature(MODELS[args["name"]]).parameters) - {"name"}
+    if not isinstance(args, dict) or type(args.get("name")) is not str or args["name"] not in MODELS:
+        name = shown(args.get("name")) if isinstance(args, dict) else shown(args)
+        return f"model_args must name one of {', '.join(MODELS)} (got {name})"
+    unknown = sorted(map(str, set(args) - set(inspect.signature(MODELS[args["name"]]).parameters) - {"name"}))
     if unknown:
-        return f"model_args has keys {sorted(unknown)!r:.200} that {args['name']} does not take"
+        keys = ", ".join(shown(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        return f"model_args has keys [{keys}] that {args['name']} does not take"
     for key, top in (("num_classes", MAX_CLASSES), ("width", MAX_WIDTH)):
         if type(args.get(key)) is not int or not 1 <= args[key] <= top:
-            return f"model_args {key} = {args.get(key)!r:.50}, expected an integer in 1..{top}"
+            return f"model_args {key} = {shown(args.get(key))}, expected an integer in 1..{top}"
     dropout, norm = args.get("dropout", 0.0), args.get("input_norm", "none")
     if type(dropout) not in (int, float) or not 0 <= dropout <= 1 or norm not in ("none", "chunk", "band"):
-        return f"model_args dropout {dropout!r:.50} (0..1) or input_norm {norm!r:.50} is not valid"
+        return f"model_args dropout {shown(dropout)} (0..1) or input_norm {shown(norm)} is not valid"
     return ""
 
 
 def _features_problem(features: Any) -> str:
-    try:
-        params = FeatureParams.from_dict(features)
-    except TypeError:
-        return f"'features' must hold {', '.join(f.name for f in dataclasses.fields(FeatureParams))}"
-    return feature_params_problem(params)
+    names = [f.name for f in dataclasses.fields(FeatureParams)]
+    if not isinstance(features, dict) or not set(names) - {"dtype"} <= set(features) <= set(names):
+        return f"'features' must hold {', '.join(names)}"
+    odd = [k for k, v in features.items() if type(v) not in (int, float, str)]
+    if odd:
+        return f"features {odd[0]} is {shown(features[odd[0]])}, expected a number"
+    return feature_params_problem(FeatureParams.from_dict(features))
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or type(value) in (bool, int, float, str)
+
+
+def _record_problem(record: Any, name: str) -> str:
+    """A flat record (metrics, a history line): names to numbers, strings, booleans or None."""
+    if not isinstance(record, dict) or not all(type(k) is str and _is_scalar(v) for k, v in record.items()):
+        return f"'{name}' must be a table of names to numbers or strings"
+    return ""
+
+
+def _config_problem(config: Any, features: FeatureParams) -> str:
+    """The saved settings: [section] tables of scalars and string lists; the [audio] chunking rules in range."""
+    if not isinstance(config, dict) or not all(type(k) is str and isinstance(v, dict) for k, v in config.items()):
+        return "'config' must be a table of [section] tables"
+    for section, values in config.items():
+        for key, value in values.items():
+            if type(key) is not str or not (_is_scalar(value) or type(value) is list
+                                            and all(type(v) is str for v in value)):
+                name = key[:60] if type(key) is str else shown(key)
+                return f"config {section[:60]}.{name} is {shown(value)}, expected a number, a string or a list"
+    return rules_problem(config.get("audio", {}), features)
+
+
+def rules_problem(audio: dict[str, Any], features: FeatureParams) -> str:
+    """What is wrong with the chunking rules in a saved [audio] section ('' when nothing is): the ranges config
+    validation asks of a build (hop 0 or chunk_seconds / MAX_OVERLAP up to chunk_seconds, fractions, choices),
+    and a chunk of at most MAX_CHUNK_SAMPLES."""
+    chunk_seconds = features.chunk_seconds
+    numbers = {key: audio.get(key, default) for key, default in
+               (("hop_seconds", 0.0), ("min_fraction", 0.5), ("silence_peak", 0.0))}
+    for key, value in numbers.items():
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            return f"config audio.{key} = {shown(value)}, expected a finite number >= 0"
+    hop, shortest = numbers["hop_seconds"], chunk_seconds / MAX_OVERLAP
+    if hop and not shortest <= hop <= chunk_seconds:
+        return (f"config audio.hop_seconds = {hop!r}, expected 0 (no overlap) or chunk_seconds / {MAX_OVERLAP} = "
+                f"{shortest:g} s up to the chunk length {chunk_seconds:g} s")
+    for key in ("min_fraction", "silence_peak"):
+        if numbers[key] > 1:
+            return f"config audio.{key} = {numbers[key]!r}, expected a number in 0..1"
+    clips = CHOICES["audio.short_clip"]
+    short_clip, skip = audio.get("short_clip", "pad"), audio.get("skip_silent", True)
+    if short_clip not in clips:
+        return f"config audio.short_clip = {shown(short_clip)}, expected one of {', '.join(clips)}"
+    if type(skip) is not bool:
+        return f"config audio.skip_silent = {shown(skip)}, expected true or false"
+    rules = ChunkRules.from_audio(audio, features.sample_rate, chunk_seconds)
+    if rules.chunk > MAX_CHUNK_SAMPLES:
+        return (f"a chunk of {rules.chunk} samples (features chunk_seconds x sample_rate); at most "
+                f"{MAX_CHUNK_SAMPLES}")
+    return ""
+
+
+def _training_problem(state: dict[str, Any], epoch: int) -> str:
+    """last.pt's training state (absent from best_model.pt): each record as `Run.checkpoint` writes it."""
+    if "history" in state:
+        history = state["history"]
+        if not isinstance(history, list) or len(history) != epoch + 1:
+            return f"'history' must list the {epoch + 1} epochs done (epoch = {epoch})"
+        for number, record in enumerate(history, 1):
+            problem = _record_problem(record, "history")
+            if problem:
+                return problem
+            odd = [k for k in HISTORY_NUMBERS if type(record.get(k)) not in (int, float)]
+            if odd or record["epoch"] != number:
+                return f"history record {number} must hold {', '.join(HISTORY_NUMBERS)} as numbers, epoch = {number}"
+    best, best_epoch = state.get("best_score", [0.0, 0.0]), state.get("best_epoch", -1)
+    if not isinstance(best, (list, tuple)) or len(best) != 2 or not all(
+            type(v) in (int, float) and not math.isnan(v) for v in best):
+        return "'best_score' must be two numbers"
+    if type(best_epoch) is not int or not -1 <= best_epoch <= epoch:
+        return f"best_epoch = {shown(best_epoch)}, expected an integer in -1..{epoch}"
+    if "rng" in state and (not isinstance(state["rng"], dict) or rng_problem(state["rng"].get("torch"))):
+        return "'rng' must hold the torch generator's state"
+    if "trained_weights" in state:
+        kept = state["trained_weights"]
+        if not isinstance(kept, dict) or type(kept.get("n_averaged")) is not int or not kept["n_averaged"] >= 0:
+            return "'trained_weights' must hold the trained model and n_averaged, a count"
+        problem = _tensors_problem(kept.get("model"), "trained_weights model")
+        if problem:
+            return problem
+    for key in ("optimizer", "scheduler"):
+        if key in state and not isinstance(state[key], dict):
+            return f"'{key}' must be a torch state dict"
+    if "position" in state:
+        return position_problem(state["position"], epoch)
+    return ""
+
+
+def rng_problem(rng: Any, cuda: bool = False) -> str:
+    """A generator state as torch.get_rng_state returns it ('' when it is). A CUDA one (a seed and an offset,
+    16 bytes) is only bounded here: torch.cuda.set_rng_state checks its size where it is used."""
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1 or not (
+            rng.numel() <= 64 if cuda else rng.numel() == torch.get_rng_state().numel()):
+        return "a generator state is a 1-d uint8 tensor as torch.get_rng_state returns it"
+    return ""
+
+
+def position_problem(position: Any, epoch: int) -> str:
+    """Where a mid-epoch last.pt stopped (train._position): the epoch after `epoch`, the steps done, the
+    running sums (loss * n, correct, n, skipped blocks), the RNG states and the number of processes. The
+    steps are checked against the shards' steps per epoch when the run resumes."""
+    if not isinstance(position, dict) or set(position) != set(POSITION_KEYS):
+        return f"'position' must hold {', '.join(POSITION_KEYS)}"
+    step, sums, rng, world = (position[k] for k in ("step", "sums", "rng", "world_size"))
+    if type(position["epoch"]) is not int or position["epoch"] != epoch + 1:
+        return f"position epoch = {shown(position['epoch'])}, expected {epoch + 1} (the epoch after the saved one)"
+    if type(step) is not int or not 0 <= step < MAX_INT:
+        return f"position step = {shown(step)}, expected a count of steps"
+    if (not isinstance(sums, (list, tuple)) or len(sums) != 4
+            or not all(type(v) in (int, float) and math.isfinite(v) for v in sums)):
+        return "position sums must be 4 finite numbers (loss * n, correct, n, skipped blocks)"
+    if min(sums[1:]) < 0 or sums[1] > sums[2] or (step > 0) != (sums[2] > 0):
+        return "position sums must count 0 <= correct <= n, with n > 0 once a step is done"
+    if not isinstance(rng, dict) or not set(rng) <= {"torch", "cuda"} or rng_problem(rng.get("torch")) or (
+            "cuda" in rng and rng_problem(rng["cuda"], cuda=True)):
+        return "position rng must hold the torch (and cuda) generator states"
+    if type(world) is not int or not 1 <= world <= MAX_WORLD_SIZE:
+        return f"position world_size = {shown(world)}, expected a number of processes"
+    return ""
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
@@ -225,8 +482,54 @@ def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
 def check_compatible(card: Checkpoint, manifest: Manifest, where: str) -> None:
     """Classes and features of the checkpoint must be those of the shards."""
     if card.classes != manifest.classes:
-        raise CheckpointError(f"{where} was trained on classes {card.classes}, but the shards at "
-                              f"{manifest.root} have {manifest.classes}")
+        raise CheckpointError(f"{where} was trained on classes {_names(card.classes)}, but the shards at "
+                              f"{manifest.root} have {_names(manifest.classes)}")
     if card.features != manifest.features:
         raise CheckpointError(f"{where} was trained on features {card.features.to_dict()}, but the shards at "
                               f"{manifest.root} have {manifest.features.to_dict()}")
+
+
+def _names(names: list[str], most: int = 20) -> str:
+    return "[" + ", ".join(shown(n) for n in names[:most]) + (f", ... {len(names)} in all" if len(names) > most
+                                                               else "") + "]"
+
+
+def resume_problem(training: dict[str, Any], optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> str:
+    """What in last.pt's training state does not fit the optimizer and schedule a run restores it into
+    ('' when it all does): torch's own `load_state_dict` checks little (a forged `lr` string, or an extra
+    scheduler key that replaces one of its attributes, would fail in the middle of training)."""
+    missing = [k for k in ("optimizer", "scheduler", "history", "best_score", "best_epoch", "rng") if k not in training]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    own, theirs = optimizer.state_dict(), training["optimizer"]
+    if set(theirs) != {"state", "param_groups"} or not _same_kind(own["param_groups"], theirs["param_groups"]):
+        return "optimizer state does not fit this run's optimizer (train.optimizer, model)"
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = theirs["state"]
+    if not isinstance(moments, dict) or not all(
+            type(k) is int and 0 <= k < len(params) and isinstance(v, dict) and all(
+                type(n) is str and (_is_scalar(t) or isinstance(t, torch.Tensor) and t.is_floating_point()
+                                    and (t.dim() == 0 or t.shape == params[k].shape)) for n, t in v.items())
+            for k, v in moments.items()):
+        return "optimizer moments do not have the shapes of this run's parameters"
+    if not _same_kind(scheduler.state_dict(), training["scheduler"]):
+        return "scheduler state does not fit this run's schedule (train.schedule)"
+    return ""
+
+
+def _same_kind(own: Any, theirs: Any) -> bool:
+    """`theirs` (read from a file) has the structure of `own` (what this process would save): the same types,
+    lengths and tensor shapes, dict keys among own's, numbers finite."""
+    if isinstance(own, dict):
+        return isinstance(theirs, dict) and set(theirs) <= set(own) and all(_same_kind(own[k], v)
+                                                                            for k, v in theirs.items())
+    if isinstance(own, (list, tuple)):
+        return isinstance(theirs, (list, tuple)) and len(theirs) == len(own) and all(map(_same_kind, own, theirs))
+    if isinstance(own, torch.Tensor):
+        return isinstance(theirs, torch.Tensor) and theirs.dtype == own.dtype and theirs.shape == own.shape
+    if own is None or type(own) is bool:
+        return theirs is None or type(theirs) is bool
+    if type(own) in (int, float):
+        return type(theirs) in (type(own), int) and math.isfinite(theirs)
+    return type(theirs) is type(own)

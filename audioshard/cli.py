@@ -20,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from audioshard import __version__
+from audioshard.compat import check_versions
 from audioshard.config import Config, dump_toml, load_config
 from audioshard.names import EXPORT_FORMATS, FEATURE_PRESETS, PREDICT_FORMATS, SPLITS
+from audioshard.termsafe import printable  # every text made from data or files goes out through it
 
 SOURCE_HELP = ("build folder, or an http(s):// or s3://BUCKET/PREFIX/ URL of one (s3: credentials and endpoint "
                "from the standard AWS_* variables)")
@@ -47,7 +49,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from audioshard.manifest import Manifest
 
     if args.merge:
-        print(format_info(Manifest(merge_parts(args.out), str(args.out)), str(args.out)))
+        print(printable(format_info(Manifest(merge_parts(args.out), str(args.out)), str(args.out)), lines=True))
         return 0
     if args.input is None:
         raise BuildError("give an INPUT folder or CSV (or --merge to combine part builds in --out)")
@@ -64,7 +66,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if result.up_to_date:
         print(f"{args.out}: already built from these inputs and settings; nothing to do (--force rebuilds)")
         return 0
-    print(format_info(Manifest(result.manifest, str(args.out)), str(args.out)))
+    print(printable(format_info(Manifest(result.manifest, str(args.out)), str(args.out)), lines=True))
     return 0
 
 
@@ -73,7 +75,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from audioshard.manifest import load_manifest
 
     manifest = load_manifest(args.source, _config(args).fetcher())  # [shards] timeouts and retries apply
-    print(format_info(manifest, args.source, verbose=args.verbose))
+    print(printable(format_info(manifest, args.source, verbose=args.verbose), lines=True))
     return 0
 
 
@@ -81,7 +83,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from audioshard.info import verify_build
 
     good, report = verify_build(args.source, _config(args).fetcher())
-    print(report)
+    print(printable(report, lines=True))
     return 0 if good else 1
 
 
@@ -120,8 +122,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from audioshard.info import show_chunk
 
-    text = show_chunk(args.source, args.split, args.index, args.out)
-    print(text)
+    text = show_chunk(args.source, args.split, args.index, args.out, fetcher=_config(args).fetcher())
+    print(printable(text, lines=True))
     return 0
 
 
@@ -129,7 +131,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from audioshard.info import check_pipeline
 
     cfg = _config(args)
-    print(check_pipeline(args.source, args.split, cfg, batches=args.batches))
+    print(printable(check_pipeline(args.source, args.split, cfg, batches=args.batches), lines=True))
     return 0
 
 
@@ -213,7 +215,7 @@ def cmd_fetch_drive(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from audioshard.report import write_report
 
-    print(f"wrote {write_report(args.run, args.shards)}")
+    print(f"wrote {printable(write_report(args.run, args.shards, _config(args).fetcher()))}")
     return 0
 
 
@@ -349,7 +351,8 @@ def _training_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("evaluate", cmd_evaluate, "evaluate a checkpoint on one split (chunk- and recording-level)")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt or last.pt")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a best_model.pt or last.pt (or a model.safetensors export)")
     p.add_argument("--shards", required=True, help=SOURCE_HELP)
     p.add_argument("--split", default="test", choices=SPLITS, help="which split")
     p.add_argument("--out", type=Path, required=True, help="folder for reports")
@@ -391,7 +394,8 @@ def _model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
             "the exit status is 1 only when no file could be predicted. Example: audioshard predict --checkpoint "
             "runs/first/best_model.pt field/ night.flac --per-chunk --format csv > predictions.csv")
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="recordings, or folders of them")
-    p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt from `audioshard train`")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a best_model.pt from `audioshard train`, or a model.safetensors from `audioshard export`")
     p.add_argument("--format", default="table", choices=PREDICT_FORMATS,
                    help="table for people; csv (one row per file, or per chunk with --per-chunk); json")
     p.add_argument("--per-chunk", action="store_true", help="add a timeline: each chunk's start, end, class, "
@@ -405,12 +409,14 @@ def _model_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
                         "a mix of classes (at least 20 chunks). Much better on voices or devices unlike the "
                         "training ones (README, Results); harmful on recordings of one class only")
 
-    p = add("export", cmd_export, "export a checkpoint's model to ONNX or TorchScript (+ a JSON sidecar)",
-            "Export the model for use without audioshard. Input: normalised log-mel (batch, 1, n_mels, frames) "
+    p = add("export", cmd_export, "export a model: safetensors to share it, ONNX or TorchScript to run it elsewhere",
+            "safetensors: the weights in the format people share them in, with OUT.json describing the rest; "
+            "`audioshard predict --checkpoint OUT` reads the pair, never unpickling anything. ONNX and "
+            "TorchScript run without audioshard. Input: normalised log-mel (batch, 1, n_mels, frames) "
             "float32, any batch size; output: logits (batch, classes). OUT.json beside it holds the classes, "
             "feature parameters, chunking and normalisation. The export is loaded back and checked against "
-            "PyTorch before it is kept. ONNX needs: pip install 'audioshard[export]'. Example: audioshard export "
-            "--checkpoint runs/first/best_model.pt --format onnx --out model.onnx")
+            "PyTorch before it is kept. ONNX needs: pip install -e '.[export]'. Example: audioshard export "
+            "--checkpoint runs/first/best_model.pt --format safetensors --out model.safetensors")
     p.add_argument("--checkpoint", type=Path, required=True, help="a best_model.pt from `audioshard train`")
     p.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="export format")
     p.add_argument("--out", type=Path, required=True, help="file to write (the sidecar is OUT.json)")
@@ -451,19 +457,24 @@ def _fetch_commands(sub) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds gdown waits for the server (gdown >= 6)")
 
 
+NO_TORCH_COMMANDS = ("config",)
+
+
 def main(argv: list[str] | None = None) -> int:
     from audioshard.errors import AudioshardError
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in NO_TORCH_COMMANDS:
+            check_versions()  # an untested torch/torchaudio pair: say so now, not as a failure deep in a run
         return args.handler(args)
     except AudioshardError as exn:  # every stage's error: the message names the file and the fix
-        print(f"audioshard {args.command}: error: {exn}", file=sys.stderr)
+        print(f"audioshard {args.command}: error: {printable(exn, lines=True)}", file=sys.stderr)
         return 2
     except OSError as exn:  # the machine, not the data: a full disk, a permission, a vanished file
-        where = f": {exn.filename}" if exn.filename else ""
-        print(f"audioshard {args.command}: error: {exn.strerror or exn}{where}; free some space or fix the "
-              "permission, then run the same command again (--resume for train)", file=sys.stderr)
+        where = f": {printable(exn.filename)}" if exn.filename else ""
+        print(f"audioshard {args.command}: error: {printable(exn.strerror or exn, lines=True)}{where}; free some "
+              "space or fix the permission, then run the same command again (--resume for train)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -74,6 +74,7 @@ class ShardsConfig:
     verify_local: bool = True
     remember_verified: bool = True
     strict: bool = False
+    csv_allow_outside: bool = False
 
 
 @dataclass
@@ -198,6 +199,35 @@ NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "fe
                 "augment.gain_db"}
 WARPS = {"augment.freq_warp", "augment.time_stretch"}
 
+# The largest value of every number setting: far beyond any real use, small enough that nothing sized from
+# them (buffers, loops, sleeps, threads) can take the machine's memory or hang a command. A test checks that
+# every number setting is here.
+MAXIMUM: dict[str, float] = {
+    "audio.sample_rate": 768_000, "audio.chunk_seconds": 3600.0, "audio.hop_seconds": 3600.0,
+    "audio.min_fraction": 1.0, "audio.silence_peak": 1.0,
+    "features.n_mels": 1024, "features.n_fft": 65_536, "features.hop_length": 65_536, "features.f_min": 384_000.0,
+    "features.f_max": 384_000.0, "features.top_db": 200.0,
+    "split.seed": 2**32 - 1, "split.val_fraction": 1.0, "split.test_fraction": 1.0,
+    "shards.chunks_per_shard": 1_000_000, "shards.workers": 1024,  # shards.block_size: build's block_problem
+    "shards.http_timeout": 3600.0, "shards.http_retries": 20,
+    "train.epochs": 100_000, "train.samples_budget": 10**12, "train.batch_size": 1_000_000,
+    "train.lr": math.inf,  # finite (checked when read): a run that diverges stops at its first NaN or infinite loss
+    "train.weight_decay": 10.0, "train.warmup_epochs": 100_000, "train.label_smoothing": 1.0,
+    "train.mixup_alpha": 100.0, "train.num_workers": 256, "train.shuffle_blocks": 65_536,
+    "train.prefetch_factor": 64, "train.seed": 2**32 - 1, "train.sanity_steps": 100_000, "train.ema_epochs": 100_000,
+    "train.save_every_steps": 10**9,
+    "augment.noise_std": 10.0, "augment.time_masks": 100, "augment.time_mask_width": 8192, "augment.freq_masks": 100,
+    "augment.freq_mask_width": 1024, "augment.freq_warp": 1.0, "augment.time_stretch": 1.0,
+    "augment.background_prob": 1.0, "augment.background_snr": 100.0, "augment.time_shift": 1.0,
+    "augment.gain_db": 60.0,
+    "model.dropout": 1.0,  # model.width: MAX_WIDTH, with its own message
+}
+# Lower bounds beyond the sign checks above (shards.http_timeout = 0 would make every read fail at once).
+MINIMUM: dict[str, float] = {"audio.sample_rate": 1000, "split.seed": 0, "train.seed": 0,
+                             "augment.background_snr": -100.0, "shards.http_timeout": 0.1}
+MAX_OVERLAP = 100  # audio.hop_seconds >= chunk_seconds / MAX_OVERLAP: a second of audio gives at most ~100 chunks
+MAX_REGEX = 500  # characters of split.group_regex
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
@@ -219,9 +249,11 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
-    elif isinstance(default, list) and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(type(default))}, got {value!r} ({_type_name(type(value))})")
+    elif isinstance(default, list):
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"{key}: expected a list of strings (e.g. [\".wav\", \".flac\"]), got {value!r:.80}")
+    raise ConfigError(f"{key}: expected {_type_name(type(default))}, got {value!r:.80} ({_type_name(type(value))})")
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
@@ -253,6 +285,10 @@ def validate(cfg: Config) -> Config:
             if key in WARPS and not 0 <= value < 1:
                 raise ConfigError(f"{key} must be >= 0 and below 1 (factors are drawn from [1 - it, 1 + it]), "
                                   f"got {value!r}")
+            if key in MAXIMUM and not MINIMUM.get(key, -math.inf) <= value <= MAXIMUM[key]:
+                low = MINIMUM.get(key, "above 0" if key in POSITIVE else 0)
+                raise ConfigError(f"{key} = {value!r} is out of range; valid: {low} to {MAXIMUM[key]:g}")
+    _check_sizes(cfg)
     if cfg.split.val_fraction + cfg.split.test_fraction >= 1:
         raise ConfigError("split.val_fraction + split.test_fraction must be < 1 (something must be left to train on)")
     if cfg.features.f_max and cfg.features.f_max > cfg.audio.sample_rate / 2:
@@ -263,13 +299,48 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"audio.hop_seconds = {cfg.audio.hop_seconds} is longer than audio.chunk_seconds = "
                           f"{cfg.audio.chunk_seconds}: the audio between chunks would be lost; use at most "
                           "chunk_seconds (or 0 for chunk_seconds: no overlap)")
-    if cfg.features.n_fft > cfg.audio.chunk_seconds * cfg.audio.sample_rate:
-        raise ConfigError("features.n_fft is longer than one chunk (audio.chunk_seconds * audio.sample_rate)")
     parse_size(cfg.shards.cache_limit)  # a bad size fails now, not at the first download
     if cfg.model.width > MAX_WIDTH:
         raise ConfigError(f"model.width = {cfg.model.width} is above {MAX_WIDTH} (the largest checkpoint audioshard "
                           "reads back); use at most that")
     return cfg
+
+
+def _check_sizes(cfg: Config) -> None:
+    """The settings that together size chunks, features and waits: each within what a build, a reader and a
+    checkpoint accept, and the group regex one that compiles."""
+    import re
+
+    from audioshard.params import MAX_FRAMES, FeatureParams, feature_params_problem
+
+    audio, features = cfg.audio, cfg.features
+    shortest = audio.chunk_seconds / MAX_OVERLAP
+    if audio.hop_seconds and audio.hop_seconds < shortest:
+        raise ConfigError(f"audio.hop_seconds = {audio.hop_seconds!r} is below chunk_seconds / {MAX_OVERLAP} = "
+                          f"{shortest:g} (every second of audio would become more than {MAX_OVERLAP} chunks); valid: "
+                          f"0 (chunk_seconds, no overlap) or {shortest:g} to {audio.chunk_seconds:g}")
+    params = FeatureParams.from_config(cfg)
+    if features.n_fft > params.chunk_samples:
+        raise ConfigError(f"features.n_fft = {features.n_fft} is longer than one chunk ({params.chunk_samples} "
+                          "samples: audio.chunk_seconds * audio.sample_rate); valid: 1 to that")
+    if params.frames > MAX_FRAMES:
+        raise ConfigError(f"features.hop_length = {features.hop_length} gives {params.frames} frames per chunk, above "
+                          f"{MAX_FRAMES}; valid: at least {params.chunk_samples // (MAX_FRAMES - 1) + 1} at this "
+                          "chunk length and sample rate")
+    if not features.f_min < params.f_max:
+        raise ConfigError(f"features.f_min = {features.f_min} must be below f_max ({params.f_max:g} Hz)")
+    if problem := feature_params_problem(params):  # the one check a manifest and a checkpoint go through too
+        raise ConfigError(f"[audio] and [features]: {problem}")
+    if len(cfg.split.group_regex) > MAX_REGEX:
+        raise ConfigError(f"split.group_regex is {len(cfg.split.group_regex)} characters; at most {MAX_REGEX}")
+    try:
+        re.compile(cfg.split.group_regex)
+    except (re.error, RecursionError, OverflowError) as exn:
+        raise ConfigError(f"split.group_regex = {cfg.split.group_regex!r:.80} is not a valid regular expression "
+                          f"({exn}); e.g. \"/([a-z]+)_\" for one group per speaker") from None
+    if len(audio.extensions) > 1000 or not all(0 < len(e) <= 32 for e in audio.extensions):
+        raise ConfigError("audio.extensions: expected at most 1000 extensions of 1 to 32 characters each, "
+                          "e.g. [\".wav\", \".flac\"]")
 
 
 def _check_init(model: ModelConfig) -> None:
@@ -296,6 +367,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:  # arrays nested thousands deep
+        raise ConfigError(f"--set {key.strip()}: the value nests too deep; settings are numbers, strings, "
+                          "booleans or lists of strings") from None
     return key.strip(), value
 
 
@@ -310,6 +384,9 @@ def from_dict(data: dict[str, Any], cfg: Config | None = None) -> Config:
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the TOML file (if any), then `--set` overrides; validated."""
     cfg = Config()
@@ -317,10 +394,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
+        with open(path, "rb") as stream:
+            raw = stream.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB; a settings file is a few KB "
+                              "(see config.toml)")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exn:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exn:
             raise ConfigError(f"{path}: not valid TOML: {exn}") from exn
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid TOML: a value nests too deep") from None
         from_dict(data, cfg)
     for text in overrides:
         key, value = parse_override(text)

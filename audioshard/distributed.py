@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from audioshard.termsafe import printable
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -72,5 +74,7 @@ def cleanup_distributed() -> None:
 
 
 def print0(*args, **kwargs) -> None:
+    """Print on rank 0 only, with control characters escaped (class names and paths in the lines come from
+    data; `termsafe`)."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)
+        print(*(printable(a, lines=True) for a in args), **kwargs, flush=True)

@@ -9,7 +9,8 @@ long recording cut into many chunks would otherwise sway chunk-level figures by 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from audioshard.augment import BatchTransform
 from audioshard.manifest import Manifest
 from audioshard.models import MIN_ADAPT_EXAMPLES, AdaptError, adapt_batchnorm
 from audioshard.stream import ShardDataError, ShardStream, make_loader
+from audioshard.termsafe import printable
 
 
 @torch.inference_mode()
@@ -101,6 +103,9 @@ def summarize(pred: dict[str, np.ndarray], classes: list[str], loss: float | Non
 
 
 MAX_ANNOTATED, MAX_TICKS, MAX_FIGURE_INCHES = 40, 100, 20.0
+# Names and titles drawn as the text they are: matplotlib otherwise reads `$...$` as math (a bad formula in a class
+# or file name raised at savefig) and, with text.usetex on in a user's matplotlibrc, hands the text to LaTeX.
+PLAIN_TEXT = {"parse_math": False, "usetex": False}
 
 
 def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], title: str) -> None:
@@ -120,11 +125,12 @@ def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, cl
     ticks = range(0, n, max(1, -(-n // MAX_TICKS)))
     names = [classes[i][:40] for i in ticks]  # a class name can be any length
     ax.set_xticks(ticks, names, rotation=45 if n <= MAX_ANNOTATED else 90, ha="right",
-                  fontsize=None if n <= MAX_ANNOTATED else 5)
-    ax.set_yticks(ticks, names, fontsize=None if n <= MAX_ANNOTATED else 5)
+                  fontsize=None if n <= MAX_ANNOTATED else 5, **PLAIN_TEXT)
+    ax.set_yticks(ticks, names, fontsize=None if n <= MAX_ANNOTATED else 5, **PLAIN_TEXT)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title if n <= MAX_ANNOTATED else f"{title}; {n} classes, counts in {Path(path).stem}.csv")
+    ax.set_title(title if n <= MAX_ANNOTATED else f"{title}; {n} classes, counts in {Path(path).stem}.csv",
+                 **PLAIN_TEXT)
     if n <= MAX_ANNOTATED:
         for i in range(n):
             for j in range(n):
@@ -138,12 +144,13 @@ def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, cl
 
 
 def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classes: list[str],
-                  label_prefix: str = "") -> dict[str, Any]:
+                  label_prefix: str = "", recordings: Sequence[str] | None = None) -> dict[str, Any]:
     """The seed's artifacts for one split: label arrays, confusion matrix PNG, text report; returns metrics.
 
     Files: {label_prefix}pred_labels.npy, {label_prefix}true_labels.npy (chunk level, sorted by
     source and start), {split}_predictions.npz (logits, y, source, start), {split}_confusion_matrix.png,
-    {split}_report.txt (chunk- and recording-level).
+    {split}_report.txt (chunk- and recording-level) and, given the split's `recordings` (names by source
+    index: `manifest.sources(split)`), {split}_recordings.csv: one row per recording, named.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     y, y_hat = pred["y"], pred["logits"].argmax(1)
@@ -155,8 +162,6 @@ def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classe
     clip_logits, clip_y, _ = clip_level(pred["logits"], y, pred["source"])
     clip_hat = clip_logits.argmax(1)
     metrics = summarize(pred, classes)
-    save_confusion_matrix(out_dir / f"{split}_confusion_matrix.png", y, y_hat, classes,
-                          f"{split}: chunk-level (acc {metrics['chunk']['accuracy']:.3f})")
     labels = list(range(len(classes)))
     report = [
         f"{split} split: {len(y)} chunks from {len(clip_y)} recordings",
@@ -168,7 +173,69 @@ def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classe
         f"majority-class baseline (chunk level): {metrics['chunk']['majority_baseline']:.3f}",
     ]
     (out_dir / f"{split}_report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
+    if recordings is not None:
+        write_recordings_csv(out_dir / f"{split}_recordings.csv", recording_table(pred, classes, recordings))
+    image = out_dir / f"{split}_confusion_matrix.png"
+    draw(image, save_confusion_matrix, image, y, y_hat, classes,
+         f"{split}: chunk-level (acc {metrics['chunk']['accuracy']:.3f})")
     return metrics
+
+
+def recording_table(pred: dict[str, np.ndarray], classes: list[str], recordings: Sequence[str]):
+    """One row per recording of a `predict_split` result (a pandas DataFrame): `recording` (its path as built),
+    `true`, `predicted`, `confidence` (softmax of the mean chunk logits, the recording-level rule), `correct`,
+    `chunks` and `chunks_agreeing` (chunks whose own argmax is the recording's prediction), worst first."""
+    import pandas as pd
+
+    clip_logits, clip_y, ids = clip_level(pred["logits"], pred["y"], pred["source"])
+    z = np.exp(clip_logits - clip_logits.max(1, keepdims=True))
+    probabilities = z / z.sum(1, keepdims=True)
+    predicted = clip_logits.argmax(1)
+    _, inverse, counts = np.unique(pred["source"], return_inverse=True, return_counts=True)
+    agreeing = np.bincount(inverse, weights=pred["logits"].argmax(1) == predicted[inverse], minlength=len(ids))
+    table = pd.DataFrame({"recording": [recordings[int(i)] for i in ids], "true": [classes[c] for c in clip_y],
+                          "predicted": [classes[c] for c in predicted],
+                          "confidence": probabilities[np.arange(len(ids)), predicted].round(4),
+                          "correct": predicted == clip_y, "chunks": counts, "chunks_agreeing": agreeing.astype(int)})
+    return table.sort_values(["correct", "confidence"], ascending=[True, False], kind="stable", ignore_index=True)
+
+
+def write_recordings_csv(path: Path, table) -> None:
+    """The table as CSV, names written as text a spreadsheet never runs as a formula (`csvsafe`)."""
+    from audioshard.csvsafe import cell
+
+    safe = table.copy()
+    for column in ("recording", "true", "predicted"):
+        safe[column] = safe[column].map(cell)
+    safe.to_csv(path, index=False)
+
+
+def predictions_frame(run_dir: str | Path, split: str = "val", shards: str | None = None):
+    """One row per recording of a run's (or an evaluation's) saved predictions, as a pandas DataFrame
+    (`recording_table`): names exactly as built, from `{split}_predictions.npz` (checked as `report` checks
+    it) and the build's recording list (`shards`, default: the build metrics.json names)."""
+    from audioshard.manifest import load_manifest
+    from audioshard.report import _predictions, _read_json
+
+    run = Path(run_dir)
+    manifest = load_manifest(shards or _read_json(run / "metrics.json").get("shards") or "")
+    return recording_table(_predictions(run, split, manifest), manifest.classes, manifest.sources(split))
+
+
+def draw(path: Path, plot: Callable[..., Any], *args: Any) -> bool:
+    """`plot(*args)`, which draws `path`, called after the results it shows are saved: a picture that cannot be
+    drawn (a font, a renderer, a name matplotlib refuses) is reported on stderr and costs nothing else. Returns
+    whether it was drawn."""
+    try:
+        plot(*args)
+    except Exception as exn:  # noqa: BLE001 - the numbers are written already; the picture is extra
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        print(f"note: {printable(path)} not drawn ({type(exn).__name__}: {printable(str(exn)[:300])}); the results it "
+              "would show are in the files beside it", file=sys.stderr)
+        return False
+    return True
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -211,7 +278,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
     pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers,
                          strict=strict)
     out_dir = Path(out_dir)
-    metrics = write_reports(out_dir, split, pred, manifest.classes)
+    metrics = write_reports(out_dir, split, pred, manifest.classes, recordings=manifest.sources(split))
     metrics.update({"split": split, "checkpoint": str(checkpoint), "shards": str(shards), "adapted": adapted})
     write_json(out_dir / "metrics.json", metrics)
     return metrics

@@ -1,7 +1,12 @@
-"""Export a trained model for use without audioshard: TorchScript or ONNX, plus a JSON sidecar.
+"""Export a trained model: safetensors to share it, ONNX or TorchScript to run it without audioshard.
 
+    audioshard export --checkpoint runs/first/best_model.pt --format safetensors --out model.safetensors
     audioshard export --checkpoint runs/first/best_model.pt --format onnx --out model.onnx
     audioshard export --checkpoint runs/first/best_model.pt --format torchscript --out model.pt
+
+safetensors (`audioshard.weights`): the weights in the format people exchange them in, plus a JSON
+with everything else a checkpoint holds; `predict`, `evaluate` and `model.init_checkpoint` read the
+pair as they read a checkpoint, with no pickle on the way.
 
 The exported model takes normalised log-mel spectrograms, `mel: (batch, 1, n_mels, frames)` float32
 (any batch size), and returns `logits: (batch, num_classes)`. `OUT.json` beside it says how to make
@@ -9,18 +14,19 @@ that input from audio (sample rate, chunking, mel parameters, normalisation) and
 Every export is loaded back and compared with the PyTorch model on a random batch before it is kept;
 the largest difference is written into the sidecar.
 
-ONNX uses torch's TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`): the newer
-`torch.export`-based default needs the `onnxscript` package, which this path does not. It needs
-`onnx`, and the parity check `onnxruntime`: `pip install 'audioshard[export]'`.
+ONNX goes through the exporter torch keeps (`torch.onnx.export(..., dynamo=True)`: the model is
+captured by `torch.export` and translated by onnxscript), with the batch axis dynamic; it needs
+`onnx`, `onnxscript` and, for the parity check, `onnxruntime`: `pip install -e '.[export]'`.
+TorchScript is deprecated in torch (its warnings are shown, not hidden); it stays for programs that
+load models with `torch.jit.load`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,8 @@ from audioshard.errors import AudioshardError
 from audioshard.features import AMIN
 from audioshard.names import EXPORT_FORMATS
 
-ONNX_OPSET = 17
+ONNX_OPSET = 18  # the lowest the dynamo-based exporter writes
+MAX_BATCH = 1 << 16  # the exported batch axis: 1..MAX_BATCH
 PARITY_ATOL = 1e-4  # logits; float32 kernels differ between runtimes in the last bits only
 
 
@@ -47,21 +54,10 @@ def sidecar_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """torch warns that TorchScript and its ONNX exporter are deprecated; they are still what works
-    without extra packages (see the module docstring), so the export does not repeat it to users."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*(TorchScript-based ONNX|removed)")
-        yield
-
-
 def _export_torchscript(model: torch.nn.Module, out: Path) -> Any:
-    with _quiet():
-        scripted = torch.jit.script(model)  # script, not trace: no shape is baked in
-        scripted.save(str(out))
-        loaded = torch.jit.load(str(out), map_location="cpu")
+    scripted = torch.jit.script(model)  # script, not trace: no shape is baked in
+    scripted.save(str(out))
+    loaded = torch.jit.load(str(out), map_location="cpu")
     loaded.eval()
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -75,14 +71,15 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> An
     try:
         import onnx
         import onnxruntime
+        import onnxscript  # noqa: F401 - what torch's exporter translates with
     except ImportError as exn:
-        raise ExportError(f"ONNX export needs the onnx and onnxruntime packages ({exn.name} is missing): "
-                          "pip install 'audioshard[export]'") from exn
+        raise ExportError(f"ONNX export needs the onnx, onnxscript and onnxruntime packages ({exn.name} is "
+                          "missing): pip install -e '.[export]'") from exn
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
-        with _quiet():
-            torch.onnx.export(model, (example,), str(out), input_names=["mel"], output_names=["logits"],
-                              dynamic_axes={"mel": {0: "batch"}, "logits": {0: "batch"}},
-                              opset_version=ONNX_OPSET, dynamo=False)
+        torch.onnx.export(model, (example,), str(out), input_names=["mel"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True, verbose=False,
+                          external_data=False)
     except Exception as exn:
         raise ExportError(f"torch.onnx.export failed: {type(exn).__name__}: {exn}") from exn
     onnx.checker.check_model(str(out))
@@ -90,6 +87,20 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> An
 
     def run(x: np.ndarray) -> np.ndarray:
         return session.run(["logits"], {"mel": x})[0]
+
+    return run
+
+
+def _export_safetensors(card: Checkpoint, out: Path) -> Any:
+    """The weights and their JSON, read back the way `predict` reads them (no torch.load on the way)."""
+    from audioshard.weights import save_safetensors
+
+    save_safetensors(card, out)
+    loaded = read_checkpoint(out).model().cpu().eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return loaded(torch.from_numpy(x)).numpy()
 
     return run
 
@@ -133,12 +144,13 @@ def describe(card: Checkpoint, fmt: str, parity: float) -> dict[str, Any]:
 
 
 def export_model(checkpoint: str | Path, fmt: str, out: str | Path, *, atol: float = PARITY_ATOL) -> dict[str, Any]:
-    """Export a checkpoint's model to TorchScript or ONNX, check it against PyTorch, write the sidecar.
+    """Export a checkpoint's model, check it against PyTorch, write the sidecar.
 
     Args:
-        checkpoint: a `best_model.pt` or `last.pt` from `audioshard train`.
-        fmt: "onnx" or "torchscript".
-        out: the file to write; the sidecar goes to `sidecar_path(out)` (OUT.json).
+        checkpoint: a `best_model.pt` or `last.pt` from `audioshard train` (or a safetensors export).
+        fmt: "safetensors", "onnx" or "torchscript".
+        out: the file to write; the sidecar goes to `sidecar_path(out)` (OUT.json). For safetensors the
+            sidecar is also what `predict` reads the weights with.
         atol: largest absolute logit difference accepted between the export and PyTorch.
 
     Returns:
@@ -153,28 +165,40 @@ def export_model(checkpoint: str | Path, fmt: str, out: str | Path, *, atol: flo
     out = Path(out)
     card = read_checkpoint(checkpoint)
     model = card.model().cpu().eval()
-    params = card.features
     out.parent.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 1, *params.shape, generator=generator)
-    tmp = out.with_name(f".{out.name}.tmp")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # nothing half-written at `out`
     try:
-        run = _export_torchscript(model, tmp) if fmt == "torchscript" else _export_onnx(model, example, tmp)
-        # A batch size other than the example's: proves the batch axis is dynamic.
-        check = torch.randn(5, 1, *params.shape, generator=generator)
-        with torch.inference_mode():
-            expected = model(check).numpy()
-        got = run(check.numpy())
-        if got.shape != expected.shape:
-            raise ExportError(f"the {fmt} export returned shape {got.shape} for a batch of 5, "
-                              f"expected {expected.shape}")
-        parity = float(np.abs(got - expected).max())
-        if not parity <= atol:
-            raise ExportError(f"the {fmt} export differs from PyTorch by up to {parity:.3g} (allowed {atol:g})")
-        os.replace(tmp, out)
+        written = staging / ("model.safetensors" if fmt == "safetensors" else out.name)
+        parity = _export_checked(card, model, fmt, written, atol)
+        os.replace(written, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     info = describe(card, fmt, parity)
     info["checkpoint"] = str(checkpoint)
-    sidecar_path(out).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    if fmt == "safetensors":  # the sidecar is the model's description too: a checkpoint's records, no weights
+        from audioshard.weights import card_record
+
+        info = {**info, **card_record(card), "export": fmt}
+    sidecar_path(out).write_text(json.dumps(info, indent=1, default=float) + "\n", encoding="utf-8")
     return info
+
+
+def _export_checked(card: Checkpoint, model: torch.nn.Module, fmt: str, out: Path, atol: float) -> float:
+    """Write the export to `out`, load it back and return its largest logit difference from PyTorch on a
+    batch of another size than the example's (which proves the batch axis dynamic)."""
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 1, *card.features.shape, generator=generator)
+    if fmt == "safetensors":
+        run = _export_safetensors(card, out)
+    else:
+        run = _export_torchscript(model, out) if fmt == "torchscript" else _export_onnx(model, example, out)
+    check = torch.randn(5, 1, *card.features.shape, generator=generator)
+    with torch.inference_mode():
+        expected = model(check).numpy()
+    got = run(check.numpy())
+    if got.shape != expected.shape:
+        raise ExportError(f"the {fmt} export returned shape {got.shape} for a batch of 5, expected {expected.shape}")
+    parity = float(np.abs(got - expected).max())
+    if not parity <= atol:
+        raise ExportError(f"the {fmt} export differs from PyTorch by up to {parity:.3g} (allowed {atol:g})")
+    return parity

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from audioshard.config import Config
+from audioshard.config import Config, ConfigError
 from audioshard.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from audioshard.remote import DEFAULT_FETCHER
 from audioshard.split import SPLITS
 
 
@@ -71,8 +72,9 @@ def format_info(manifest: Manifest, where: str, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
-def show_chunk(source: str, split: str, index: int, out: str | Path) -> str:
-    """Plot chunk `index` of a split (in shard order) with its label, source recording and start time."""
+def show_chunk(source: str, split: str, index: int, out: str | Path, fetcher=None) -> str:
+    """Plot chunk `index` of a split (in shard order) with its label, source recording and start time.
+    `fetcher`: how build files are read (`Config.fetcher()`: [shards] timeouts, retries, cache)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -80,10 +82,10 @@ def show_chunk(source: str, split: str, index: int, out: str | Path) -> str:
 
     from audioshard.stream import ShardStream
 
-    manifest = load_manifest(source)
+    manifest = load_manifest(source, fetcher or DEFAULT_FETCHER)
     total = manifest.samples(split)
     if not 0 <= index < total:
-        raise IndexError(f"--index {index} is out of range: the {split} split has {total} chunks")
+        raise ConfigError(f"--index {index} is out of range: the {split} split has {total} chunks (0 to {total - 1})")
     seen = 0
     for batch in ShardStream(manifest, split, batch_size=manifest.block_size):
         if index < seen + len(batch.y):
@@ -99,7 +101,8 @@ def show_chunk(source: str, split: str, index: int, out: str | Path) -> str:
     fig.colorbar(image, ax=ax, label="dB")
     ax.set_xlabel("time in recording (s)")
     ax.set_ylabel("mel bin")
-    ax.set_title(f"{split}[{index}]: {label} — {rec} @ {start:.2f} s", fontsize=9)
+    ax.set_title(f"{split}[{index}]: {label[:40]} — {rec[-80:]} @ {start:.2f} s", fontsize=9, parse_math=False,
+                 usetex=False)  # names as text, never math: `$...$` in them raised at savefig
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -107,12 +110,13 @@ def show_chunk(source: str, split: str, index: int, out: str | Path) -> str:
 
 
 def check_pipeline(source: str, split: str, cfg: Config, batches: int = 3) -> str:
-    """Pull a few batches through the real pipeline (normalised, augmented if train) and describe them."""
+    """Pull a few batches through the real pipeline (normalised, augmented if train) and describe them: the
+    manifest read once, and every file read as `train` reads it (cfg's [shards] timeouts, retries, cache)."""
     from audioshard.stream import open_shards
 
-    loader = open_shards(source, split, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
+    manifest = load_manifest(source, cfg.fetcher())
+    loader = open_shards(manifest, split, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
                          augment_config=cfg.augment, shuffle_blocks=cfg.train.shuffle_blocks)
-    manifest = load_manifest(source)
     lines = [f"{source} [{split}]: {manifest.samples(split)} chunks, {len(loader)} batches of "
              f"{cfg.train.batch_size} per epoch"]
     labels: Counter = Counter()
@@ -148,7 +152,7 @@ def verify_build(source: str, fetcher=None) -> tuple[bool, str]:
     Returns:
         (all good, a report naming each bad shard and why)
     """
-    from audioshard.remote import DEFAULT_FETCHER, SourceError
+    from audioshard.remote import SourceError
     from audioshard.stream import ShardDataError, ShardStream, block_sizes
 
     # sha256 always, whatever shards.verify_local says and whatever was verified before: checking is what

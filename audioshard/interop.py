@@ -75,6 +75,12 @@ def _member(value: Any, dtype: str, rows: int | None, where: str) -> np.ndarray:
             raise ShardDataError(f"{where}: not a rectangular array") from exn
         if array.ndim != (1 if rows is not None else 3) or not np.can_cast(array.dtype, dtype, "same_kind"):
             raise ShardDataError(f"{where}: a {array.ndim}-d {array.dtype} array, expected {np.dtype(dtype)}")
+        if array.dtype.kind in "iu" and np.dtype(dtype).kind == "i" and array.size:
+            # a cast would wrap (70000 -> 4464 as int16): a wrong label or recording, silently
+            low, high = np.iinfo(dtype).min, np.iinfo(dtype).max
+            if array.min() < low or array.max() > high:
+                raise ShardDataError(f"{where}: values {array.min()}..{array.max()} do not fit {np.dtype(dtype)} "
+                                     f"({low}..{high}); not an audioshard block")
         return array.astype(dtype, copy=False)
     if not isinstance(value, bytes | bytearray | memoryview):
         raise ShardDataError(f"{where}: expected .npy bytes or an array, got {type(value).__name__}")

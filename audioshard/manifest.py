@@ -340,6 +340,21 @@ class Manifest:
             return [{"path": name} for name in info.sources]
         return list(self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem))
 
+    def to_pandas(self, split: str | None = None):
+        """The build's recordings as a pandas DataFrame: `split`, `source` (the index chunks refer to as
+        `Batch.source`), `path`, `label` and, for fetched files, the provenance columns; one split or all."""
+        import pandas as pd
+
+        frames = []
+        for name in [split] if split else [s for s in self.split_names if self.source_count(s)]:
+            rows = [{k: v for k, v in row.items() if k != "provenance"} | dict(row.get("provenance") or {})
+                    for row in self.recording_rows(name)]
+            frame = pd.DataFrame(rows)
+            frame.insert(0, "source", range(len(frame)))
+            frame.insert(0, "split", name)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["split", "source", "path"])
+
     def source_names(self, split: str) -> list[str]:
         """The split's recording names in write order (what `sources(split)` gives item by item); reads the list."""
         info = self.split(split)
@@ -408,6 +423,16 @@ class Manifest:
 # default 64 chunks of 64 x 63 it is 0.5 MB; MAX_BLOCK_BYTES allows 500 times that.
 MAX_BLOCK_SIZE, MAX_BLOCK_BYTES, MAX_CLASSES = 4096, 256 << 20, 100_000
 SHARD_KEYS = {"file": str, "samples": int, "sha256": str, "bytes": int, "source_offset": int}
+# Every top-level key a build of format version 1 or 2 has written (a part build adds `part`, a merged one
+# `merged_from`; version 1 held `skipped` and `provenance` inline, version 2 names `skipped_file`), with the
+# type of those that no other check covers. Anything else is refused: it would be parsed, held by every
+# loader worker and never checked.
+TOP_KEYS = {"format": str, "format_version": int, "audioshard_version": str, "fingerprint": str, "input": str,
+            "classes": list, "features": dict, "block_size": int, "normalization": dict, "train_stats": dict,
+            "splits": dict, "skipped": list, "skipped_file": dict, "provenance": list, "ignored": dict,
+            "warnings": list, "config": dict, "part": dict, "merged_from": list}
+SPLIT_KEYS = {"shards", "samples", "class_counts", "recordings", "audio_seconds", "silent_chunks", "recordings_file",
+              "sources"}
 
 
 def _is_count(value: Any) -> bool:
@@ -421,6 +446,11 @@ def _is_number(value: Any) -> bool:
 def _schema_problem(data: dict[str, Any]) -> str:
     """What makes a manifest unusable ('' if nothing): every key a reader uses, its type and range,
     checked once here so that no later step meets a KeyError, a TypeError or an outsized allocation."""
+    if unknown := sorted(set(data) - set(TOP_KEYS)):
+        return (f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(k[:40]) for k in unknown[:5])} "
+                f"(a manifest holds {', '.join(TOP_KEYS)})")
+    if wrong := [k for k, v in data.items() if not isinstance(v, TOP_KEYS[k])]:
+        return f"{wrong[0]!r} must be a {TOP_KEYS[wrong[0]].__name__}"
     classes, norm, block_size = data.get("classes"), data.get("normalization"), data.get("block_size")
     if not isinstance(classes, list) or not 0 < len(classes) <= MAX_CLASSES or not all(
             isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
@@ -456,6 +486,8 @@ def block_problem(block_size: Any, features: FeatureParams) -> str:
 def _split_problem(info: Any, classes: list[str]) -> str:
     if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
         return "expected a table with a 'shards' list"
+    if unknown := sorted(set(info) - SPLIT_KEYS):
+        return f"unknown key {unknown[0][:40]!r} (a split holds {', '.join(sorted(SPLIT_KEYS))})"
     for shard in info["shards"]:
         if not isinstance(shard, dict) or set(shard) - set(SHARD_KEYS) or set(SHARD_KEYS) - {"source_offset"} - set(
                 shard):

@@ -5,7 +5,7 @@ line's parser can use it without loading torch."""
 MODEL_NAMES = ("seed_cnn", "cnn6", "cnn10", "panns_cnn14", "panns_cnn6")  # audioshard.models.MODELS builds each
 SPLITS = ("train", "val", "test")
 PREDICT_FORMATS = ("table", "csv", "json")
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")
 
 # `audioshard build --preset NAME`: ordinary settings, applied after --config and before any --set, so the
 # manifest records the resulting [audio]/[features] values as always (the preset's name is not kept).

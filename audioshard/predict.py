@@ -40,6 +40,7 @@ from audioshard.errors import AudioshardError
 from audioshard.features import log_mel
 from audioshard.models import MIN_ADAPT_EXAMPLES, adapt_batchnorm
 from audioshard.names import PREDICT_FORMATS
+from audioshard.termsafe import printable
 
 FORMATS = PREDICT_FORMATS
 
@@ -243,6 +244,8 @@ def plot_timeline(pred: Prediction, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from audioshard.evaluate import PLAIN_TEXT
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     minutes = pred.seconds > 600
@@ -250,15 +253,18 @@ def plot_timeline(pred: Prediction, out: str | Path) -> Path:
     edges = np.append(pred.starts, pred.ends[-1]) / scale
     probs = pred.chunk_probabilities
     fig, ax = plt.subplots(figsize=(min(20.0, 6.0 + len(pred.starts) / 60), 3.5))
-    for k, name in enumerate(pred.classes):
-        ax.stairs(probs[:, k], edges, baseline=None, label=name, linewidth=1.2)
+    lines = [ax.stairs(probs[:, k], edges, baseline=None, linewidth=1.2) for k in range(len(pred.classes))]
     ax.set_ylim(0, 1.02)
     ax.set_xlim(edges[0], edges[-1])
     ax.set_xlabel("time (min)" if minutes else "time (s)")
     ax.set_ylabel("probability")
-    ax.set_title(f"{Path(pred.path).name}: {pred.label} ({pred.probability:.2f}), {len(pred.starts)} chunks",
-                 fontsize=10)
-    ax.legend(loc="upper right", fontsize=8, ncol=min(len(pred.classes), 6))
+    ax.set_title(f"{Path(pred.path).name[:80]}: {pred.label[:40]} ({pred.probability:.2f}), {len(pred.starts)} chunks",
+                 fontsize=10, **PLAIN_TEXT)
+    # Handles and labels given together: a name starting with "_" is shown too (matplotlib hides such labels)
+    legend = ax.legend(lines, [name[:40] for name in pred.classes], loc="upper right", fontsize=8,
+                       ncol=min(len(pred.classes), 6))
+    for text in legend.get_texts():
+        text.update(PLAIN_TEXT)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -304,7 +310,8 @@ class _Writer:
     def __init__(self, fmt: str, classes: list[str], per_chunk: bool, out: TextIO, name_width: int):
         self.fmt, self.classes, self.per_chunk, self.out = fmt, classes, per_chunk, out
         self.width = max(4, min(name_width, 60))
-        self.class_width = max(5, *(len(c) for c in classes))
+        self.shown = [printable(c) for c in classes]  # names for the table: control characters made visible
+        self.class_width = max(5, *(len(c) for c in self.shown))
         self.csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         self.records: list[dict[str, Any]] = []
 
@@ -315,7 +322,7 @@ class _Writer:
                               ["file", "class", "probability", *probs, "chunks", "seconds"])
         elif self.fmt == "table":
             cw = self.class_width
-            cols = "  ".join(f"{c[:8]:>8}" for c in self.classes)
+            cols = "  ".join(f"{c[:8]:>8}" for c in self.shown)
             print(f"{'file':<{self.width}}  {'class':<{cw}}  {'prob':>5}  {cols}  {'chunks':>6}  {'seconds':>8}",
                   file=self.out)
 
@@ -336,15 +343,16 @@ class _Writer:
                                    len(pred.starts), f"{pred.seconds:.3f}"])
             self.out.flush()
             return
-        cw = self.class_width
-        name = pred.path if len(pred.path) <= self.width else "..." + pred.path[-(self.width - 3):]
+        cw, shown = self.class_width, printable(pred.path)
+        name = shown if len(shown) <= self.width else "..." + shown[-(self.width - 3):]
         cols = "  ".join(f"{v:>8.3f}" for v in probs)
-        print(f"{name:<{self.width}}  {pred.label:<{cw}}  {pred.probability:>5.2f}  {cols}  {len(pred.starts):>6}  "
+        label = self.shown[int(np.argmax(probs))]
+        print(f"{name:<{self.width}}  {label:<{cw}}  {pred.probability:>5.2f}  {cols}  {len(pred.starts):>6}  "
               f"{pred.seconds:>8.1f}", file=self.out)
         if self.per_chunk:
             print(f"    {'start':>9}  {'end':>9}  {'class':<{cw}}  {'prob':>5}", file=self.out)
             for s, e, p in zip(pred.starts, pred.ends, pred.chunk_probabilities, strict=True):
-                print(f"    {s:>9.2f}  {e:>9.2f}  {self.classes[int(p.argmax())]:<{cw}}  {p.max():>5.2f}",
+                print(f"    {s:>9.2f}  {e:>9.2f}  {self.shown[int(p.argmax())]:<{cw}}  {p.max():>5.2f}",
                       file=self.out)
         self.out.flush()
 
@@ -397,7 +405,7 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
         summary.adapted = predictor.adapt(files)
         print(f"audioshard predict: BatchNorm statistics adapted on {summary.adapted} chunks of these recordings",
               file=err)
-    writer = _Writer(fmt, predictor.classes, per_chunk, out, max(len(str(f)) for f in files))
+    writer = _Writer(fmt, predictor.classes, per_chunk, out, max(len(printable(f)) for f in files))
     writer.header()
     for path in files:
         try:
@@ -406,12 +414,19 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
             reason = (str(exn).removeprefix(f"{path}: ") if isinstance(exn, AudioError)
                       else f"could not be decoded ({type(exn).__name__}: {exn})")
             summary.failed.append({"file": str(path), "reason": reason})
-            print(f"audioshard predict: skipped {path}: {reason}", file=err)
+            print(f"audioshard predict: skipped {printable(path)}: {printable(reason)}", file=err)
             continue
         summary.predictions.append(pred)
         writer.write(pred)
         if path in plots:
-            summary.plots.append(plot_timeline(pred, plots[path]))
+            try:
+                summary.plots.append(plot_timeline(pred, plots[path]))
+            except Exception as exn:  # noqa: BLE001 - the prediction is printed already; the picture is extra
+                import matplotlib.pyplot as plt
+
+                plt.close("all")
+                print(f"audioshard predict: {printable(plots[path])} not drawn ({type(exn).__name__}: "
+                      f"{printable(str(exn)[:300])})", file=err)
     writer.close(predictor.checkpoint, summary.failed, summary.adapted)
     if summary.failed:
         print(f"audioshard predict: {len(summary.predictions)} of {len(files)} files predicted, "

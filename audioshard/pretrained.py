@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from audioshard.checkpoint import archive_problem, tree_problem
 from audioshard.errors import AudioshardError
 from audioshard.models import is_head
 from audioshard.params import FeatureParams
@@ -84,6 +85,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise PretrainedError(f"model.init_weights: {path} is not a file (download the checkpoint yourself; "
                               "audioshard never downloads weights)")
+    problem = archive_problem(path)  # before torch.load reads an entry: a small zip may inflate to GBs
+    if problem:
+        raise PretrainedError(f"model.init_weights: refused {path}: {problem}; download the checkpoint again")
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,6 +102,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PretrainedError(f"model.init_weights: {path} holds no state dict (expected {{'model': "
                               "{name: tensor}} as PANNs save it, or {name: tensor})")
+    problem = tree_problem(state, tensor_bytes=2 * path.stat().st_size + (1 << 20))  # names and shared tensors
+    if problem:
+        raise PretrainedError(f"model.init_weights: refused {path}: its state dict {problem}")
     return state
 
 

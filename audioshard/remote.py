@@ -5,22 +5,29 @@ Only these kinds of source are accepted: a shard list is data from strangers, an
 downloaded whole (into memory, spilling to a temporary file when large, or into
 `shards.cache_dir`) and checked against the manifest's size and sha256 *before* a single sample is
 parsed: a truncated or tampered download is retried, then reported, never trained on. Remote reads
-have a timeout per connect/read and bounded retries with exponential backoff for transient
-failures (connection reset, timeouts, 408/429/5xx); 403/404 fail at once, naming the URL. The
-s3:// specifics (the client, its errors) live in audioshard/s3.py; everything else is shared.
+have a timeout per connect/read, one wall-clock deadline per attempt (connect, headers and body), and
+bounded retries with exponential backoff (capped at MAX_BACKOFF_SECONDS) for transient failures
+(connection reset, timeouts, 408/429/5xx); 403/404 fail at once, naming the URL. Local files are
+opened only when they are regular files, and read no further than their expected size plus one byte.
+The s3:// specifics (the client, its errors) live in audioshard/s3.py; everything else is shared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import hashlib
 import http.client
 import io
 import json
 import os
+import re
+import socket
 import stat
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -33,8 +40,14 @@ from audioshard.errors import AudioshardError
 
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 SPOOL_BYTES = 64 << 20  # remote shards larger than this are spooled to a temporary file, not kept in memory
-MAX_JSON_BYTES = 64 << 20  # a manifest: ~1 KB per shard and per skipped file; 64 MB is a build of ~50,000 shards
-DEADLINE_TIMEOUTS = 10  # one download may take this many read timeouts in all (a trickling server)
+MAX_JSON_BYTES = 64 << 20  # a manifest: ~0.25 KB per shard (v2); v1 also held its lists inline
+# JSON values a manifest may hold, counted before it is parsed: parsed, a small value ("{}", "0", "[]") takes
+# 30-100 bytes for its 2-3 bytes of text, so the text cap alone let 64 MB become 1.5 GB. A version-2 manifest
+# holds ~6 values per shard (a 50,000-shard build: 300,000); version 1 also one per recording and ~12 per
+# fetched file's provenance.
+MAX_JSON_NODES = 2_000_000
+DEADLINE_TIMEOUTS = 10  # one attempt (connect, headers, body) may take this many read timeouts in all
+MAX_BACKOFF_SECONDS = 30.0  # the longest wait between two attempts (the doubling stops there)
 PIECE_BYTES = 1 << 20  # bytes per read of an HTTP body
 
 
@@ -83,8 +96,6 @@ class _SameServerRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_SameServerRedirects)
-
 
 class TransientError(Exception):
     """A transient failure worth another attempt (raised by the HTTP and S3 readers, caught by the retry loop)."""
@@ -99,9 +110,10 @@ class Fetcher:
     """How to read build files: timeouts, retries, and an optional verified local cache.
 
     Args:
-        timeout: seconds for each connect and each read on HTTP(S); one whole download may take
-            DEADLINE_TIMEOUTS times this (a server trickling bytes cannot hold a reader forever).
-        retries: further attempts after a transient failure (with backoff 0.5 s, 1 s, 2 s, ...).
+        timeout: seconds for each connect and each read on HTTP(S); one whole attempt (connect, headers,
+            body) may take DEADLINE_TIMEOUTS times this (a server trickling bytes cannot hold a reader forever).
+        retries: further attempts after a transient failure (with backoff 0.5 s, 1 s, 2 s, ..., at most
+            MAX_BACKOFF_SECONDS between two).
         cache_dir: keep verified copies of remote shards here ("" = no cache); safe to share
             between processes (files appear atomically under their sha256).
         cache_limit: bytes the cache may hold (0 = no limit): after each new shard, the least recently
@@ -123,41 +135,36 @@ class Fetcher:
     def read(self, location: str, parse=None) -> bytes:
         """A whole small file (the manifest), at most MAX_JSON_BYTES. Over HTTP, a body that `parse`
         (raising ValueError) refuses is retried like a truncated download: a server can cut a body
-        short with a matching Content-Length."""
+        short with a matching Content-Length. A local file must be a regular file (not a FIFO, nor a
+        link to /dev/zero), and at most MAX_JSON_BYTES + 1 bytes of it are read."""
+        return self._read_parsed(location, lambda data: (parse(data), data)[1] if parse is not None else data)
+
+    def read_json(self, location: str) -> Any:
+        """A JSON file read as `read` reads it, parsed once within MAX_JSON_NODES (`parse_json`; ValueError for
+        a local file that is not JSON)."""
+        return self._read_parsed(location, parse_json)
+
+    def _read_parsed(self, location: str, parse):
+        """`parse(bytes of the file)`: over HTTP inside the retry loop (a body that does not parse is retried)."""
         if is_url(location):
             return self._download(location, None, None, None, parse=parse)
         _refuse_other_schemes(location)
         try:
-            size = os.stat(location).st_size
-            data = Path(location).read_bytes() if size <= MAX_JSON_BYTES else None
+            with open_regular(location) as stream:
+                size = os.fstat(stream.fileno()).st_size
+                data = stream.read(MAX_JSON_BYTES + 1) if size <= MAX_JSON_BYTES else b""
+        except SourceError:
+            raise
         except OSError as exn:
             raise SourceError(f"{location}: {exn.strerror}") from exn
-        if data is None:
-            raise _too_long(location, None, size)
-        return data
-
-    def read_json(self, location: str) -> Any:
-        """A JSON file read as `read` reads it, parsed (ValueError for a local file that is not JSON)."""
-        return json.loads(self.read(location, parse=json.loads))
+        if size > MAX_JSON_BYTES or len(data) > MAX_JSON_BYTES:  # stat says 0 for /proc files: the read decides
+            raise _too_long(location, None, max(size, len(data)))
+        return parse(data)
 
     def open_shard(self, location: str, size: int | None = None, sha256: str | None = None) -> BinaryIO:
         """A readable stream of a shard whose size (and, when remote, sha256) match the manifest."""
         if not is_url(location):
-            _refuse_other_schemes(location)
-            try:
-                actual = os.stat(location).st_size
-            except OSError as exn:
-                raise SourceError(f"{location}: {exn.strerror}") from exn
-            if size is not None and actual != size:
-                raise IntegrityError(f"{location}: {actual} bytes, the manifest says {size}: the shard is truncated "
-                                     "or was changed after the build (`audioshard verify` checks every shard)")
-            if not (self.verify_local and sha256):
-                return _open_local(location, actual)
-            stream = _open_verified(location, sha256, VERIFIED if self.remember_verified else None)
-            if stream is None:
-                raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
-                                     "changed after the build")
-            return stream
+            return self._open_local(location, size, sha256)
         if self.cache_dir and sha256:
             return self._cached(location, size, sha256)
         if size is not None and size <= SPOOL_BYTES:  # the usual shard: held in memory, parsed in place
@@ -167,41 +174,79 @@ class Fetcher:
         sink.seek(0)
         return sink
 
+    def _open_local(self, location: str, size: int | None, sha256: str | None) -> BinaryIO:
+        """A local build file, opened only if it is a regular file (a FIFO or a link to /dev/zero is refused before
+        a byte is read), its size (from the open file) as the manifest says, and, with verify_local, its sha256;
+        never more than that size plus one byte is read."""
+        try:
+            stream = open_regular(location)
+        except SourceError:
+            raise
+        except OSError as exn:
+            raise SourceError(f"{location}: {exn.strerror}") from exn
+        try:
+            identity = os.fstat(stream.fileno())  # of the very file read (not of whatever the path names later)
+            if size is not None and identity.st_size != size:
+                raise IntegrityError(f"{location}: {identity.st_size} bytes, the manifest says {size}: the shard is "
+                                     "truncated or was changed after the build (`audioshard verify` checks every "
+                                     "shard)")
+            if not (self.verify_local and sha256):
+                return _in_memory_if_small(stream, identity.st_size, location)
+            opened = _verified(stream, location, identity, sha256, VERIFIED if self.remember_verified else None)
+        except BaseException:
+            stream.close()
+            raise
+        if opened is None:
+            raise IntegrityError(f"{location}: sha256 does not match the manifest: the shard is corrupt or was "
+                                 "changed after the build")
+        return opened
+
     def _cached(self, location: str, size: int | None, sha256: str) -> BinaryIO:
+        """The shard from `cache_dir`, or downloaded into it. The cache touches only its own entries: regular
+        files named `<sha256>.tar` (opened without following links; a link, FIFO or device found under such a
+        name is never read, and a fresh download replaces the name), and its own `.part-*.tar` files."""
         cache = Path(self.cache_dir)
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / f"{sha256}.tar"
         try:
-            stream = _open_verified(str(path), sha256)
-        except FileNotFoundError:  # not cached, or evicted by another process a moment ago
+            stream = open_regular(path, follow=False)
+        except (FileNotFoundError, IntegrityError):  # not cached (or evicted a moment ago), or not a file we wrote
             stream = None
-        else:
-            if stream is not None:
+        if stream is not None:
+            try:
+                opened = _verified(stream, str(path), os.fstat(stream.fileno()), sha256, None)
+            except BaseException:
+                stream.close()
+                raise
+            if opened is not None:
                 with contextlib.suppress(OSError):  # evicted meanwhile by another process: the stream still reads
-                    os.utime(path)  # "recently used": eviction goes by modification time, oldest first
-                return stream
+                    os.utime(path, follow_symlinks=False)  # "recently used": eviction goes oldest first
+                return opened
             path.unlink(missing_ok=True)  # corrupt cache entry: fetch again
         if self.cache_limit and size is not None and size > self.cache_limit:
             raise SourceError(f"{location}: {size:,} bytes do not fit in shards.cache_limit ({self.cache_limit:,} "
                               "bytes); raise the limit to a few shards at least, or set shards.cache_dir = \"\"")
         fd, tmp = tempfile.mkstemp(dir=cache, prefix=".part-", suffix=".tar")
+        sink = os.fdopen(fd, "w+b")
         try:
-            with os.fdopen(fd, "w+b") as sink:
-                self._download(location, sink, size, sha256)
+            self._download(location, sink, size, sha256)
+            sink.flush()
             with _locked(cache):
                 os.replace(tmp, path)  # atomic: concurrent readers see no file or a verified one
-                stream = open(path, "rb")  # noqa: SIM115 - the caller owns the stream; open before any eviction
                 if self.cache_limit:
                     _evict(cache, self.cache_limit, keep=path)
         except BaseException:
+            sink.close()
             Path(tmp).unlink(missing_ok=True)
             raise
-        return stream
+        received = sink.tell()
+        sink.seek(0)  # the file just verified, read from the same open file (whatever the name holds by now)
+        return _in_memory_if_small(sink, received, str(path))
 
     def _download(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None,
                   parse=None) -> bytes:
-        """Into `sink`, with retries; or, with no sink, returned as bytes. `parse` (raising ValueError)
-        checks a body whose size the caller cannot know."""
+        """Into `sink`, with retries; or, with no sink, returned as bytes, or as `parse(bytes)` with `parse`
+        (raising ValueError for a body that is not whole: checks a body whose size the caller cannot know)."""
         delay = self.backoff
         for attempt in range(self.retries + 1):
             if sink is not None:
@@ -209,22 +254,22 @@ class Fetcher:
                 sink.truncate()
             try:
                 data = self._download_once(location, sink, size, sha256)
-                if parse is not None:
-                    _parsed(parse, data)
-                return data
+                return data if parse is None else _parsed(parse, data)
             except TransientError as exn:
                 if attempt == self.retries:
                     error = IntegrityError if exn.integrity else SourceError
                     raise error(f"{location}: {exn} (gave up after {self.retries + 1} attempts)") from exn
-            time.sleep(delay)
-            delay *= 2
+            time.sleep(min(delay, MAX_BACKOFF_SECONDS))
+            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
 
     def _download_once(self, location: str, sink: BinaryIO | None, size: int | None, sha256: str | None) -> bytes:
         limit = MAX_JSON_BYTES if size is None else size
-        with self._open_body(location) as (declared, read):
+        # One wall-clock deadline for the whole attempt: connect, headers and body (see _Deadline).
+        with _Deadline(DEADLINE_TIMEOUTS * self.timeout) as deadline, \
+                self._open_body(location, deadline) as (declared, read):
             if declared > limit:  # refused before reading a byte
                 raise _too_long(location, size, declared)
-            received, data, digest = self._receive(read, sink, limit)
+            received, data, digest = self._receive(read, sink, limit, deadline)
         if received > limit:
             raise _too_long(location, size, received)
         if size is not None and received != size:
@@ -235,19 +280,19 @@ class Fetcher:
                                  integrity=True)
         return data
 
-    def _open_body(self, location: str):
+    def _open_body(self, location: str, deadline: _Deadline):
         """A context manager giving (declared length or 0, read(n) -> bytes) for the body at `location`; it
-        turns the client's errors, also those raised while the body is read, into TransientError or SourceError."""
+        turns the client's errors, also those raised while the body is read, into TransientError or SourceError.
+        Over HTTP(S) `deadline` cuts the connection when it passes; S3 checks it between pieces of the body."""
         if is_s3(location):
             from audioshard import s3  # boto3 is an optional extra, imported only when s3:// is used
 
             return s3.object_body(location, self.timeout)
-        return _http_body(location, self.timeout)
+        return _http_body(location, self.timeout, deadline)
 
-    def _receive(self, read, sink: BinaryIO | None, limit: int) -> tuple[int, bytes, Any]:
+    def _receive(self, read, sink: BinaryIO | None, limit: int, deadline: _Deadline) -> tuple[int, bytes, Any]:
         """(bytes received, the body when there is no sink, its sha256): read piece by piece, at most
-        `limit` + one piece, and within DEADLINE_TIMEOUTS x timeout in all."""
-        deadline = time.monotonic() + DEADLINE_TIMEOUTS * self.timeout
+        `limit` + one piece, and before `deadline`."""
         digest, pieces, received = hashlib.sha256(), [], 0
         while piece := read(PIECE_BYTES):  # each read waits at most `timeout` (the socket's)
             digest.update(piece)
@@ -258,17 +303,118 @@ class Fetcher:
                 sink.write(piece)
             if received > limit:
                 break
-            if time.monotonic() > deadline:
-                raise TransientError(f"the download took over {DEADLINE_TIMEOUTS * self.timeout:g} s (a stalled or "
-                             f"trickling server; {DEADLINE_TIMEOUTS} x shards.http_timeout is allowed per file)")
+            if deadline.passed():
+                raise deadline.error()
+        if deadline.expired:  # the body (or the headers: http.client takes the cut for their end) was cut short
+            raise deadline.error()
         return received, b"".join(pieces), digest
 
 
+class _Deadline:
+    """One wall-clock limit for a whole HTTP(S) attempt: connect, TLS, headers and body.
+
+    The socket timeout bounds each read only, so a server sending its headers (or body) a byte at a time
+    within it would hold a reader for ever. Each connection of the attempt registers a duplicate of its
+    socket here; when the time is up a timer thread shuts the socket down, which ends any read waiting on
+    it (shutdown acts on the socket, not the descriptor; holding our own duplicate means the descriptor
+    cannot be closed and reused by something else before the timer fires)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._held: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(min(seconds, threading.TIMEOUT_MAX), self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        with self._lock:
+            held, self._held = self._held, []
+        for sock in held:
+            sock.close()
+
+    def hold(self, sock: socket.socket) -> socket.socket:
+        """Watch `sock` (returned as it is): shut down when the deadline passes."""
+        copy = sock.dup()
+        with self._lock:
+            self._held.append(copy)
+            if self.expired:
+                _shut(copy)
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._held:
+                _shut(sock)
+
+    def passed(self) -> bool:
+        return self.expired or time.monotonic() > self.end
+
+    def error(self) -> TransientError:
+        return TransientError(f"the download took over {self.seconds:g} s (a stalled or trickling server; "
+                              f"{DEADLINE_TIMEOUTS} x shards.http_timeout is allowed per file, headers included)")
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the peer
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watched:
+    """An HTTP(S) connection whose socket `deadline` holds from the moment it is connected (before TLS)."""
+
+    def __init__(self, *args, deadline: _Deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        create = self._create_connection
+        self._create_connection = lambda *a, **k: deadline.hold(create(*a, **k))
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+_WATCHED = {http.client.HTTPConnection: _WatchedHTTP, http.client.HTTPSConnection: _WatchedHTTPS}
+
+
+class _DeadlineHandler:
+    """urllib's HTTP(S) handler, making watched connections (one opener per attempt: the deadline is its own)."""
+
+    def __init__(self, deadline: _Deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(functools.partial(_WATCHED[http_class], deadline=self.deadline), req, **kwargs)
+
+
+class _DeadlineHTTPHandler(_DeadlineHandler, urllib.request.HTTPHandler):
+    pass
+
+
+class _DeadlineHTTPSHandler(_DeadlineHandler, urllib.request.HTTPSHandler):
+    pass
+
+
 @contextlib.contextmanager
-def _http_body(location: str, timeout: float):
+def _http_body(location: str, timeout: float, deadline: _Deadline):
+    opener = urllib.request.build_opener(_SameServerRedirects, _DeadlineHTTPHandler(deadline),
+                                         _DeadlineHTTPSHandler(deadline))
     try:
-        with _OPENER.open(location, timeout=timeout) as response:  # noqa: S310 - http(s) only
+        with opener.open(location, timeout=timeout) as response:  # noqa: S310 - http(s) only
             yield _declared_length(response), response.read1
+    except TransientError:
+        raise
     except urllib.error.HTTPError as exn:
         if exn.code in TRANSIENT_HTTP:
             raise TransientError(f"HTTP {exn.code} {exn.reason}") from exn
@@ -277,6 +423,8 @@ def _http_body(location: str, timeout: float):
     except SourceError:  # a SourceError is an OSError: let it through as it is
         raise
     except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException, OSError) as exn:
+        if deadline.passed():  # the deadline cut the connection: say so, not "connection reset"
+            raise deadline.error() from exn
         raise TransientError(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
 
 
@@ -295,46 +443,91 @@ def _declared_length(response) -> int:
         return 0
 
 
-def _parsed(parse, data: bytes) -> None:
+def _parsed(parse, data: bytes):
     try:
-        parse(data)
-    except ValueError as exn:
+        return parse(data)
+    except (ValueError, RecursionError) as exn:  # RecursionError: JSON nested thousands deep
         raise TransientError(f"the body does not parse ({exn}): truncated by the server or on the way?") from exn
 
 
-def _open_local(path: str, size: int) -> BinaryIO:
-    return _in_memory_if_small(open(path, "rb"), size)  # noqa: SIM115 - the caller owns the stream
+def parse_json(data: bytes) -> Any:
+    """JSON of a build file, refused (SourceError) before parsing when it holds over MAX_JSON_NODES values, so
+    that what parsing allocates is bounded, not only the text. The count is an upper bound read at C speed:
+    every value but the first of a container follows a comma, and the first follows its '[' or '{' (commas
+    inside strings count too, which only errs on the safe side)."""
+    nodes = data.count(b",") + data.count(b"[") + data.count(b"{") + 1
+    if nodes > MAX_JSON_NODES:
+        raise SourceError(f"holds up to {nodes:,} JSON values, over the {MAX_JSON_NODES:,} an audioshard manifest "
+                          "may hold (parsed, they would take far more memory than the text); not an audioshard "
+                          "manifest")
+    return json.loads(data)
 
 
-def _in_memory_if_small(stream: BinaryIO, size: int) -> BinaryIO:
+FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device (like /dev/zero)"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | Path, follow: bool = True) -> BinaryIO:
+    """`path` open for reading, when it is a regular file (IntegrityError otherwise, naming what it is).
+
+    A build file's size comes from the file itself, and a FIFO or a link to /dev/zero says 0, then reads
+    for ever (or blocks): such files are refused before a byte is read. The open does not block on a FIFO
+    (O_NONBLOCK), and the check is made on the open file (fstat), not on a path that could change. Without
+    `follow`, a symbolic link is refused too (O_NOFOLLOW): for files audioshard writes itself (the cache)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exn:
+        if exn.errno == errno.ELOOP and not follow:
+            raise IntegrityError(f"{path}: a symbolic link where audioshard wrote a regular file; refused") from exn
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+            raise IntegrityError(f"{path}: {kind}, not a regular file; refused before reading (a build's files are "
+                                 "the regular files `audioshard build` wrote: copy or rebuild the build folder)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _in_memory_if_small(stream: BinaryIO, size: int, location: str) -> BinaryIO:
     """Up to SPOOL_BYTES: read whole (and closed), to be parsed in place from memory (see
-    stream.tar_members); larger: the open file itself."""
+    stream.tar_members), never more than `size` + 1 bytes; larger: the open file itself."""
     if size > SPOOL_BYTES:
         return stream
     with stream:
-        return io.BytesIO(stream.read())
+        data = stream.read(size + 1)
+    if len(data) != size:
+        raise IntegrityError(f"{location}: {len(data)}{'+' if len(data) > size else ''} bytes read where the file "
+                             f"said {size}: it changed while read")
+    return io.BytesIO(data)
 
 
-def _open_verified(path: str, sha256: str, record: VerifiedRecord | None = None) -> BinaryIO | None:
-    """The file as a readable stream if its sha256 matches, else None. With `record`: not hashed when the
-    record holds this very file as verified, and recorded once it has passed. Files up to SPOOL_BYTES
-    are read once, and that one read serves both the check and the parsing; larger ones are hashed,
-    then read again from the same open file, rather than held in memory."""
-    stream, opened = open(path, "rb"), None  # noqa: SIM115 - returned to the caller or closed below
+def _verified(stream: BinaryIO, path: str, identity: os.stat_result, sha256: str,
+              record: VerifiedRecord | None = None) -> BinaryIO | None:
+    """The open regular file `stream` (whose fstat is `identity`) as a readable stream if its sha256 matches,
+    else None; `stream` is returned or closed. With `record`: not hashed when the record holds this very
+    file as verified, and recorded once it has passed. Files up to SPOOL_BYTES are read once, and that one
+    read serves both the check and the parsing; larger ones are hashed, then read again from the same open
+    file, rather than held in memory. Never more than the file's size plus one byte is read."""
+    opened = None
+    size = identity.st_size
     try:
-        identity = os.fstat(stream.fileno())  # of the very file read (not of whatever the path names later)
-        size = identity.st_size
         seen = time.time()  # the stamps' age is judged as of now, not after a long hash
         if record is not None and record.holds(path, identity, sha256):
-            opened = _in_memory_if_small(stream, size)
+            opened = _in_memory_if_small(stream, size, path)
             return opened
         if size > SPOOL_BYTES:
-            matches = _sha256_of(stream) == sha256
+            matches = _sha256_of(stream, size) == sha256
             stream.seek(0)
             opened = stream if matches else None
         else:
-            data = stream.read()
-            opened = io.BytesIO(data) if hashlib.sha256(data).hexdigest() == sha256 else None
+            data = stream.read(size + 1)
+            opened = io.BytesIO(data) if len(data) == size and hashlib.sha256(data).hexdigest() == sha256 else None
     finally:
         if opened is not stream:
             stream.close()
@@ -417,16 +610,18 @@ def _refuse_other_schemes(location: str) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as stream:
-        return _sha256_of(stream)
+    with open_regular(path) as stream:
+        return _sha256_of(stream, os.fstat(stream.fileno()).st_size)
 
 
-def _sha256_of(stream: BinaryIO) -> str:
-    """The sha256 of what is left of `stream`, read a piece at a time (bounded memory)."""
-    digest = hashlib.sha256()
-    while piece := stream.read(PIECE_BYTES):
+def _sha256_of(stream: BinaryIO, size: int | None = None) -> str:
+    """The sha256 of what is left of `stream`, read a piece at a time (bounded memory); with `size`, of at most
+    `size` + 1 bytes ('' when the stream does not hold exactly `size`: it changed while read)."""
+    digest, received = hashlib.sha256(), 0
+    while piece := stream.read(PIECE_BYTES if size is None else min(PIECE_BYTES, size + 1 - received)):
         digest.update(piece)
-    return digest.hexdigest()
+        received += len(piece)
+    return digest.hexdigest() if size is None or received == size else ""
 
 
 DEFAULT_FETCHER = Fetcher()
@@ -444,14 +639,27 @@ def _locked(cache: Path):
         os.close(fd)
 
 
+CACHE_ENTRY = re.compile(r"[0-9a-f]{64}\.tar")  # what the cache writes: <sha256>.tar, and .part-XXXXXXXX.tar meanwhile
+CACHE_PART = re.compile(r"\.part-[A-Za-z0-9_]{8}\.tar")
+STALE_PART_SECONDS = 24 * 3600  # a .part file unchanged this long was left by a process killed mid-download
+
+
 def _evict(cache: Path, limit: int, keep: Path) -> None:
     """Remove the least recently used shards (oldest modification time) until the cache holds at most
-    `limit` bytes; never `keep`. A process still reading an evicted file keeps reading it (POSIX)."""
-    entries = []
-    for path in cache.glob("*.tar"):
-        with contextlib.suppress(FileNotFoundError):
-            stat = path.stat()
-            entries.append((stat.st_mtime_ns, path.name, stat.st_size, path))
+    `limit` bytes; never `keep`. Only the cache's own entries count and are removed: regular files named
+    like CACHE_ENTRY (never a user's file, a link or a FIFO in the same folder), and .part files left by a
+    killed process. A process still reading an evicted file keeps reading it (POSIX)."""
+    entries, now = [], time.time()
+    with os.scandir(cache) as found:
+        for entry in found:
+            with contextlib.suppress(FileNotFoundError):
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if CACHE_ENTRY.fullmatch(entry.name):
+                    entries.append((info.st_mtime_ns, entry.name, info.st_size, cache / entry.name))
+                elif CACHE_PART.fullmatch(entry.name) and now - info.st_mtime > STALE_PART_SECONDS:
+                    os.unlink(cache / entry.name)
     total = sum(e[2] for e in entries)
     for _, _, size, path in sorted(entries):
         if total <= limit:

@@ -16,6 +16,9 @@ import base64
 import html
 import io
 import json
+import math
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +38,21 @@ class ReportError(AudioshardError, ValueError):
     """The run folder lacks what the report is made from."""
 
 
-def write_report(run_dir: str | Path, shards: str | None = None) -> Path:
-    """Write `run_dir/report.html`; `shards` overrides the build location saved in metrics.json."""
+def write_report(run_dir: str | Path, shards: str | None = None, fetcher=None) -> Path:
+    """Write `run_dir/report.html`; `shards` overrides the build location saved in metrics.json; `fetcher`
+    (an `audioshard.remote.Fetcher`: cache, timeouts, retries) reads a remote build as `train` did.
+
+    Raises:
+        ReportError: metrics.json or a *_predictions.npz is not what `train` writes, or the build's classes
+            are not the run's (`--shards` naming another build).
+    """
     run = Path(run_dir)
     metrics = _read_json(run / "metrics.json")
-    manifest = load_manifest(shards or metrics.get("shards") or "")
+    where = shards or metrics.get("shards") or ""
+    manifest = load_manifest(where, fetcher) if fetcher else load_manifest(where)
     classes = manifest.classes
-    preds = {s: _predictions(run, s) for s in ("val", "test") if (run / f"{s}_predictions.npz").exists()}
+    _check_same_build(run, metrics, manifest)
+    preds = {s: _predictions(run, s, manifest) for s in ("val", "test") if (run / f"{s}_predictions.npz").exists()}
     body = [_header(run, metrics), _data_section(manifest), _settings_section(run),
             _curves_section(run, metrics), *[_split_section(run, s, p, classes) for s, p in preds.items()],
             _worst_section(manifest, preds, classes)]
@@ -51,16 +62,116 @@ def write_report(run_dir: str | Path, shards: str | None = None) -> Path:
     return out
 
 
+MAX_METRICS_BYTES = 16 << 20  # metrics.json of a run is a few KB (classes included)
+MAX_PREDICTION_BYTES = 1 << 30  # a split's saved logits: 1 GiB is ~2.7 M chunks of 100 classes
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exn:
+        with open(path, "rb") as stream:
+            text = stream.read(MAX_METRICS_BYTES + 1)
+        if len(text) > MAX_METRICS_BYTES:
+            raise ValueError(f"larger than {MAX_METRICS_BYTES >> 20} MB")
+        metrics = json.loads(text)
+    except (OSError, ValueError, RecursionError) as exn:
         raise ReportError(f"{path}: cannot read it ({exn}); is this a finished `audioshard train` run folder?") from exn
+    if problem := _metrics_problem(metrics):
+        raise ReportError(f"{path}: {problem}; it is not what `audioshard train` writes. Train again, or evaluate "
+                          "the checkpoint with `audioshard evaluate`")
+    return metrics
 
 
-def _predictions(run: Path, split: str) -> dict[str, np.ndarray]:
-    with np.load(run / f"{split}_predictions.npz", allow_pickle=False) as data:
-        return {k: data[k] for k in ("logits", "y", "source", "start")}
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _metrics_problem(metrics: Any) -> str:
+    """What in metrics.json the page cannot use ('' when nothing): each value it shows, checked for its type."""
+    if not isinstance(metrics, dict):
+        return "expected a JSON object"
+    for key in ("device", "shards"):
+        if key in metrics and not isinstance(metrics[key], str):
+            return f"{key!r} must be a string"
+    for key in ("epochs", "best_epoch"):
+        if key in metrics and not (type(metrics[key]) is int and metrics[key] >= 0):
+            return f"{key!r} must be a count"
+    for key in ("train_seconds", "seconds_per_epoch"):
+        if key in metrics and not (_is_number(metrics[key]) and metrics[key] >= 0):
+            return f"{key!r} must be a number of seconds"
+    classes = metrics.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        return "'classes' must be a list of names"
+    for split in ("val", "test"):
+        if split in metrics:
+            clip = metrics[split].get("clip") if isinstance(metrics[split], dict) else None
+            if not isinstance(clip, dict) or not all(type(clip.get(k)) in (int, float) for k in ("accuracy",
+                                                                                                   "macro_f1")):
+                return f"'{split}' must hold clip accuracy and macro_f1 numbers"
+    return ""
+
+
+def _check_same_build(run: Path, metrics: dict[str, Any], manifest: Manifest) -> None:
+    """The build's classes must be the run's (metrics.json records them; else the checkpoint does): a page drawn
+    with another build's names would label every score wrongly."""
+    classes, where = metrics.get("classes"), run / "metrics.json"
+    if classes is None and (run / "best_model.pt").exists():
+        from audioshard.checkpoint import read_checkpoint
+
+        classes, where = read_checkpoint(run / "best_model.pt").classes, run / "best_model.pt"
+    if classes is not None and classes != manifest.classes:
+        raise ReportError(f"the build at {manifest.root} has classes {_names(manifest.classes)}, but the run was "
+                          f"trained on {_names(classes)} ({where}); give --shards the build this run was trained on")
+
+
+def _names(names: list[str], most: int = 10) -> str:
+    return "[" + ", ".join(repr(n[:40]) for n in names[:most]) + (f", ... {len(names)} in all" if len(names) > most
+                                                                  else "") + "]"
+
+
+PREDICTION_KINDS = {"logits": "f", "y": "iu", "source": "iu", "start": "f"}
+
+
+def _predictions(run: Path, split: str, manifest: Manifest) -> dict[str, np.ndarray]:
+    """The saved predictions of a split, checked: numeric arrays of one length, logits (N, classes) and labels,
+    sources and starts within the build's. A file that is not what `train` wrote is a ReportError."""
+    path = run / f"{split}_predictions.npz"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            size = sum(member.file_size for member in archive.infolist())
+        if size > MAX_PREDICTION_BYTES:
+            raise ValueError(f"{size} bytes unpacked, more than {MAX_PREDICTION_BYTES >> 20} MB")
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in PREDICTION_KINDS if k not in data.files]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            pred = {k: data[k] for k in PREDICTION_KINDS}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exn:
+        raise ReportError(f"{path}: cannot read it ({str(exn)[:200]}); run `audioshard evaluate` again to "
+                          "rewrite it, or delete it") from exn
+    if problem := _prediction_problem(pred, manifest, split):
+        raise ReportError(f"{path}: {problem}; it does not belong to this run and build. Run `audioshard "
+                          "evaluate` again to rewrite it, or delete it")
+    return pred
+
+
+def _prediction_problem(pred: dict[str, np.ndarray], manifest: Manifest, split: str) -> str:
+    for key, kinds in PREDICTION_KINDS.items():
+        if pred[key].dtype.kind not in kinds or pred[key].ndim != (2 if key == "logits" else 1):
+            return f"{key} is a {pred[key].ndim}-d {pred[key].dtype} array"
+    n, classes = len(pred["y"]), len(manifest.classes)
+    if not len(pred["logits"]) == len(pred["source"]) == len(pred["start"]) == n:
+        return "its arrays differ in length"
+    if pred["logits"].shape[1] != classes:
+        return f"logits for {pred['logits'].shape[1]} classes, the build has {classes}"
+    if n > manifest.samples(split):
+        return f"{n} chunks, the build's {split} split has {manifest.samples(split)}"
+    if not np.isfinite(pred["logits"]).all() or not np.isfinite(pred["start"]).all() or (pred["start"] < 0).any():
+        return "NaN or infinite logits, or starts that are not seconds >= 0"
+    if n and not (pred["y"].min() >= 0 and pred["y"].max() < classes):
+        return f"labels outside 0..{classes - 1}"
+    if n and not (pred["source"].min() >= 0 and pred["source"].max() < manifest.source_count(split)):
+        return f"recordings outside 0..{manifest.source_count(split) - 1}"
+    return ""
 
 
 def _header(run: Path, metrics: dict[str, Any]) -> str:

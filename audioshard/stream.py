@@ -43,7 +43,8 @@ from webdataset.tariterators import group_by_keys
 
 from audioshard.errors import AudioshardError
 from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
-from audioshard.remote import IntegrityError
+from audioshard.remote import DEFAULT_FETCHER, IntegrityError
+from audioshard.termsafe import printable
 
 MAX_REPORTS = 20  # bad-data lines printed per stream before only counting
 
@@ -407,7 +408,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._skipped.value += 1
             reported = self._skipped.value
         if reported <= MAX_REPORTS:
-            print(f"audioshard: skipping: {exn}", file=sys.stderr)
+            print(f"audioshard: skipping: {printable(exn)}", file=sys.stderr)
         elif reported == MAX_REPORTS + 1:
             print("audioshard: more bad data skipped; the total is counted in the run's metrics", file=sys.stderr)
 
@@ -898,18 +899,20 @@ def _leave_forkserver(worker_id: int) -> None:
         server._forkserver_alive_fd = None
 
 
-def open_shards(source: str, split: str = "train", batch_size: int = 64, *, shuffle: bool | None = None,
+def open_shards(source: str | Manifest, split: str = "train", batch_size: int = 64, *, shuffle: bool | None = None,
                 augment: bool | None = None, num_workers: int = 0, seed: int = 0, shuffle_blocks: int = 16,
-                pin_memory: bool = False, augment_config=None) -> _SizedLoader:
+                pin_memory: bool = False, augment_config=None, fetcher=None) -> _SizedLoader:
     """Stream one split of a build as ready-to-train batches, for any PyTorch loop.
 
     Args:
-        source: a build folder, or an http(s):// or s3:// URL of one.
+        source: a build folder, or an http(s):// or s3:// URL of one, or a manifest already loaded.
         split: "train", "val" or "test".
         shuffle: default True for train, False otherwise.
         augment: apply noise and SpecAugment masks (default: True for train); the normalisation
             with the manifest's mean/std is always applied.
         augment_config: an `audioshard.config.AugmentConfig` (defaults if None).
+        fetcher: how build files are read (`audioshard.remote.Fetcher`: timeouts, retries, cache; e.g.
+            `config.fetcher()`); default: `remote.DEFAULT_FETCHER`. Unused when `source` is a manifest.
 
     Returns:
         An iterable of `Batch(x, y, source, start)` with x: (B, 1, n_mels, frames) float32,
@@ -926,7 +929,7 @@ def open_shards(source: str, split: str = "train", batch_size: int = 64, *, shuf
     from audioshard.augment import BatchTransform
     from audioshard.config import AugmentConfig
 
-    manifest = load_manifest(source)
+    manifest = source if isinstance(source, Manifest) else load_manifest(source, fetcher or DEFAULT_FETCHER)
     shuffle = split == "train" if shuffle is None else shuffle
     augment = split == "train" if augment is None else augment
     transform = BatchTransform.from_manifest(manifest, augment_config or AugmentConfig(), enabled=augment)

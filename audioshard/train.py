@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from audioshard.augment import BatchTransform
-from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, save_checkpoint
+from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, resume_problem, save_checkpoint
 from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
 from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
 from audioshard.errors import AudioshardError
@@ -315,7 +315,11 @@ def _restore(run_dir: Path, cfg: Config, manifest: Manifest) -> tuple[Checkpoint
         raise TrainingError(f"--resume: {last} not found; start without --resume")
     card = read_checkpoint(last)
     check_compatible(card, manifest, str(last))
-    saved = validate(from_dict(card.config))
+    try:
+        saved = validate(from_dict(card.config))
+    except ConfigError as exn:  # values are checked scalars (checkpoint.check_schema): safe to show
+        raise TrainingError(f"--resume: {last} holds settings this version refuses ({exn}); start without "
+                            "--resume") from exn
     saved.train.epochs = cfg.train.epochs
     return card, saved
 
@@ -382,9 +386,19 @@ class Run:
         state = last.training
         if "optimizer" not in state:
             raise TrainingError("--resume needs a last.pt (it holds the training state); best_model.pt does not")
-        self.model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state else last.weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        fix = "it was edited or not written by this run's `audioshard train`; start without --resume"
+        problem = resume_problem(state, self.optimizer, self.scheduler)
+        if problem:
+            raise TrainingError(f"--resume: last.pt {problem}: {fix}")
+        try:  # what torch checks itself: weight names and shapes, parameter group sizes
+            self.model.load_state_dict(state["trained_weights"]["model"] if "trained_weights" in state
+                                       else last.weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exn:
+            detail = (str(exn).splitlines() or [""])[0][:300]
+            raise TrainingError(f"--resume: last.pt does not fit this run ({type(exn).__name__}: {detail}): "
+                                f"{fix}") from exn
         self.history, self.start_epoch = list(state["history"]), last.epoch + 1
         self.best, self.best_epoch = tuple(state["best_score"]), int(state["best_epoch"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -394,6 +408,10 @@ class Run:
             raise TrainingError(f"--resume: last.pt was saved in the middle of an epoch by {saved} processes and "
                                 f"this run has {self.dist.world_size}; resume with the same number (an exact "
                                 "mid-epoch resume needs it)")
+        if self.position is not None and self.position["step"] > self.steps_in(self.start_epoch):
+            raise TrainingError(f"--resume: last.pt says epoch {self.start_epoch + 1} stopped after step "
+                                f"{self.position['step']}, but an epoch of these shards has "
+                                f"{self.steps_in(self.start_epoch)} steps: {fix}")
 
     def finish(self, last: Checkpoint | None) -> None:
         """Once the weights are final (restored or sanity-checked): start the weight average
@@ -676,7 +694,11 @@ def _epoch_start(run: Run, epoch: int) -> tuple[int, torch.Tensor]:
         return 0, sums
     torch.set_rng_state(position["rng"]["torch"])  # dropout continues where it was
     if run.device.type == "cuda" and "cuda" in position["rng"]:
-        torch.cuda.set_rng_state(position["rng"]["cuda"], run.device)
+        try:
+            torch.cuda.set_rng_state(position["rng"]["cuda"], run.device)
+        except RuntimeError as exn:  # a state of another size (checkpoint.rng_problem bounds it only)
+            raise TrainingError(f"--resume: last.pt holds a CUDA generator state torch refuses "
+                                f"({str(exn)[:200]}); start without --resume") from exn
     if run.dist.is_main:  # the saved sums are over all ranks: counted once
         sums += torch.tensor(position["sums"], dtype=torch.float64, device=run.device)
     return int(position["step"]), sums
@@ -763,7 +785,8 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
                              cfg.shards.strict)
         if dist.is_main:
             results[split] = write_reports(run_dir, split, pred, manifest.classes,
-                                           label_prefix="" if split == "val" else "test_")
+                                           label_prefix="" if split == "val" else "test_",
+                                           recordings=manifest.sources(split))
             print0(f"{split} (best epoch {best_epoch + 1}):")
             for line in iter_metrics_lines(results[split]):
                 print0("  " + line)
@@ -779,8 +802,10 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
                         "bf16_autocast": uses_bf16(cfg.train.precision, device),
                         "seconds_per_epoch": sum(seconds) / max(1, len(seconds))})
         write_json(run_dir / "metrics.json", results)
-        if history:
-            _plot_curves(history, run_dir / "training_curves.png")
+        if history:  # after metrics.json: a picture that cannot be drawn is reported, never costs the results
+            from audioshard.evaluate import draw
+
+            draw(run_dir / "training_curves.png", _plot_curves, history, run_dir / "training_curves.png")
         if cfg.train.tensorboard:
             _board_confusion(run_dir)
         _report(run_dir)

@@ -38,3 +38,13 @@ def test_an_untested_pair_stops_a_command_with_the_fix(monkeypatch):
         check_versions()
     monkeypatch.setenv("AUDIOSHARD_ALLOW_UNTESTED", "1")
     check_versions()
+
+
+def test_the_command_line_refuses_an_untested_pair_before_any_work(monkeypatch, real_build, capsys):
+    from audioshard.cli import main
+
+    assert main(["info", str(real_build)]) == 0
+    monkeypatch.setitem(TESTED, "torchaudio", ((9, 0), (9, 1)))
+    assert main(["info", str(real_build)]) == 2
+    err = capsys.readouterr().err
+    assert "torchaudio" in err and "outside the tested range" in err and "pip install" in err

@@ -214,3 +214,20 @@ def test_abandoning_a_stream_never_waits_for_the_shard_being_opened_ahead(server
     started = time.time()
     reading.close()
     assert time.time() - started < 1.0
+
+
+def test_open_shards_with_a_cache_fetches_each_shard_once_over_two_epochs(server, real_build, tmp_path):
+    from audioshard import open_shards
+
+    fetcher = Fetcher(cache_dir=str(tmp_path / "cache"))
+    loader = open_shards(server.url, "train", batch_size=16, num_workers=2, fetcher=fetcher)
+    shards = [f"/{s.file}" for s in load_manifest(real_build).shards("train")]
+    epochs = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        epochs.append(sorted((int(s), float(t)) for b in loader for s, t in zip(b.source, b.start, strict=True)))
+    assert epochs[0] == epochs[1] and len(epochs[0]) == load_manifest(real_build).samples("train")
+    assert {path: server.hits[path] for path in shards} == dict.fromkeys(shards, 1)  # epoch 2 read the cache
+    without = open_shards(server.url, "train", batch_size=16)  # no cache: every epoch downloads again
+    sum(len(b.y) for b in without)
+    assert {path: server.hits[path] for path in shards} == dict.fromkeys(shards, 2)

@@ -27,7 +27,7 @@ from audioshard.audio import (
     resample,
     silent_chunks,
 )
-from audioshard.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from audioshard.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from audioshard.cli import main
 from audioshard.config import load_config
 from audioshard.evaluate import predict_split
@@ -299,6 +299,43 @@ def test_export_gives_pytorch_outputs(checkpoint, real_build, real_raw, tmp_path
         np.testing.assert_allclose(run(batch), predictor.logits(mel[: len(batch)]), rtol=1e-4, atol=1e-4)
 
 
+def test_a_safetensors_export_predicts_the_checkpoints_classes_without_torch_load(checkpoint, real_build, real_raw,
+                                                                                 tmp_path, monkeypatch, capsys):
+    out = tmp_path / "shared" / "model.safetensors"
+    info = export_model(checkpoint, "safetensors", out)
+    assert info["parity_max_abs_diff"] == 0.0 and info["export"] == "safetensors"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.safetensors", "model.safetensors.json"]
+    files = [real_raw / s for s in load_manifest(real_build).sources("test")[:6]]
+    want = [Predictor(checkpoint, device="cpu").predict_file(f) for f in files]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called on the safetensors path")
+
+    monkeypatch.setattr(torch, "load", refuse)  # the one unpickling entry point: never reached from here on
+    shared = Predictor(out, device="cpu")
+    got = [shared.predict_file(f) for f in files]
+    assert [p.label for p in got] == [p.label for p in want]
+    np.testing.assert_allclose(np.stack([p.probabilities for p in got]), np.stack([p.probabilities for p in want]),
+                               rtol=1e-5, atol=1e-6)
+    assert main(["predict", "--checkpoint", str(out), "--format", "csv", *map(str, files)]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["class"] for r in rows] == [p.label for p in want]
+
+
+def test_a_tampered_safetensors_description_is_refused(checkpoint, tmp_path):
+    out = tmp_path / "model.safetensors"
+    export_model(checkpoint, "safetensors", out)
+    side = sidecar_path(out)
+    record = json.loads(side.read_text())
+    record["model_args"]["width"] = 3000  # would ask for GBs
+    side.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="model.safetensors.json.*width"):
+        Predictor(out, device="cpu")
+    side.unlink()
+    with pytest.raises(CheckpointError, match="no such file"):
+        Predictor(out, device="cpu")
+
+
 @pytest.mark.parametrize("mode", ["chunk", "band"])
 def test_input_norm_cancels_gain_or_colouring_and_exports(checkpoint, tmp_path, mode):
     """model.input_norm: "chunk" ignores a level offset, "band" a fixed offset per mel band; it lives in
@@ -320,8 +357,9 @@ def test_input_norm_cancels_gain_or_colouring_and_exports(checkpoint, tmp_path, 
 
 
 def test_export_cli(checkpoint, tmp_path, capsys):
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
-                 "--out", str(tmp_path / "m.pt")]) == 0
+    with pytest.warns(FutureWarning, match="deprecated"):  # torch's deprecation of TorchScript reaches the user
+        assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript",
+                     "--out", str(tmp_path / "m.pt")]) == 0
     assert "m.pt.json" in capsys.readouterr().out and (tmp_path / "m.pt.json").is_file()
     assert main(["export", "--checkpoint", str(tmp_path / "missing.pt"), "--format", "onnx",
                  "--out", str(tmp_path / "m.onnx")]) == 2
