@@ -187,7 +187,7 @@ def _acquire(module: str):
         if exn.name not in ("yt_dlp", "gdown"):
             raise
         raise AcquireError(f"`audioshard fetch` needs {exn.name.replace('_', '-')}, which is not installed: "
-                           "pip install 'audioshard[acquire]'") from exn
+                           "pip install yt-dlp gdown (from a checkout: pip install -e '.[acquire]')") from exn
 
 
 def cmd_fetch_youtube(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ the cache and the integrity rules are remote.Fetcher's, the same for every remot
 The client is boto3's, configured the standard way (nothing audioshard-specific): credentials from
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, a profile (AWS_PROFILE,
 ~/.aws/config) or an instance role; the region from AWS_DEFAULT_REGION; another store's endpoint
-from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3). boto3 is an optional extra: `pip install 'audioshard[s3]'`.
+from AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3). boto3 is an optional extra: `pip install -e '.[s3]'` from a checkout.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _client(timeout: float, *env: str):
         import boto3
         from botocore.config import Config
     except ImportError as exn:
-        raise SourceError("s3:// sources need boto3: pip install 'audioshard[s3]'") from exn
+        raise SourceError("s3:// sources need boto3: pip install boto3 (from a checkout: pip install -e '.[s3]')") \
+            from exn
     # Retries are remote.Fetcher's (the same backoff and counts as HTTP), so botocore makes one attempt.
     config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
     return boto3.session.Session().client("s3", config=config)

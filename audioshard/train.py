@@ -468,8 +468,8 @@ def tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exn:  # torch raises ImportError when the tensorboard package is missing
-        raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install "
-                          "'audioshard[tensorboard]' (or set train.tensorboard = false)") from exn
+        raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard (from "
+                          "a checkout: pip install -e '.[tensorboard]'), or set train.tensorboard = false") from exn
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

@@ -9,9 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from audioshard.build import build_shards
-from audioshard.config import load_config
-from audioshard.train import train
+from audioshard import build_shards, load_config, train_model
 
 FIELDS = ["data", "model", "split_seed", "level", "accuracy", "macro_f1", "balanced_accuracy", "n", "best_epoch",
           "train_minutes", "device"]
@@ -42,7 +40,7 @@ def run_recipe(name: str, input_path: Path, work: Path, models: dict[str, list[s
                 lines = (run_dir / "history.jsonl").read_text().splitlines()
                 minutes = sum(json.loads(line)["seconds"] for line in lines) / 60
             else:
-                metrics = train(str(shards), run_dir, load_config(overrides=overrides), progress=False)
+                metrics = train_model(str(shards), run_dir, load_config(overrides=overrides), progress=False)
                 minutes = (time.time() - started) / 60
             for level in ("clip", "chunk"):
                 m = metrics["test"][level]

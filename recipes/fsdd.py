@@ -23,10 +23,7 @@ from pathlib import Path
 
 from common import device_label, write_rows
 
-from audioshard.build import build_shards
-from audioshard.config import load_config
-from audioshard.evaluate import evaluate_checkpoint
-from audioshard.train import train
+from audioshard import build_shards, evaluate_checkpoint, load_config, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
 # what describes this data (0.4-s clips): everything else is the default config
@@ -67,7 +64,7 @@ def main() -> None:
                      progress=False)
         started = time.time()
         run = args.work / f"run-{test}"
-        metrics = train(str(shards), run, load_config(overrides=settings), progress=False)
+        metrics = train_model(str(shards), run, load_config(overrides=settings), progress=False)
         rows.append({**result_row(test, val, metrics["test"]["clip"], adapted_test_metrics(run, shards)),
                      "best_epoch": metrics["best_epoch"], "train_minutes": round((time.time() - started) / 60, 2),
                      "device": device_label()})

@@ -516,5 +516,5 @@ def test_fetch_without_its_optional_downloader_says_what_to_install(tmp_path, so
             f"sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "fetch", source, *args, "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"needs {missing}" in proc.stderr and "audioshard[acquire]" in proc.stderr
+    assert proc.returncode == 2 and f"needs {missing}" in proc.stderr and "pip install -e '.[acquire]'" in proc.stderr
     assert "Traceback" not in proc.stderr
