@@ -316,17 +316,23 @@ class BuildResult:
     up_to_date: bool = False
 
 
-def _fingerprint(sources: list[Source], cfg: Config) -> str:
-    """Identifies a build's inputs and settings, so a re-run with nothing changed does nothing."""
+def _job_id(sources: list[Source], cfg: Config) -> str:
+    """What a build is made of, the same on every machine: the settings that shape the output and each input's
+    name, label, group, split and size. Part builds of one job carry it, and only parts with the same one merge:
+    copies of the input made at different times (a download, `aws s3 sync`) are the same job."""
     settings = cfg.to_dict()
     settings["shards"] = {k: settings["shards"][k] for k in ("block_size", "chunks_per_shard")}  # what shapes output
-    files = []
-    for s in sources:
-        stat = os.stat(s.path)
-        files.append((s.rel, s.label, s.group, s.split, stat.st_size, stat.st_mtime_ns))
     settings = {k: settings[k] for k in ("audio", "features", "split", "shards")}
+    files = [(s.rel, s.label, s.group, s.split, os.stat(s.path).st_size) for s in sources]
     blob = json.dumps({"settings": settings, "files": files, "format": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _fingerprint(job: str, sources: list[Source]) -> str:
+    """The job and when each input was last written here, so a re-run with nothing changed does nothing and a
+    file edited in place (same size) is built again."""
+    times = [os.stat(s.path).st_mtime_ns for s in sources]
+    return hashlib.sha256(json.dumps({"job": job, "mtimes": times}).encode()).hexdigest()
 
 
 def own_outputs(out_dir: Path) -> list[Path]:
@@ -409,13 +415,14 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         raise BuildError(f"{input_path}: no usable audio files found "
                          f"({sum(found.ignored.values())} ignored, {len(found.skipped)} skipped)"
                          + "".join(f"; {warning}" for warning in found.warnings[:3]))
-    fingerprint = job = _fingerprint(found.sources, cfg)
+    job = _job_id(found.sources, cfg)
+    fingerprint = _fingerprint(job, found.sources)
     if part is not None:
         index, count = part
         if not 0 <= index < count:
             raise BuildError(f"--part {index}/{count}: expected 0 <= I < N")
         out_dir = out_dir / f"part-{index}-of-{count}"
-        fingerprint = f"{job}-part-{index}-of-{count}"
+        fingerprint = f"{fingerprint}-part-{index}-of-{count}"
     with locked(out_dir):
         if _prepare_out_dir(out_dir, fingerprint, force):
             manifest = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))

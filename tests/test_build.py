@@ -1,6 +1,7 @@
 import io
 import json
 import os
+import shutil
 import tarfile
 import time
 
@@ -328,6 +329,34 @@ def test_parts_and_merge_equal_a_one_shot_build(tmp_path):
     assert split_of(tmp_path / "parts") == split_of(tmp_path / "whole")
     clean(tmp_path / "parts")
     assert not (tmp_path / "parts").exists()
+
+
+def test_parts_built_from_copies_made_at_other_times_merge_into_the_one_shot_build(tmp_path):
+    """Each machine of a job array has its own copy of the input (a download, `aws s3 sync`), written at its
+    own time: the parts are one job all the same, and together they hold the one-shot build's chunks, splits
+    and statistics (each part keeps its own shard files)."""
+    source = link_tree(tmp_path / "raw", {"drone": 6, "car": 5, "speech": 6})
+    copies = [tmp_path / "machine0", tmp_path / "machine1"]
+    for index, copy in enumerate(copies):
+        shutil.copytree(source, copy)  # real files (the links followed)
+        for path in copy.rglob("*.wav"):
+            os.utime(path, ns=(10**18 + index * 10**15, 10**18 + index * 10**15))  # another day on each machine
+    cfg = load_config(overrides=SMALL_BUILD)
+    whole = build_shards(copies[0], tmp_path / "whole", cfg, workers=1, progress=False).manifest
+    for index, copy in enumerate(copies):
+        build_shards(copy, tmp_path / "parts", cfg, workers=1, progress=False, part=(index, 2))
+    merged = merge_parts(tmp_path / "parts")
+    assert chunk_table(tmp_path / "parts") == chunk_table(tmp_path / "whole")
+    assert split_of(tmp_path / "parts") == split_of(tmp_path / "whole")
+    assert merged["normalization"]["mean"] == pytest.approx(whole["normalization"]["mean"], rel=1e-9)
+    for split in SPLITS:
+        assert merged["splits"][split]["class_counts"] == whole["splits"][split]["class_counts"]
+    # A copy that differs in content (another size) is another job: refused at the merge, not mixed in.
+    (copies[1] / "car").joinpath(sorted(p.name for p in (copies[1] / "car").iterdir())[0]).write_bytes(b"RIFF")
+    shutil.rmtree(tmp_path / "parts" / "part-1-of-2")
+    build_shards(copies[1], tmp_path / "parts", cfg, workers=1, progress=False, part=(1, 2))
+    with pytest.raises(BuildError, match="job|different"):
+        merge_parts(tmp_path / "parts")
 
 
 def test_segments_of_one_fetched_video_share_a_split(tmp_path):
