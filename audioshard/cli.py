@@ -15,6 +15,7 @@ Every command takes --config FILE and repeated --set section.key=value (see conf
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,12 +62,39 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise BuildError(f"--part expects I/N, e.g. --part 0/4; got {args.part!r}") from exn
         part = (index, count)
     cfg = _config(args)
+    if args.parts:
+        return _build_parts(args, cfg)
     result = build_shards(args.input, args.out, cfg, workers=args.workers, force=args.force,
                           progress=not args.quiet, part=part)
     if result.up_to_date:
         print(f"{args.out}: already built from these inputs and settings; nothing to do (--force rebuilds)")
         return 0
     print(printable(format_info(Manifest(result.manifest, str(args.out)), str(args.out)), lines=True))
+    return 0
+
+
+def _build_parts(args: argparse.Namespace, cfg: Config) -> int:
+    """`build --parts N [--scheduler ADDRESS]`: the parts as tasks on an executor, then merged and verified."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from audioshard.build import BuildError
+    from audioshard.cluster import build_on, dask_executor
+    from audioshard.info import format_info
+    from audioshard.manifest import Manifest
+
+    if args.part or args.force:
+        raise BuildError("--parts runs every part itself: leave out --part and --force")
+    if args.scheduler:
+        client, executor = dask_executor(args.scheduler)
+    else:
+        client, executor = None, ProcessPoolExecutor(min(args.parts, os.cpu_count() or 1))
+    try:
+        manifest = build_on(executor, args.input, args.out, cfg, args.parts, workers=args.workers or 1)
+    finally:
+        executor.shutdown(wait=True)
+        if client is not None:
+            client.close()
+    print(printable(format_info(Manifest(manifest, str(args.out)), str(args.out)), lines=True))
     return 0
 
 
@@ -323,6 +351,10 @@ def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--part", metavar="I/N", help="build only part I of N into OUT/part-I-of-N/ (job arrays: run "
                    "I = 0..N-1 anywhere, then --merge)")
     p.add_argument("--merge", action="store_true", help="write OUT/manifest.json over the finished part builds in OUT")
+    p.add_argument("--parts", type=int, metavar="N", help="build in N parts at once, each a task on a pool of local "
+                   "processes or on --scheduler's cluster, retried if it fails, then merged and verified")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with --parts: a Dask cluster (tcp://host:8786), or "
+                   "'local' for a Dask LocalCluster here; needs the `distributed` package")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_preset(p)
 
