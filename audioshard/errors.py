@@ -9,3 +9,19 @@ class AudioshardError(Exception):
 
 class BuildError(AudioshardError, RuntimeError):
     """The build cannot go on (bad input folder, nothing usable, refusing to overwrite)."""
+
+
+class SourceError(AudioshardError, OSError):
+    """A file of a build could not be read; the message names the path or URL and the fix."""
+
+
+class IntegrityError(SourceError):
+    """A shard's bytes do not match the manifest (size or sha256): truncated, corrupt or tampered."""
+
+
+class TransientError(Exception):
+    """A transient failure worth another attempt (raised by the HTTP and S3 readers, caught by the retry loop)."""
+
+    def __init__(self, message: str, integrity: bool = False):
+        super().__init__(message)
+        self.integrity = integrity

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from audioshard.errors import AudioshardError
+from audioshard.errors import IntegrityError, SourceError, TransientError  # noqa: F401 - re-exported here
 
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 SPOOL_BYTES = 64 << 20  # remote shards larger than this are spooled to a temporary file, not kept in memory
@@ -49,10 +49,6 @@ MAX_JSON_NODES = 2_000_000
 DEADLINE_TIMEOUTS = 10  # one attempt (connect, headers, body) may take this many read timeouts in all
 MAX_BACKOFF_SECONDS = 30.0  # the longest wait between two attempts (the doubling stops there)
 PIECE_BYTES = 1 << 20  # bytes per read of an HTTP body
-
-
-class SourceError(AudioshardError, OSError):
-    """A file of a build could not be read; the message names the path or URL and the fix."""
 
 
 REMOTE_SCHEMES = ("http", "https", "s3")
@@ -79,10 +75,6 @@ def join(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
-class IntegrityError(SourceError):
-    """A shard's bytes do not match the manifest (size or sha256): truncated, corrupt or tampered."""
-
-
 class _SameServerRedirects(urllib.request.HTTPRedirectHandler):
     """Follows a redirect only to the same scheme and host: a build's files are read from the server
     named, never from wherever a redirect (or a tampered server) points, nor over another protocol."""
@@ -95,14 +87,6 @@ class _SameServerRedirects(urllib.request.HTTPRedirectHandler):
                               "trust it")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
-
-
-class TransientError(Exception):
-    """A transient failure worth another attempt (raised by the HTTP and S3 readers, caught by the retry loop)."""
-
-    def __init__(self, message: str, integrity: bool = False):
-        super().__init__(message)
-        self.integrity = integrity
 
 
 @dataclass(frozen=True)
@@ -284,11 +268,8 @@ class Fetcher:
         """A context manager giving (declared length or 0, read(n) -> bytes) for the body at `location`; it
         turns the client's errors, also those raised while the body is read, into TransientError or SourceError.
         Over HTTP(S) `deadline` cuts the connection when it passes; S3 checks it between pieces of the body."""
-        if is_s3(location):
-            from audioshard import s3  # boto3 is an optional extra, imported only when s3:// is used
-
-            return s3.object_body(location, self.timeout)
-        return _http_body(location, self.timeout, deadline)
+        scheme = urllib.parse.urlparse(location).scheme
+        return BODY_OPENERS[scheme](location, self.timeout, deadline)
 
     def _receive(self, read, sink: BinaryIO | None, limit: int, deadline: _Deadline) -> tuple[int, bytes, Any]:
         """(bytes received, the body when there is no sink, its sha256): read piece by piece, at most
@@ -667,3 +648,15 @@ def _evict(cache: Path, limit: int, keep: Path) -> None:
         if path != keep:
             path.unlink(missing_ok=True)
             total -= size
+
+
+def _s3_body(location: str, timeout: float, deadline: _Deadline):
+    """S3 checks the deadline between pieces of the body (botocore keeps the socket)."""
+    from audioshard import s3  # boto3 is an optional extra, imported only when s3:// is used
+
+    return s3.object_body(location, timeout)
+
+
+# How the body of a remote build file is opened, by URL scheme: a new store is one function and one row
+# (and its scheme in REMOTE_SCHEMES). Each gives a context manager of (declared length or 0, read(n)).
+BODY_OPENERS = {"http": _http_body, "https": _http_body, "s3": _s3_body}

@@ -16,7 +16,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 
-from audioshard.remote import SourceError, TransientError
+from audioshard.errors import SourceError, TransientError
 
 # Errors the store itself calls temporary (S3 documents these for retrying with backoff).
 TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",

@@ -1,0 +1,46 @@
+"""The module map holds: no import circle between audioshard's modules (module-level imports; a lazy import
+inside a function is how an optional dependency is reached), and storage back ends are reached through
+remote.py's scheme table, never the other way round."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "audioshard"
+
+
+def module_imports() -> dict[str, set[str]]:
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        deps = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("audioshard"):
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names if alias.name.startswith("audioshard")}
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_circle():
+    graph = module_imports()
+    circles = []
+    for start in graph:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for dep in graph.get(node, ()):
+                if dep == start:
+                    circles.append(" -> ".join([*path, dep]))
+                elif dep not in path:
+                    stack.append((dep, [*path, dep]))
+    assert circles == []
+
+
+def test_a_storage_back_end_never_imports_the_reader_that_dispatches_to_it():
+    from audioshard import remote
+
+    s3 = ast.parse((PACKAGE / "s3.py").read_text())
+    names = {n.module for n in ast.walk(s3) if isinstance(n, ast.ImportFrom)}
+    assert "audioshard.remote" not in names
+    assert set(remote.BODY_OPENERS) == set(remote.REMOTE_SCHEMES)
