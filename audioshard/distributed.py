@@ -69,12 +69,49 @@ def setup_distributed(device_name: str = "auto") -> Dist:
 
 
 def cleanup_distributed() -> None:
-    if torch_dist.is_available() and torch_dist.is_initialized():
+    if in_process_group():
         torch_dist.destroy_process_group()
+
+
+# The rest of audioshard asks here, not torch.distributed: which process this is, and the few collective
+# steps outside the train step (DDP's own all-reduce of gradients stays inside DistributedDataParallel).
+
+def in_process_group() -> bool:
+    """True in a process of an initialised torch.distributed group (under torchrun)."""
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(this process's rank, how many processes): (0, 1) outside a process group."""
+    return (torch_dist.get_rank(), torch_dist.get_world_size()) if in_process_group() else (0, 1)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over every process (float64; as given in a single process)."""
+    if not in_process_group():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather(value: object) -> list[object]:
+    """Every process's `value`, in rank order (a one-item list in a single process)."""
+    if not in_process_group() or torch_dist.get_world_size() == 1:
+        return [value]
+    gathered: list[object] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for in a single process)."""
+    if in_process_group():
+        torch_dist.barrier()
 
 
 def print0(*args, **kwargs) -> None:
     """Print on rank 0 only, with control characters escaped (class names and paths in the lines come from
     data; `termsafe`)."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0:
+    if rank_and_size()[0] == 0:
         print(*(printable(a, lines=True) for a in args), **kwargs, flush=True)

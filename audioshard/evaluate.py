@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
 
 from audioshard.augment import BatchTransform
+from audioshard.distributed import all_gather
 from audioshard.manifest import Manifest
 from audioshard.models import MIN_ADAPT_EXAMPLES, AdaptError, adapt_batchnorm
 from audioshard.stream import ShardDataError, ShardStream, make_loader
@@ -52,9 +52,8 @@ def predict_split(model: torch.nn.Module, manifest: Manifest, split: str, device
     classes = len(manifest.classes)
     out = {k: np.concatenate(v) if v else np.zeros((0, classes) if k == "logits" else 0) for k, v in parts.items()}
     skipped = stream.skipped_blocks
-    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        gathered: list[Any] = [None] * torch_dist.get_world_size()
-        torch_dist.all_gather_object(gathered, (out, skipped))
+    gathered = all_gather((out, skipped))  # every rank's share (one item in a single process)
+    if len(gathered) > 1:
         out = {k: np.concatenate([g[0][k] for g in gathered]) for k in out}
         skipped = sum(g[1] for g in gathered)
     if not len(out["y"]) and manifest.samples(split):  # every rank agrees: the counts are gathered

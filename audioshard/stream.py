@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from webdataset.tariterators import group_by_keys
 
+from audioshard.distributed import in_process_group, rank_and_size
 from audioshard.errors import AudioshardError
 from audioshard.manifest import BLOCK_MEMBERS, Manifest, ShardInfo, load_manifest
 from audioshard.remote import DEFAULT_FETCHER, IntegrityError
@@ -352,9 +353,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.manifest, self.split, self.batch_size = manifest, split, batch_size
         self.shuffle, self.shuffle_blocks, self.seed = shuffle, max(1, shuffle_blocks), seed
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
-        self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+        own_rank, own_size = rank_and_size()
+        self.rank = rank if rank is not None else own_rank
+        self.world_size = world_size if world_size is not None else own_size
         self.transform, self.strict = transform, strict
         self.shards = manifest.shards(split) if shards is None else shards
         self.epoch = 0
@@ -874,7 +875,7 @@ def _worker_start(num_workers: int):
     unsafe in general). Measured: a 2-rank gloo run hung about once in 5-8 runs of 4 epochs. So workers of
     a rank start from the forkserver: one single-threaded process, started once, that has already
     imported this module (and torch), so a worker starts in milliseconds, not by importing torch again."""
-    if num_workers == 0 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if num_workers == 0 or not in_process_group():
         return None  # the DataLoader's default (fork on Linux)
     context = torch.multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])  # read when the server starts (the first time only)

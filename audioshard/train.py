@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, resume_problem, save_checkpoint
 from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
-from audioshard.distributed import Dist, cleanup_distributed, print0, setup_distributed
+from audioshard.distributed import Dist, all_reduce_sum, barrier, cleanup_distributed, print0, setup_distributed
 from audioshard.errors import AudioshardError
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
 from audioshard.manifest import Manifest, load_manifest, write_text_atomic
@@ -185,14 +184,6 @@ def _init_from_checkpoint(model: torch.nn.Module, args: dict[str, Any], manifest
     loaded, fresh = load_pretrained(model, card.weights)
     print0(f"initialised {len(loaded)} of {len(loaded) + len(fresh)} tensors from {path}"
            + (f"; new: {', '.join(fresh)}" if fresh else ""))
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(tensor)
-    return tensor.tolist()
 
 
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -673,7 +664,7 @@ def _train_epoch(run: Run, epoch: int, progress: bool, writer: RunWriter) -> dic
     if trace_dir:
         _trace(Path(trace_dir), epoch, run.dist.rank, steps, seen)
     sums[3] += batches.skipped()
-    loss_sum, correct, count, bad = _all_reduce_sum(sums.tolist(), device)
+    loss_sum, correct, count, bad = all_reduce_sum(sums.tolist(), device)
     _check_finite_loss(loss_sum, int(first_bad_step), epoch, cfg)  # every rank: the sum is reduced
     return {"epoch": epoch + 1, "train_loss": loss_sum / count, "train_accuracy": correct / count,
             "lr": run.scheduler.get_last_lr()[0], "steps": steps, "skipped_blocks_train": int(bad)}
@@ -707,7 +698,7 @@ def _epoch_start(run: Run, epoch: int) -> tuple[int, torch.Tensor]:
 def _position(run: Run, epoch: int, step: int, sums: torch.Tensor, skipped: int) -> dict[str, Any]:
     """What a mid-epoch last.pt holds besides the weights and optimizer: the epoch, the steps done, the
     epoch's running sums over all ranks, and the RNG states. Every rank calls it (the sums are reduced)."""
-    totals = _all_reduce_sum([*sums[:3].tolist(), float(sums[3]) + skipped], run.device)
+    totals = all_reduce_sum([*sums[:3].tolist(), float(sums[3]) + skipped], run.device)
     rng = {"torch": torch.get_rng_state()}
     if run.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(run.device)
@@ -774,7 +765,7 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
     """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
     best_path = run_dir / "best_model.pt"
     if dist.enabled:
-        torch_dist.barrier()  # rank 0 has finished writing best_model.pt
+        barrier()  # rank 0 has finished writing best_model.pt
     model.load_state_dict(read_checkpoint(best_path).weights)
     device = dist.device
     results: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": cfg.train.epochs, "classes": manifest.classes}
@@ -813,6 +804,6 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
                "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "
                "report.html")
     if dist.enabled:
-        torch_dist.barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
+        barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
     return results
 

@@ -44,3 +44,11 @@ def test_a_storage_back_end_never_imports_the_reader_that_dispatches_to_it():
     names = {n.module for n in ast.walk(s3) if isinstance(n, ast.ImportFrom)}
     assert "audioshard.remote" not in names
     assert set(remote.BODY_OPENERS) == set(remote.REMOTE_SCHEMES)
+
+
+def test_torch_distributed_is_asked_in_distributed_py_only():
+    users = sorted(p.name for p in PACKAGE.rglob("*.py") if p.name != "distributed.py"
+                   and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "torch.distributed" in ast.unparse(n)
+                           or isinstance(n, ast.Attribute) and ast.unparse(n).startswith("torch.distributed.")
+                           for n in ast.walk(ast.parse(p.read_text()))))
+    assert users == []
