@@ -328,11 +328,18 @@ def _job_id(sources: list[Source], cfg: Config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _fingerprint(job: str, sources: list[Source]) -> str:
-    """The job and when each input was last written here, so a re-run with nothing changed does nothing and a
-    file edited in place (same size) is built again."""
-    times = [os.stat(s.path).st_mtime_ns for s in sources]
-    return hashlib.sha256(json.dumps({"job": job, "mtimes": times}).encode()).hexdigest()
+def _fingerprint(sources: list[Source], cfg: Config) -> str:
+    """The job's inputs and settings and when each input was last written here, so a re-run with nothing
+    changed does nothing and a file edited in place (same size) is built again."""
+    settings = cfg.to_dict()
+    settings["shards"] = {k: settings["shards"][k] for k in ("block_size", "chunks_per_shard")}  # what shapes output
+    files = []
+    for s in sources:
+        stat = os.stat(s.path)
+        files.append((s.rel, s.label, s.group, s.split, stat.st_size, stat.st_mtime_ns))
+    settings = {k: settings[k] for k in ("audio", "features", "split", "shards")}
+    blob = json.dumps({"settings": settings, "files": files, "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def own_outputs(out_dir: Path) -> list[Path]:
@@ -415,8 +422,7 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         raise BuildError(f"{input_path}: no usable audio files found "
                          f"({sum(found.ignored.values())} ignored, {len(found.skipped)} skipped)"
                          + "".join(f"; {warning}" for warning in found.warnings[:3]))
-    job = _job_id(found.sources, cfg)
-    fingerprint = _fingerprint(job, found.sources)
+    job, fingerprint = _job_id(found.sources, cfg), _fingerprint(found.sources, cfg)
     if part is not None:
         index, count = part
         if not 0 <= index < count:
