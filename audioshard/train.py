@@ -20,12 +20,12 @@ learning rate is used as given (scale it yourself if you scale the global batch)
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,16 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from audioshard.augment import BatchTransform
-from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, resume_problem, save_checkpoint
-from audioshard.config import Config, ConfigError, dump_toml, from_dict, validate
+from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, resume_problem
+from audioshard.config import Config, ConfigError, from_dict, validate
 from audioshard.distributed import Dist, all_reduce_sum, barrier, cleanup_distributed, print0, setup_distributed
 from audioshard.errors import AudioshardError
 from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
-from audioshard.manifest import Manifest, load_manifest, write_text_atomic
+from audioshard.manifest import Manifest, load_manifest
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
 from audioshard.pretrained import load_init_weights
 from audioshard.progress import progress as progress_bar
+from audioshard.runfiles import NullWriter, RunWriter, board_confusion, plot_curves, report
 from audioshard.stream import ShardStream, make_loader
 
 
@@ -186,29 +187,6 @@ def _init_from_checkpoint(model: torch.nn.Module, args: dict[str, Any], manifest
            + (f"; new: {', '.join(fresh)}" if fresh else ""))
 
 
-def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="val")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train (chunk)")
-    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="val (chunk)")
-    ax_acc.plot(epochs, [h["val_clip_macro_f1"] for h in history], label="val macro-F1 (recording)")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _score(metrics: dict[str, Any], select: str) -> tuple[float, float]:
     """Higher is better: (selection metric, -val loss as tie-breaker)."""
     loss = metrics["loss"]
@@ -286,7 +264,7 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
             metrics = _validate(run, record)
             record["seconds"] = round(time.time() - started, 2)
             improved = run.select(epoch, record, metrics)
-            writer.epoch(run, record, improved)
+            writer.epoch(partial(run.checkpoint, epoch, record), record, improved, cfg.train.epochs)
             if stop_after_epoch is not None and stop_after_epoch <= epoch + 1 < cfg.train.epochs:
                 return _stopped(run_dir)
     except KeyboardInterrupt:
@@ -452,91 +430,6 @@ class Run:
                           config=saved_config, epoch=epoch, metrics=record, training=training)
 
 
-BOARD_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_clip_macro_f1", "lr")
-
-
-def tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exn:  # torch raises ImportError when the tensorboard package is missing
-        raise ConfigError("train.tensorboard = true needs the tensorboard package: pip install tensorboard (from "
-                          "a checkout: pip install -e '.[tensorboard]'), or set train.tensorboard = false") from exn
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _board_confusion(run_dir: Path) -> None:
-    """The val confusion matrix as an image in the run's TensorBoard log, at the end of training."""
-    import matplotlib.image
-
-    image = run_dir / "val_confusion_matrix.png"
-    if image.exists():
-        board = tensorboard_writer(run_dir)
-        board.add_image("val/confusion_matrix", matplotlib.image.imread(image)[..., :3], dataformats="HWC")
-        board.close()
-
-
-class RunWriter:
-    """Every file a run writes and every line it prints per epoch: rank 0's job. Other ranks get a
-    NullWriter, so the loop has no `if rank == 0` of its own."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-        self.board = None  # a TensorBoard SummaryWriter, with train.tensorboard
-
-    def config(self, cfg: Config) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.toml", dump_toml(cfg))  # a full disk leaves the old file
-        if cfg.train.tensorboard:
-            self.board = tensorboard_writer(self.run_dir)
-
-    def history(self, history: list[dict[str, Any]]) -> None:
-        with open(self.run_dir / "history.jsonl", "w", encoding="utf-8") as stream:
-            stream.writelines(json.dumps(h) + "\n" for h in history)
-
-    def epoch(self, run: Run, record: dict[str, Any], improved: bool) -> None:
-        ckpt = run.checkpoint(record["epoch"] - 1, record)
-        save_checkpoint(self.run_dir / "last.pt", ckpt)
-        if improved:
-            save_checkpoint(self.run_dir / "best_model.pt", ckpt.without_training())
-        with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
-        if self.board is not None:
-            for key in BOARD_SCALARS:
-                self.board.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
-            self.board.flush()
-        print0(f"epoch {record['epoch']:>3}/{run.cfg.train.epochs}  train loss {record['train_loss']:.4f} "
-               f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
-               f"acc {record['val_accuracy']:.3f} macro-F1 {record['val_macro_f1']:.3f} "
-               f"recording macro-F1 {record['val_clip_macro_f1']:.3f} | {record['seconds']:.1f}s"
-               f"{'  *best' if improved else ''}")
-
-
-    def position(self, run: Run, position: dict[str, Any]) -> None:
-        """last.pt in the middle of an epoch (train.save_every_steps); the epoch-end files stay as they are."""
-        finished = run.history[-1] if run.history else {}
-        save_checkpoint(self.run_dir / "last.pt", run.checkpoint(position["epoch"] - 1, finished, position))
-        print0(f"saved {self.run_dir / 'last.pt'} at epoch {position['epoch'] + 1} step {position['step']}")
-
-
-class NullWriter(RunWriter):
-    """The writer of ranks other than 0: writes nothing."""
-
-    def __init__(self):
-        pass
-
-    def config(self, cfg: Config) -> None:
-        pass
-
-    def history(self, history: list[dict[str, Any]]) -> None:
-        pass
-
-    def epoch(self, run: Run, record: dict[str, Any], improved: bool) -> None:
-        pass
-
-    def position(self, run: Run, position: dict[str, Any]) -> None:
-        pass
-
-
 def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: bool) -> Run:
     """Model (seeded), optimizer, learning-rate schedule, the train stream and its transforms."""
     torch.manual_seed(cfg.train.seed)
@@ -659,7 +552,9 @@ def _train_epoch(run: Run, epoch: int, progress: bool, writer: RunWriter) -> dic
                                          first_bad_step)  # on the device: no sync per step
         bar.update(1)
         if every and (step + 1) % every == 0 and step + 1 < steps:
-            writer.position(run, _position(run, epoch, step + 1, sums, batches.skipped()))
+            position = _position(run, epoch, step + 1, sums, batches.skipped())  # every rank: sums are reduced
+            finished = run.history[-1] if run.history else {}
+            writer.position(partial(run.checkpoint, epoch - 1, finished, position), position)
     bar.close()
     if trace_dir:
         _trace(Path(trace_dir), epoch, run.dist.rank, steps, seen)
@@ -749,17 +644,6 @@ def _device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def _report(run_dir: Path) -> None:
-    """report.html at the end of a run; a failure to draw it costs the run nothing (it says how to retry)."""
-    from audioshard.report import write_report
-
-    try:
-        print0(f"report: {write_report(run_dir)}")
-    except Exception as exn:  # noqa: BLE001 - the run's results are written already; the page is extra
-        print0(f"note: report.html not written ({type(exn).__name__}: {exn}); retry with `audioshard report "
-               f"{run_dir}`")
-
-
 def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
              best_epoch: int, dist: Dist) -> dict[str, Any]:
     """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
@@ -796,10 +680,10 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         if history:  # after metrics.json: a picture that cannot be drawn is reported, never costs the results
             from audioshard.evaluate import draw
 
-            draw(run_dir / "training_curves.png", _plot_curves, history, run_dir / "training_curves.png")
+            draw(run_dir / "training_curves.png", plot_curves, history, run_dir / "training_curves.png")
         if cfg.train.tensorboard:
-            _board_confusion(run_dir)
-        _report(run_dir)
+            board_confusion(run_dir)
+        report(run_dir)
         print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
                "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "
                "report.html")
