@@ -182,9 +182,10 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [*SCREEN, *args.overrides] if args.screen else args.overrides
     out = args.out or ROOT / "recipes" / "results" / ("esc50_screen.csv" if args.screen else "esc50.csv")
-    rows = read_rows(out)
+    ours: list[dict] = []
     for fold in args.folds:
-        rows = merge(rows, run_fold(args.data, args.work, fold, args.name, overrides, args.variants))
+        ours += run_fold(args.data, args.work, fold, args.name, overrides, args.variants)
+        rows = merge(read_rows(out), ours)  # read again: another run of the recipe may have written meanwhile
         write_rows(out, rows)  # each fold's rows as soon as they land
         out.with_suffix(".md").write_text(summary(rows))
     print(summary([r for r in rows if (r.get("setting") or "default").split("+")[0] == args.name]))
