@@ -1,22 +1,22 @@
 """Part builds as tasks on real executors: a pool of local processes, a real Dask LocalCluster (2 worker
 processes), one of whose workers is killed with SIGKILL in the middle of a part; the command line's
-`build --parts N --scheduler local`. Each ends merged and verified, with the chunks of a one-shot build."""
+`build --parts N --scheduler local`. Each ends merged and verified, with the chunks of a one-shot build.
+The clusters run in processes of their own (tests/cluster_run.py, the CLI), so none of their helper
+processes outlives a test inside pytest."""
 
-import os
-import signal
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
+import json
+import subprocess
+import sys
+from pathlib import Path
 
-import distributed
 import pytest
 from conftest import SMALL_BUILD, chunk_table, link_tree
 
 from audioshard.build import build_shards
-from audioshard.cli import main
-from audioshard.cluster import build_on
 from audioshard.config import load_config
 from audioshard.info import verify_build
+
+RUN = Path(__file__).with_name("cluster_run.py")
 
 
 @pytest.fixture(scope="module")
@@ -27,49 +27,33 @@ def raw_and_whole(tmp_path_factory):
     return raw, chunk_table(whole)
 
 
+def cluster_run(*args) -> dict:
+    done = subprocess.run([sys.executable, str(RUN), *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_parts_on_a_process_pool_merge_into_the_one_shot_build(raw_and_whole, tmp_path):
     raw, whole = raw_and_whole
-    with ProcessPoolExecutor(2) as pool:
-        build_on(pool, raw, tmp_path / "out", load_config(overrides=SMALL_BUILD), parts=3, log=lambda line: None)
+    cluster_run(raw, tmp_path / "out", "pool")
     assert chunk_table(tmp_path / "out") == whole
     assert verify_build(str(tmp_path / "out"))[0]
 
 
 def test_a_worker_killed_mid_part_on_a_dask_cluster_is_recovered(raw_and_whole, tmp_path):
     raw, whole = raw_and_whole
-    out = tmp_path / "out"
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = distributed.Client(cluster)
-    killed = []
-
-    def kill_a_worker_once_a_part_is_being_written():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(out.glob("part-*-of-*/.staging")):
-            time.sleep(0.01)
-        pids = list(client.run(os.getpid).values())
-        writing = any(out.glob("part-*-of-*/.staging"))
-        os.kill(pids[0], signal.SIGKILL)
-        killed.append(writing)
-
-    try:
-        killer = threading.Thread(target=kill_a_worker_once_a_part_is_being_written)
-        killer.start()
-        lines = []
-        build_on(client.get_executor(), raw, out, load_config(overrides=SMALL_BUILD), parts=2, log=lines.append)
-        killer.join()
-    finally:
-        client.close()
-        cluster.close()
-    assert killed == [True]  # a worker really died while a part was being written
-    assert chunk_table(out) == whole
-    assert verify_build(str(out))[0]  # no manifest names a file the killed task half wrote
+    result = cluster_run(raw, tmp_path / "out", "dask", "--kill")
+    assert result["killed_while_writing"] is True  # a worker really died while a part was being written
+    assert chunk_table(tmp_path / "out") == whole
+    assert verify_build(str(tmp_path / "out"))[0]  # no manifest names a file the killed task half wrote
 
 
-def test_build_parts_on_a_local_dask_cluster_from_the_command_line(raw_and_whole, tmp_path, capsys):
+def test_build_parts_on_a_local_dask_cluster_from_the_command_line(raw_and_whole, tmp_path):
     raw, whole = raw_and_whole
     settings = [a for s in SMALL_BUILD for a in ("--set", s)]
-    assert main(["build", str(raw), "--out", str(tmp_path / "out"), "--parts", "2", "--scheduler", "local",
-                 *settings]) == 0
+    done = subprocess.run([sys.executable, "-m", "audioshard", "build", str(raw), "--out", str(tmp_path / "out"),
+                           "--parts", "2", "--scheduler", "local", *settings], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "part 1/2 done" in done.stdout and "part 2/2 done" in done.stdout
     assert chunk_table(tmp_path / "out") == whole
-    out = capsys.readouterr().out
-    assert "part 1/2 done" in out and "part 2/2 done" in out
