@@ -173,7 +173,7 @@ def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classe
     ]
     (out_dir / f"{split}_report.txt").write_text("\n".join(report) + "\n", encoding="utf-8")
     if recordings is not None:
-        write_recordings_csv(out_dir / f"{split}_recordings.csv", recording_table(pred, classes, recordings))
+        _write_named(out_dir / f"{split}_recordings.csv", pred, classes, recordings)
     image = out_dir / f"{split}_confusion_matrix.png"
     draw(image, save_confusion_matrix, image, y, y_hat, classes,
          f"{split}: chunk-level (acc {metrics['chunk']['accuracy']:.3f})")
@@ -197,6 +197,18 @@ def recording_table(pred: dict[str, np.ndarray], classes: list[str], recordings:
                           "confidence": probabilities[np.arange(len(ids)), predicted].round(4),
                           "correct": predicted == clip_y, "chunks": counts, "chunks_agreeing": agreeing.astype(int)})
     return table.sort_values(["correct", "confidence"], ascending=[True, False], kind="stable", ignore_index=True)
+
+
+def _write_named(path: Path, pred: dict[str, np.ndarray], classes: list[str], recordings: Sequence[str]) -> None:
+    """{split}_recordings.csv, when the build's recording list can be read: the names are extra (a build copied
+    without its list files still trains and evaluates); a list that cannot be read is reported, never fatal."""
+    from audioshard.errors import AudioshardError
+
+    try:
+        write_recordings_csv(path, recording_table(pred, classes, recordings))
+    except (AudioshardError, OSError) as exn:
+        print(f"note: {path.name} not written: the build's recording names cannot be read "
+              f"({printable(exn)})", file=sys.stderr)
 
 
 def write_recordings_csv(path: Path, table) -> None:
