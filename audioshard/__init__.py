@@ -31,7 +31,7 @@ _API = {
     "build_shards": ("build", "build_shards"),
     "load_manifest": ("manifest", "load_manifest"),
     "Manifest": ("manifest", "Manifest"),
-    "open_shards": ("stream", "open_shards"),
+    "open_shards": ("loader", "open_shards"),
     "Fetcher": ("remote", "Fetcher"),
     "ShardStream": ("stream", "ShardStream"),
     "Batch": ("stream", "Batch"),

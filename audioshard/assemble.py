@@ -17,16 +17,17 @@ from audioshard.acquire.common import provenance_rows
 from audioshard.config import Config
 from audioshard.errors import BuildError
 from audioshard.manifest import (
-    FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
     RECORDINGS_PATTERN,
     SKIPPED_NAME,
+    BuildRecord,
     ListFile,
     Manifest,
     ManifestError,
     ShardInfo,
     SplitInfo,
+    build_settings,
     write_list_file,
 )
 from audioshard.names import SPLITS
@@ -135,23 +136,13 @@ def build_manifest(*, input_path: str | Path, cfg: Config, classes: list[str], s
                    fingerprint: str) -> dict[str, Any]:
     """The manifest of one build (or part build: the caller adds `part`); `splits` and `skipped` name
     the list files (`write_lists`)."""
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "audioshard_version": __version__,
-        "fingerprint": fingerprint,
-        "input": str(input_path),
-        "classes": classes,
-        "features": FeatureParams.from_config(cfg).to_dict(),
-        "block_size": cfg.shards.block_size,
-        "normalization": stats.normalization(),
-        "train_stats": stats.to_dict(),
-        "splits": splits,
-        "skipped_file": skipped.to_dict(),
-        "ignored": ignored,
-        "warnings": warnings,
-        "config": cfg.to_dict(),
-    }
+    norm = stats.normalization()
+    return BuildRecord(classes=classes, features=FeatureParams.from_config(cfg), block_size=cfg.shards.block_size,
+                       mean=norm["mean"], std=norm["std"], train_stats=stats.to_dict(),
+                       splits={name: SplitInfo.from_dict(info) for name, info in splits.items()},
+                       settings=build_settings(cfg.to_dict()), fingerprint=fingerprint, input=str(input_path),
+                       skipped_file=skipped, ignored=ignored, warnings=warnings,
+                       audioshard_version=__version__).to_dict()
 
 
 def merge_manifests(out_dir: Path) -> dict[str, Any]:

@@ -347,8 +347,8 @@ class ChunkRules:
                    silence_peak=a.silence_peak if a.skip_silent else 0.0)
 
 
-def choppinator(samples: np.ndarray, rules: ChunkRules) -> tuple[np.ndarray, np.ndarray]:
-    """Cut a clip into fixed-length chunks (the original system's name for this step).
+def cut_chunks(samples: np.ndarray, rules: ChunkRules) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a clip into fixed-length chunks.
 
     Args:
         samples: (N,) float32 mono audio at `rules.sample_rate`.
@@ -520,7 +520,7 @@ def _ffmpeg_blocks(ffmpeg: str, path: Path, rate: int, frames: int) -> Iterator[
 
 
 class ChunkReader:
-    """The chunks of one recording, read in blocks: what `choppinator(load(path, rate), rules)` returns,
+    """The chunks of one recording, read in blocks: what `cut_chunks(load(path, rate), rules)` returns,
     without ever holding the whole recording.
 
     Args:
@@ -560,7 +560,7 @@ class ChunkReader:
         if self.num_samples == 0:
             raise AudioError(f"{self.path}: no audio samples in the file")
         if self.num_samples < self.chunk:  # the whole clip is in `pending`: the build's own rules apply
-            chunks, _ = choppinator(pending, self.rules)
+            chunks, _ = cut_chunks(pending, self.rules)
             if len(chunks) == 0:
                 raise AudioError(f"{self.path}: {self.num_samples / self.sample_rate:.2f} s is shorter than one "
                                  f"chunk ({self.rules.chunk_seconds} s) and audio.short_clip = "

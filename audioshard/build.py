@@ -38,7 +38,7 @@ from audioshard.assemble import (
     origins,
     write_lists,
 )
-from audioshard.audio import AudioError, ChunkRules, choppinator, load, peak_amplitude, silent_chunks
+from audioshard.audio import AudioError, ChunkRules, cut_chunks, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
 from audioshard.errors import BuildError
 from audioshard.features import FeatureParams, log_mel
@@ -292,7 +292,7 @@ def _decode_and_cut(source: Source, cfg: Config, params: FeatureParams) -> tuple
     if cfg.audio.skip_silent and peak < cfg.audio.silence_peak:
         return FileResult(source.rel, seconds=seconds, error=f"{source.rel}: silent (peak {peak:.1e} < "
                           f"audio.silence_peak {cfg.audio.silence_peak})"), None
-    chunks, starts = choppinator(samples, ChunkRules.from_config(cfg))
+    chunks, starts = cut_chunks(samples, ChunkRules.from_config(cfg))
     if len(chunks) == 0:
         return FileResult(source.rel, seconds=seconds,
                           error=f"{source.rel}: {seconds:.2f} s is shorter than one chunk "

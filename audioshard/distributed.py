@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+import torch.utils.data
 
 from audioshard.termsafe import printable
 
@@ -32,6 +33,43 @@ class Dist:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+@dataclass(frozen=True)
+class World:
+    """Who reads: this process's rank of `world_size`, and (inside a DataLoader worker) which of `workers`.
+
+    Every (rank, worker) pair is one reader of a split; readers are numbered rank-major, so together they
+    read all of it once. The numbers are worked out here, once, and passed along (as MosaicML's `World`).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    workers: int = 1
+
+    @classmethod
+    def of_process(cls, rank: int | None = None, world_size: int | None = None) -> World:
+        """This process (from torch.distributed, or as given), before any loader worker."""
+        own_rank, own_size = rank_and_size()
+        return cls(own_rank if rank is None else rank, own_size if world_size is None else world_size)
+
+    def in_worker(self) -> World:
+        """The same process seen from the DataLoader worker this runs in (worker 0 of 1 outside one)."""
+        info = torch.utils.data.get_worker_info()
+        return self.with_worker(info.id, info.num_workers) if info is not None else self.with_worker(0, 1)
+
+    def with_worker(self, worker: int, workers: int) -> World:
+        return World(self.rank, self.world_size, worker, max(1, workers))
+
+    @property
+    def reader(self) -> int:
+        """This reader's number among all readers (ranks x workers)."""
+        return self.rank * self.workers + self.worker
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * self.workers
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -15,6 +15,10 @@ class SourceError(AudioshardError, OSError):
     """A file of a build could not be read; the message names the path or URL and the fix."""
 
 
+class ManifestError(AudioshardError, ValueError):
+    """The manifest (or one of its list files) is missing, unreadable or inconsistent."""
+
+
 class IntegrityError(SourceError):
     """A shard's bytes do not match the manifest (size or sha256): truncated, corrupt or tampered."""
 

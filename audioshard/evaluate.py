@@ -20,9 +20,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, classificat
 
 from audioshard.augment import BatchTransform
 from audioshard.distributed import all_gather
+from audioshard.loader import make_loader
 from audioshard.manifest import Manifest
 from audioshard.models import MIN_ADAPT_EXAMPLES, AdaptError, adapt_batchnorm
-from audioshard.stream import ShardDataError, ShardStream, make_loader
+from audioshard.shardfile import ShardDataError
+from audioshard.stream import ShardStream
 from audioshard.termsafe import printable
 
 
@@ -144,7 +146,7 @@ def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, cl
 
 def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classes: list[str],
                   label_prefix: str = "", recordings: Sequence[str] | None = None) -> dict[str, Any]:
-    """The seed's artifacts for one split: label arrays, confusion matrix PNG, text report; returns metrics.
+    """The files a run writes for one split: label arrays, confusion matrix PNG, text report; returns metrics.
 
     Files: {label_prefix}pred_labels.npy, {label_prefix}true_labels.npy (chunk level, sorted by
     source and start), {split}_predictions.npz (logits, y, source, start), {split}_confusion_matrix.png,

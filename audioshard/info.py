@@ -1,6 +1,6 @@
 """Look inside a build: the manifest as tables, one chunk as a picture, a few batches described.
 
-The original system's sanity scripts, as functions behind `audioshard info`, `show` and `check`.
+What `audioshard info`, `show` and `check` print, as functions a script can call too.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def show_chunk(source: str, split: str, index: int, out: str | Path, fetcher=Non
 def check_pipeline(source: str, split: str, cfg: Config, batches: int = 3) -> str:
     """Pull a few batches through the real pipeline (normalised, augmented if train) and describe them: the
     manifest read once, and every file read as `train` reads it (cfg's [shards] timeouts, retries, cache)."""
-    from audioshard.stream import open_shards
+    from audioshard.loader import open_shards
 
     manifest = load_manifest(source, cfg.fetcher())
     loader = open_shards(manifest, split, batch_size=cfg.train.batch_size, num_workers=0, seed=cfg.train.seed,
@@ -153,7 +153,8 @@ def verify_build(source: str, fetcher=None) -> tuple[bool, str]:
         (all good, a report naming each bad shard and why)
     """
     from audioshard.remote import SourceError
-    from audioshard.stream import ShardDataError, ShardStream, block_sizes
+    from audioshard.shardfile import ShardDataError
+    from audioshard.stream import ShardStream, block_sizes
 
     # sha256 always, whatever shards.verify_local says and whatever was verified before: checking is what
     # this command is for.

@@ -24,7 +24,7 @@ import numpy as np
 
 from audioshard.manifest import BLOCK_MEMBERS, MAX_BLOCK_SIZE
 from audioshard.params import MAX_FRAMES, MAX_MELS
-from audioshard.stream import ShardDataError, _finite_float16, decode_npy, npy_header
+from audioshard.shardfile import ShardDataError, _finite_float16, decode_npy, npy_header
 
 
 def unblock(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

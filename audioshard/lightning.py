@@ -29,8 +29,9 @@ except ImportError as exn:  # the extra is optional: say how to get it
 
 from audioshard.augment import BatchTransform
 from audioshard.config import AugmentConfig
+from audioshard.loader import make_loader
 from audioshard.manifest import Manifest, load_manifest
-from audioshard.stream import Batch, ShardStream, make_loader
+from audioshard.stream import Batch, ShardStream
 
 
 class EpochLoader:

@@ -17,18 +17,27 @@ Version-1 manifests, which hold these lists inline, are still read.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from audioshard.errors import AudioshardError
+from audioshard.errors import AudioshardError, ManifestError  # noqa: F401 - ManifestError re-exported
+from audioshard.listfiles import (  # noqa: F401 - re-exported: what builds write beside the manifest
+    MAX_LIST_BYTES,
+    RECORDINGS_PATTERN,
+    SKIPPED_NAME,
+    ListFile,
+    read_list_file,
+    recording_problem,
+    skipped_problem,
+    write_list_file,
+)
+from audioshard.localfile import sha256_file  # noqa: F401 - re-exported: the checksum the manifest records
 from audioshard.params import FeatureParams, feature_params_problem
 from audioshard.remote import (
     DEFAULT_FETCHER,
@@ -36,43 +45,16 @@ from audioshard.remote import (
     SourceError,
     is_url,
     join,
-    sha256_file,  # noqa: F401 - re-exported: the checksum the manifest records
 )
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "audioshard-blocks"
-FORMAT_VERSION = 2  # 2: per-recording lists in list files beside the manifest; 1: inline (still read)
-READ_VERSIONS = (1, 2)
+# 3: `config` holds the build's settings once (`build_settings`); 2: per-recording lists in list files beside
+# the manifest; 1: those lists inline. All three are read.
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 # Tar members of one block (a sample in webdataset terms): many chunks stored as one array each.
 BLOCK_MEMBERS = ("mel.npy", "label.npy", "source.npy", "start.npy")
-
-
-class ManifestError(AudioshardError, ValueError):
-    """The manifest (or one of its list files) is missing, unreadable or inconsistent."""
-
-
-# The list files of a version-2 build. A list file is refused beyond MAX_LIST_BYTES (from its manifest
-# entry, before a byte is read): 1 GB is ~10 million recordings with their provenance.
-RECORDINGS_PATTERN = "{split}-recordings.jsonl"
-SKIPPED_NAME = "skipped.jsonl"
-MAX_LIST_BYTES = 1 << 30
-
-
-@dataclass(frozen=True)
-class ListFile:
-    """A list file as the manifest records it: name (in the build folder), rows, bytes and sha256."""
-
-    file: str
-    rows: int
-    bytes: int
-    sha256: str
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ListFile:
-        return cls(file=data["file"], rows=data["rows"], bytes=data["bytes"], sha256=data["sha256"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -125,84 +107,71 @@ class SplitInfo:
         return data
 
 
-def write_list_file(folder: str | Path, name: str, rows: Iterable[dict[str, Any]]) -> ListFile:
-    """Write `rows` as JSON Lines into `folder/name` (atomically) and return its manifest entry.
-
-    JSON Lines: any tool reads it (`head`, `grep`, `jq`, pandas), it is written and parsed a line at a
-    time, and the same rows give the same bytes (builds stay byte-identical)."""
-    path = Path(folder) / name
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    digest, size, count = hashlib.sha256(), 0, 0
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as stream:
-            for row in rows:
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-                digest.update(line)
-                stream.write(line)
-                size, count = size + len(line), count + 1
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a build is meant to be served and shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return ListFile(file=name, rows=count, bytes=size, sha256=digest.hexdigest())
+# The settings a manifest records under `config` (format 3): those that decided the build's bytes and are
+# not recorded elsewhere in it. The sample rate, chunk length and [features] are in `features`, the block
+# size in `block_size`; training settings are the training run's own, never the build's.
+BUILD_SETTINGS = {"audio": None, "split": None, "shards": ("chunks_per_shard",)}  # None: the whole section
+RECORDED_ELSEWHERE = {"audio": ("sample_rate", "chunk_seconds")}
 
 
-def read_list_file(fetcher: Fetcher, location: str, entry: ListFile, what: str,
-                   row_problem: Callable[[Any], str]) -> list[dict[str, Any]]:
-    """The rows of a list file, after its size and sha256 match `entry` (nothing is parsed before).
-
-    Read through `fetcher` like a shard (local, HTTP or S3; retried remote reads; no cache), with the
-    sha256 checked even where `shards.verify_local` is off: these files are small beside the shards,
-    and a forged row would name the wrong recording in every report. Every row must pass
-    `row_problem` (a JSON object of the right keys), and there must be exactly `entry.rows`."""
-    checked = dataclasses.replace(fetcher, verify_local=True, cache_dir="")
-    try:
-        stream = checked.open_shard(location, entry.bytes, entry.sha256)
-    except SourceError as exn:
-        raise ManifestError(f"{location}: the {what} cannot be used: {exn}. It must be the file the build "
-                            "wrote beside manifest.json; copy or publish the whole build folder") from exn
-    with stream:
-        rows = list(_parse_rows(io.TextIOWrapper(stream, encoding="utf-8"), location, entry.rows, row_problem))
-    if len(rows) != entry.rows:
-        raise ManifestError(f"{location}: {len(rows)} rows, the manifest says {entry.rows}")
-    return rows
+def build_settings(config: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The `config` a format-3 manifest records of a build's whole config (`Config.to_dict()`)."""
+    kept = {}
+    for section, keys in BUILD_SETTINGS.items():
+        values = config[section] if keys is None else {k: config[section][k] for k in keys}
+        kept[section] = {k: v for k, v in values.items() if k not in RECORDED_ELSEWHERE.get(section, ())}
+    return kept
 
 
-def _parse_rows(lines: Iterable[str], location: str, expected: int,
-                row_problem: Callable[[Any], str]) -> Iterator[dict[str, Any]]:
-    try:
-        for number, line in enumerate(lines, start=1):
-            if number > expected:
-                raise ManifestError(f"{location}: more than the {expected} rows the manifest says")
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError) as exn:  # RecursionError: JSON nested thousands deep
-                raise ManifestError(f"{location} line {number}: not a JSON object ({exn})") from exn
-            if problem := row_problem(row):
-                raise ManifestError(f"{location} line {number}: {problem}")
-            yield row
-    except UnicodeDecodeError as exn:
-        raise ManifestError(f"{location}: not UTF-8 text ({exn})") from exn
+@dataclass(frozen=True)
+class BuildRecord:
+    """The manifest's top level, typed: `to_dict` is what `manifest.json` holds (the schema writers use),
+    `from_dict` reads one back once `_schema_problem` has checked every key, type and range."""
 
+    classes: list[str]
+    features: FeatureParams
+    block_size: int
+    mean: float
+    std: float
+    train_stats: dict[str, float]
+    splits: dict[str, SplitInfo]
+    settings: dict[str, dict[str, Any]]  # `config`: build settings not recorded above (`build_settings`)
+    fingerprint: str = ""
+    input: str = ""
+    skipped_file: ListFile | None = None  # version 1 held `skipped` (and `provenance`) inline: `inline`
+    ignored: dict[str, int] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    part: dict[str, Any] | None = None  # a part build: index, count, job
+    merged_from: list[str] | None = None  # a merged build: its part folders
+    format_version: int = FORMAT_VERSION
+    audioshard_version: str = ""
+    inline: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
-def _provenance_problem(row: dict[str, Any]) -> str:
-    origin = row.get("provenance", {})
-    if not isinstance(origin, dict) or not all(isinstance(v, str) for v in origin.values()):
-        return "'provenance' must map column names to text"
-    return ""
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
+        norm, listed = data["normalization"], data.get("skipped_file")
+        return cls(classes=list(data["classes"]), features=FeatureParams.from_dict(data["features"]),
+                   block_size=int(data["block_size"]), mean=float(norm["mean"]), std=float(norm["std"]),
+                   train_stats=dict(data.get("train_stats", {})),
+                   splits={name: SplitInfo.from_dict(info) for name, info in data["splits"].items()},
+                   settings=dict(data.get("config", {})), fingerprint=data.get("fingerprint", ""),
+                   input=data.get("input", ""), skipped_file=ListFile.from_dict(listed) if listed else None,
+                   ignored=dict(data.get("ignored", {})), warnings=list(data.get("warnings", [])),
+                   part=data.get("part"), merged_from=data.get("merged_from"),
+                   format_version=int(data["format_version"]), audioshard_version=data.get("audioshard_version", ""),
+                   inline={k: list(data[k]) for k in ("skipped", "provenance") if k in data})
 
-
-def _recording_problem(row: Any) -> str:
-    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("label"), str):
-        return "expected a recording: {\"path\": ..., \"label\": ...}"
-    return _provenance_problem(row)
-
-
-def _skipped_problem(row: Any) -> str:
-    if not isinstance(row, dict) or not isinstance(row.get("path"), str) or not isinstance(row.get("reason"), str):
-        return "expected a skipped input: {\"path\": ..., \"reason\": ...}"
-    return _provenance_problem(row)
+    def to_dict(self) -> dict[str, Any]:
+        data = {"format": FORMAT, "format_version": self.format_version,
+                "audioshard_version": self.audioshard_version, "fingerprint": self.fingerprint, "input": self.input,
+                "classes": self.classes, "features": self.features.to_dict(), "block_size": self.block_size,
+                "normalization": {"mean": self.mean, "std": self.std}, "train_stats": self.train_stats,
+                "splits": {name: info.to_dict() for name, info in self.splits.items()}, **self.inline}
+        if self.skipped_file is not None:
+            data["skipped_file"] = self.skipped_file.to_dict()
+        data.update(ignored=self.ignored, warnings=self.warnings, config=self.settings)
+        data.update({k: v for k, v in (("part", self.part), ("merged_from", self.merged_from)) if v is not None})
+        return data
 
 
 class Sources(Sequence[str]):
@@ -253,9 +222,9 @@ class Manifest:
         self.data = data
         self.root = root
         self.fetcher = fetcher  # how shards are read: the same timeouts, retries and cache as the manifest
-        self._split_info: dict[str, SplitInfo] = {}
         self._lists: dict[str, list[Any]] = {}  # list files read so far (rows by file name, or names by split)
         self._check()
+        self.record = BuildRecord.from_dict(data)  # the checked manifest, typed: what the properties read
 
     def _check(self) -> None:
         if self.data.get("format") != FORMAT:
@@ -288,34 +257,44 @@ class Manifest:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.data["classes"])
+        return list(self.record.classes)
 
     @property
     def features(self) -> FeatureParams:
-        return FeatureParams.from_dict(self.data["features"])
+        return self.record.features
 
     @property
     def block_size(self) -> int:
-        return int(self.data["block_size"])
+        return self.record.block_size
 
     @property
     def mean(self) -> float:
-        return float(self.data["normalization"]["mean"])
+        return self.record.mean
 
     @property
     def std(self) -> float:
-        return float(self.data["normalization"]["std"])
+        return self.record.std
 
     @property
     def split_names(self) -> list[str]:
-        return list(self.data["splits"])
+        return list(self.record.splits)
 
     def split(self, name: str) -> SplitInfo:
-        if name not in self.data["splits"]:
-            raise ManifestError(f"{self.location}: no split {name!r}; it has {', '.join(self.data['splits'])}")
-        if name not in self._split_info:  # parsed once: streams ask for a split's shards every epoch
-            self._split_info[name] = SplitInfo.from_dict(self.data["splits"][name])
-        return self._split_info[name]
+        if name not in self.record.splits:
+            raise ManifestError(f"{self.location}: no split {name!r}; it has {', '.join(self.record.splits)}")
+        return self.record.splits[name]
+
+    def build_config(self) -> dict[str, dict[str, Any]]:
+        """The [audio] and [features] settings the build used, as `Config.to_dict()` has them: how `predict`
+        must cut and featurise new recordings. Format 3 records each once (the chunking in `features`);
+        older manifests held the whole config."""
+        if self.format_version < 3:
+            return {s: dict(self.record.settings.get(s, {})) for s in ("audio", "features")}
+        params = self.features.to_dict()
+        audio = {**self.record.settings.get("audio", {}), "sample_rate": params["sample_rate"],
+                 "chunk_seconds": params["chunk_seconds"]}
+        keep = ("n_mels", "n_fft", "hop_length", "f_min", "f_max", "top_db")
+        return {"audio": audio, "features": {k: params[k] for k in keep}}
 
     def shards(self, split: str) -> list[ShardInfo]:
         return list(self.split(split).shards)
@@ -338,7 +317,7 @@ class Manifest:
         info = self.split(split)
         if info.sources is not None:
             return [{"path": name} for name in info.sources]
-        return list(self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem))
+        return list(self._read_list(info.recordings_file, f"recordings list of split {split!r}", recording_problem))
 
     def to_pandas(self, split: str | None = None):
         """The build's recordings as a pandas DataFrame: `split`, `source` (the index chunks refer to as
@@ -362,7 +341,7 @@ class Manifest:
             return info.sources
         key = f"names:{split}"  # ':' cannot be in a list file's name (`join` refuses it)
         if key not in self._lists:  # only the names are kept: a million names are far smaller than their rows
-            rows = self._read_list(info.recordings_file, f"recordings list of split {split!r}", _recording_problem,
+            rows = self._read_list(info.recordings_file, f"recordings list of split {split!r}", recording_problem,
                                    keep=False)
             self._lists[key] = [row["path"] for row in rows]
         return self._lists[key]
@@ -379,41 +358,41 @@ class Manifest:
 
     @property
     def format_version(self) -> int:
-        return int(self.data["format_version"])
+        return self.record.format_version
 
     @property
     def skipped(self) -> list[dict[str, str]]:
         """Inputs the build could not use: `path` and `reason` each (and `provenance` for fetched files).
         Version 2 reads them from the list file `skipped.jsonl` on first use."""
         if self.format_version == 1:
-            return list(self.data.get("skipped", []))
-        return list(self._read_list(ListFile.from_dict(self.data["skipped_file"]), "list of skipped inputs",
-                                    _skipped_problem))
+            return list(self.record.inline.get("skipped", []))
+        return list(self._read_list(self.record.skipped_file, "list of skipped inputs",
+                                    skipped_problem))
 
     @property
     def skipped_count(self) -> int:
         """How many inputs were skipped, without reading their list."""
         if self.format_version == 1:
-            return len(self.data.get("skipped", []))
-        return int(self.data["skipped_file"]["rows"])
+            return len(self.record.inline.get("skipped", []))
+        return self.record.skipped_file.rows
 
     @property
     def provenance(self) -> list[dict[str, str]]:
         """Where the build's inputs came from: the RAW/sources.csv rows of its recordings, then of its skipped
         inputs (every list file is read)."""
         if self.format_version == 1:
-            return list(self.data.get("provenance", []))
+            return list(self.record.inline.get("provenance", []))
         rows = [row for split in self.split_names for row in self.recording_rows(split)] + self.skipped
         return [row["provenance"] for row in rows if "provenance" in row]
 
     @property
     def ignored(self) -> dict[str, int]:
         """Files the build passed over as not audio (hidden, other extensions), counted by kind."""
-        return dict(self.data.get("ignored", {}))
+        return dict(self.record.ignored)
 
     @property
     def warnings(self) -> list[str]:
-        return list(self.data.get("warnings", []))
+        return list(self.record.warnings)
 
     def shard_location(self, shard: ShardInfo) -> str:
         return join(self.root, shard.file)
@@ -469,7 +448,21 @@ def _schema_problem(data: dict[str, Any]) -> str:
     for name, info in data["splits"].items():
         if problem := _split_problem(info, classes) or _listing_problem(info, classes, data["format_version"]):
             return f"split {name!r:.50}: {problem}"
+    if data["format_version"] >= 3 and (problem := _settings_problem(data.get("config", {}))):
+        return problem
     return _report_problem(data)
+
+
+def _settings_problem(settings: Any) -> str:
+    """A format-3 `config`: the build's sections only, each a table of numbers, strings, booleans or string lists."""
+    if not isinstance(settings, dict) or not set(settings) <= set(BUILD_SETTINGS):
+        return f"'config' must hold the build's settings ({', '.join(BUILD_SETTINGS)}) only"
+    for section, values in settings.items():
+        if not isinstance(values, dict) or not all(
+                type(v) in (bool, int, float, str) or type(v) is list and all(type(s) is str for s in v)
+                for v in values.values()):
+            return f"'config' section {section!r} must map names to numbers, strings or lists of strings"
+    return ""
 
 
 def block_problem(block_size: Any, features: FeatureParams) -> str:

@@ -1,4 +1,4 @@
-"""Models: the original system's network, a stronger default and two PANNs layouts that load published
+"""Models: a small plain CNN (`seed_cnn`), a stronger default and two PANNs layouts that load published
 AudioSet weights, selected by `model.name`.
 
 All take x: (B, 1, n_mels, frames) float32 (normalised log-mel) and return logits (B, num_classes).
@@ -29,9 +29,9 @@ def normalize_input(x: torch.Tensor, mode: str) -> torch.Tensor:
     return x
 
 
-class SeedCNN(nn.Module):
-    """The original network, kept exactly: three 3x3 conv layers with ReLU, two max-pools, a global
-    average pool and a linear head."""
+class SmallCNN(nn.Module):
+    """A small plain CNN: three 3x3 conv layers with ReLU, two max-pools, a global average pool and a
+    linear head. Its config name, `seed_cnn`, is kept so that existing configs and checkpoints still load."""
 
     def __init__(self, num_classes: int, width: int = 16, dropout: float = 0.0, input_norm: str = "none"):
         super().__init__()
@@ -170,13 +170,13 @@ class PannsCNN6(PannsCNN):
     kernel, convs, widths = 5, 1, (64, 128, 256, 512)
 
 
-MODELS = {"seed_cnn": SeedCNN, "cnn6": CNN6, "cnn10": CNN10, "panns_cnn14": PannsCNN14, "panns_cnn6": PannsCNN6}
+MODELS = {"seed_cnn": SmallCNN, "cnn6": CNN6, "cnn10": CNN10, "panns_cnn14": PannsCNN14, "panns_cnn6": PannsCNN6}
 
 
 def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none") -> dict[str, Any]:
     """The arguments a checkpoint stores to rebuild the model with nothing else."""
     if name == "seed_cnn":
-        width = 16  # the original network's channel counts (16, 32, 64)
+        width = 16  # seed_cnn's fixed channel counts (16, 32, 64)
     if name.startswith("panns_"):
         width = 64  # PANNs' channel counts are fixed by the published weights
     return {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout, "input_norm": input_norm}

@@ -5,6 +5,9 @@ epoch (and mid-epoch with `train.save_every_steps`), TensorBoard scalars; at the
 confusion matrix in TensorBoard and `report.html`. Other ranks get a `NullWriter`, so the training loop
 has no `if rank == 0` of its own. The loop hands over records and a way to make the checkpoint, never
 itself: a writer cannot reach into the run (as torchtune's metric loggers).
+
+`finalize` ends a run: the selected model evaluated on val and test, `metrics.json`, the reports and
+confusion matrices, the curves and the page (written by rank 0; every rank takes part in the evaluation).
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from audioshard.checkpoint import Checkpoint, save_checkpoint
+import torch
+
+from audioshard.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from audioshard.config import Config, ConfigError, dump_toml
-from audioshard.distributed import print0
-from audioshard.manifest import write_text_atomic
+from audioshard.distributed import Dist, barrier, print0
+from audioshard.evaluate import draw, iter_metrics_lines, predict_split, write_json, write_reports
+from audioshard.manifest import Manifest, write_text_atomic
 
 BOARD_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_clip_macro_f1", "lr")
 
@@ -137,3 +143,56 @@ def report(run_dir: Path) -> None:
     except Exception as exn:  # noqa: BLE001 - the run's results are written already; the page is extra
         print0(f"note: report.html not written ({type(exn).__name__}: {exn}); retry with `audioshard report "
                f"{run_dir}`")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
+
+
+def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
+             best_epoch: int, dist: Dist, bf16_autocast: bool = False) -> dict[str, Any]:
+    """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
+    best_path = run_dir / "best_model.pt"
+    if dist.enabled:
+        barrier()  # rank 0 has finished writing best_model.pt
+    model.load_state_dict(read_checkpoint(best_path).weights)
+    device = dist.device
+    results: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": cfg.train.epochs, "classes": manifest.classes}
+    for split in ("val", "test"):
+        if manifest.samples(split) == 0:
+            continue
+        pred = predict_split(model, manifest, split, device, cfg.train.batch_size, cfg.train.num_workers,
+                             cfg.shards.strict)
+        if dist.is_main:
+            results[split] = write_reports(run_dir, split, pred, manifest.classes,
+                                           label_prefix="" if split == "val" else "test_",
+                                           recordings=manifest.sources(split))
+            print0(f"{split} (best epoch {best_epoch + 1}):")
+            for line in iter_metrics_lines(results[split]):
+                print0("  " + line)
+    if dist.is_main:
+        if "val" in results:
+            results["majority_baseline"] = results["val"]["chunk"]["majority_baseline"]
+        # Bad blocks or shards skipped: while training (each epoch's pass, summed) and in the final evaluation.
+        results["skipped_blocks"] = {"train": sum(h.get("skipped_blocks_train", 0) for h in history),
+                                     **{s: results[s]["skipped_blocks"] for s in ("val", "test") if s in results}}
+        seconds = [h["seconds"] for h in history]
+        where = manifest.root if "://" in manifest.root else str(Path(manifest.root).resolve())  # for `report`
+        results.update({"shards": where, "device": _device_name(device), "train_seconds": sum(seconds),
+                        "bf16_autocast": bf16_autocast,
+                        "seconds_per_epoch": sum(seconds) / max(1, len(seconds))})
+        write_json(run_dir / "metrics.json", results)
+        if history:  # after metrics.json: a picture that cannot be drawn is reported, never costs the results
+            draw(run_dir / "training_curves.png", plot_curves, history, run_dir / "training_curves.png")
+        if cfg.train.tensorboard:
+            board_confusion(run_dir)
+        report(run_dir)
+        print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
+               "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "
+               "report.html")
+    if dist.enabled:
+        barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
+    return results
+

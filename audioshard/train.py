@@ -10,7 +10,7 @@ one batch as a sanity check (fail loudly if the loss does not drop); then per ep
 train split, normalise and augment each batch on the device, step, evaluate the val split
 (chunk- and recording-level), write `history.jsonl`, `last.pt` and, when `train.select_metric`
 picks the epoch (by default the last: the end of the schedule), `best_model.pt`. At the end
-the best model is evaluated on val and test and the seed's artifacts are written. Every random
+the best model is evaluated on val and test and the run's files are written (docs/training.md lists them). Every random
 draw is seeded per epoch, so `--resume` reaches the same weights as an uninterrupted run.
 
 Under DDP `train.batch_size` is per rank: the global batch is batch_size x world size, and the
@@ -32,20 +32,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import Checkpoint, check_compatible, read_checkpoint, resume_problem
 from audioshard.config import Config, ConfigError, from_dict, validate
-from audioshard.distributed import Dist, all_reduce_sum, barrier, cleanup_distributed, print0, setup_distributed
+from audioshard.distributed import Dist, all_reduce_sum, cleanup_distributed, print0, setup_distributed
 from audioshard.errors import AudioshardError
-from audioshard.evaluate import iter_metrics_lines, predict_split, summarize, write_json, write_reports
+from audioshard.evaluate import predict_split, summarize
+from audioshard.loader import make_loader
 from audioshard.manifest import Manifest, load_manifest
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
 from audioshard.pretrained import load_init_weights
 from audioshard.progress import progress as progress_bar
-from audioshard.runfiles import NullWriter, RunWriter, board_confusion, plot_curves, report
-from audioshard.stream import ShardStream, make_loader
+from audioshard.runfiles import NullWriter, RunWriter, finalize
+from audioshard.schedule import class_weights, lr_lambda, mixup, planned_epochs, weight_average
+from audioshard.stream import ShardStream
 
 
 def _trace(path: Path, epoch: int, rank: int, steps: int, seen: list[torch.Tensor]) -> None:
@@ -58,70 +60,6 @@ def _trace(path: Path, epoch: int, rank: int, steps: int, seen: list[torch.Tenso
 
 class TrainingError(AudioshardError, RuntimeError):
     """Training cannot go on (failed sanity check, unusable data)."""
-
-
-def class_weights(manifest: Manifest) -> torch.Tensor:
-    """Inverse-frequency weights from the train split's chunk counts (mean 1 over present classes)."""
-    counts = np.array([manifest.split("train").class_counts[c] for c in manifest.classes], dtype=np.float64)
-    present = counts > 0
-    weights = np.zeros_like(counts)
-    weights[present] = counts[present].sum() / (present.sum() * counts[present])
-    return torch.tensor(weights, dtype=torch.float32)
-
-
-AUTO_EPOCHS = (5, 300)  # bounds of the automatic schedule: a cosine needs a few epochs; tiny sets need a cap,
-                        # or the per-epoch validation and start-up would cost more than the training
-
-
-def planned_epochs(cfg: Config, train_samples: int) -> int:
-    """`train.epochs`, or with 0 (auto) enough whole epochs to see `train.samples_budget` training
-    examples, within AUTO_EPOCHS: small data sets get many epochs, large ones few, at about the same cost."""
-    if cfg.train.epochs:
-        return cfg.train.epochs
-    low, high = AUTO_EPOCHS
-    return min(high, max(low, math.ceil(cfg.train.samples_budget / max(1, train_samples))))
-
-
-def lr_lambda(cfg: Config, steps_per_epoch: int):
-    """Linear warm-up for `warmup_epochs`, then constant or cosine decay to 1% at the last step."""
-    warmup = cfg.train.warmup_epochs * steps_per_epoch
-    total = max(1, cfg.train.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if cfg.train.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
-          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mix each example with another of the batch (Zhang et al. 2018): lam ~ Beta(alpha, alpha) per batch.
-
-    Returns (mixed x, the partner labels, lam); the loss is lam * CE(y) + (1 - lam) * CE(partner).
-    """
-    if alpha <= 0 or len(y) < 2:
-        return x, y, 1.0
-    lam = float(rng.beta(alpha, alpha))
-    lam = max(lam, 1 - lam)  # keep the first label dominant, so accuracy on `y` stays meaningful
-    perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
-    return lam * x + (1 - lam) * x[perm], y[perm], lam
-
-
-def weight_average(model: torch.nn.Module, cfg: Config, steps_per_epoch: int) -> AveragedModel | None:
-    """An exponential moving average of `model`'s weights and BatchNorm statistics over about
-    `train.ema_epochs` epochs (None when 0): what is evaluated and saved instead of the last step's
-    weights. Late in training the weights still wander from batch to batch, and on data unlike the
-    training set (a new speaker or device) that moves the score by several points from one epoch to
-    the next; the average sits in the middle of that wandering (Polyak averaging; as in timm's ModelEma)."""
-    if not cfg.train.ema_epochs:
-        return None
-    decay = math.exp(-1.0 / (cfg.train.ema_epochs * steps_per_epoch))  # time constant: ema_epochs of steps
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -147,7 +85,7 @@ def uses_channels_last(device: torch.device) -> bool:
 
 def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, device: torch.device, steps: int,
                  lr: float, frozen: bool = False) -> tuple[float, float]:
-    """Overfit one batch on a copy of the model (the original system's check); returns (first, last) loss."""
+    """Overfit one batch on a copy of the model (a setup that cannot, cannot learn); returns (first, last) loss."""
     probe = copy.deepcopy(model).to(device).train()
     if frozen:
         freeze_backbone(probe)
@@ -269,7 +207,8 @@ def _train(shards: str, run_dir: Path, cfg: Config, dist: Dist, resume: bool, pr
                 return _stopped(run_dir)
     except KeyboardInterrupt:
         return _stopped(run_dir)
-    return finalize(run.model, manifest, run_dir, cfg, run.history, run.best_epoch, dist)
+    return finalize(run.model, manifest, run_dir, cfg, run.history, run.best_epoch, dist,
+                    bf16_autocast=uses_bf16(cfg.train.precision, dist.device))
 
 
 def _stopped(run_dir: Path) -> dict[str, Any]:
@@ -414,9 +353,8 @@ class Run:
         # The [audio] and [features] sections saved are the build's (chunking rules, features), so `predict`
         # cuts new recordings exactly as the shards were cut, whatever the training command's own said.
         saved_config = self.cfg.to_dict()
-        built = self.manifest.data.get("config", {})
-        for section in ("audio", "features"):
-            saved_config[section] = dict(built.get(section, saved_config[section]))
+        for section, values in self.manifest.build_config().items():
+            saved_config[section] = values or saved_config[section]
         training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "history": self.history, "best_score": list(self.best), "best_epoch": self.best_epoch,
                     "rng": {"torch": torch.get_rng_state()}}
@@ -636,58 +574,3 @@ def _validate(run: Run, record: dict[str, Any]) -> dict[str, Any]:
     record.update({"val_loss": metrics["loss"], "val_accuracy": metrics["chunk"]["accuracy"],
                    "val_macro_f1": metrics["chunk"]["macro_f1"], "val_clip_macro_f1": metrics["clip"]["macro_f1"]})
     return metrics
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (cuda)"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
-def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
-             best_epoch: int, dist: Dist) -> dict[str, Any]:
-    """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
-    best_path = run_dir / "best_model.pt"
-    if dist.enabled:
-        barrier()  # rank 0 has finished writing best_model.pt
-    model.load_state_dict(read_checkpoint(best_path).weights)
-    device = dist.device
-    results: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": cfg.train.epochs, "classes": manifest.classes}
-    for split in ("val", "test"):
-        if manifest.samples(split) == 0:
-            continue
-        pred = predict_split(model, manifest, split, device, cfg.train.batch_size, cfg.train.num_workers,
-                             cfg.shards.strict)
-        if dist.is_main:
-            results[split] = write_reports(run_dir, split, pred, manifest.classes,
-                                           label_prefix="" if split == "val" else "test_",
-                                           recordings=manifest.sources(split))
-            print0(f"{split} (best epoch {best_epoch + 1}):")
-            for line in iter_metrics_lines(results[split]):
-                print0("  " + line)
-    if dist.is_main:
-        if "val" in results:
-            results["majority_baseline"] = results["val"]["chunk"]["majority_baseline"]
-        # Bad blocks or shards skipped: while training (each epoch's pass, summed) and in the final evaluation.
-        results["skipped_blocks"] = {"train": sum(h.get("skipped_blocks_train", 0) for h in history),
-                                     **{s: results[s]["skipped_blocks"] for s in ("val", "test") if s in results}}
-        seconds = [h["seconds"] for h in history]
-        where = manifest.root if "://" in manifest.root else str(Path(manifest.root).resolve())  # for `report`
-        results.update({"shards": where, "device": _device_name(device), "train_seconds": sum(seconds),
-                        "bf16_autocast": uses_bf16(cfg.train.precision, device),
-                        "seconds_per_epoch": sum(seconds) / max(1, len(seconds))})
-        write_json(run_dir / "metrics.json", results)
-        if history:  # after metrics.json: a picture that cannot be drawn is reported, never costs the results
-            from audioshard.evaluate import draw
-
-            draw(run_dir / "training_curves.png", plot_curves, history, run_dir / "training_curves.png")
-        if cfg.train.tensorboard:
-            board_confusion(run_dir)
-        report(run_dir)
-        print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
-               "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "
-               "report.html")
-    if dist.enabled:
-        barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
-    return results
-

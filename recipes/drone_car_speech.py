@@ -3,7 +3,7 @@
     .venv/bin/python recipes/drone_car_speech.py [--work /tmp/dcs] [--seeds 0 1 2]
 
 Builds the shards once per `split.seed` (grouped by recording, stratified by class), trains the
-default model (`cnn6`) and the original network (`seed_cnn`) with the default config, evaluates
+default model (`cnn6`) and the small plain CNN (`seed_cnn`) with the default config, evaluates
 the best checkpoint on the test split, and writes `recipes/results/drone_car_speech.csv` (one row
 per model, seed and level) and a Markdown summary beside it. Minutes per training: README, Results.
 """

@@ -21,9 +21,10 @@ import torch
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import read_checkpoint
 from audioshard.evaluate import predict_split, scores
+from audioshard.loader import make_loader
 from audioshard.manifest import Manifest, load_manifest
 from audioshard.models import adapt_batchnorm
-from audioshard.stream import ShardStream, make_loader
+from audioshard.stream import ShardStream
 
 RULES = ("logits", "prob", "maxprob")
 

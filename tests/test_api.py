@@ -10,13 +10,13 @@ import audioshard
 
 
 def test_every_public_name_resolves_to_its_module_attribute():
-    from audioshard import build, interop, manifest, predict, stream, train
+    from audioshard import build, interop, loader, manifest, predict, train
 
     assert audioshard.__all__ == sorted(audioshard.__all__)
     for name in audioshard.__all__:
         assert getattr(audioshard, name) is not None, name
     assert audioshard.train_model is train.train
-    assert audioshard.open_shards is stream.open_shards
+    assert audioshard.open_shards is loader.open_shards
     assert audioshard.build_shards is build.build_shards
     assert audioshard.load_manifest is manifest.load_manifest
     assert audioshard.Predictor is predict.Predictor

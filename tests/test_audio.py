@@ -6,7 +6,7 @@ import pytest
 import soundfile as sf
 from conftest import DCS
 
-from audioshard.audio import AudioError, ChunkRules, choppinator, chunk_starts, decode, load, peak_amplitude
+from audioshard.audio import AudioError, ChunkRules, chunk_starts, cut_chunks, decode, load, peak_amplitude
 from audioshard.config import Config, load_config
 from audioshard.features import FeatureParams, log_mel
 
@@ -141,11 +141,11 @@ def test_chunk_policies():
     assert chunk_starts(0, 2000, 2000, 0.5, "pad") == []
 
 
-def test_choppinator_pads_and_repeats():
+def test_cut_chunks_pads_and_repeats():
     clip = np.arange(1, 501, dtype=np.float32)  # 0.5 s at 1 kHz
-    padded, starts = choppinator(clip, ChunkRules(1000, 2.0, short_clip="pad"))
+    padded, starts = cut_chunks(clip, ChunkRules(1000, 2.0, short_clip="pad"))
     assert padded.shape == (1, 2000) and padded[0, 499] == 500 and padded[0, 500:].max() == 0 and starts[0] == 0
-    repeated, _ = choppinator(clip, ChunkRules(1000, 2.0, short_clip="repeat"))
+    repeated, _ = cut_chunks(clip, ChunkRules(1000, 2.0, short_clip="repeat"))
     assert repeated[0, 500] == 1 and repeated[0, 1999] == 500
 
 

@@ -3,8 +3,9 @@ import torch
 
 from audioshard.augment import BatchTransform, SpecAugment, mel_band_centres, warp
 from audioshard.features import FeatureParams
+from audioshard.loader import open_shards
 from audioshard.manifest import load_manifest
-from audioshard.stream import Batch, ShardStream, open_shards
+from audioshard.stream import Batch, ShardStream
 
 
 def ones_batch(n=8, mels=64, frames=63) -> Batch:

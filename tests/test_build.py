@@ -307,8 +307,9 @@ def test_split_is_grouped_stratified_and_seeded():
 
 def test_manifest_records_what_is_needed(real_build):
     data = json.loads((real_build / "manifest.json").read_text())
-    assert data["format_version"] == 2 and data["features"]["n_mels"] == 64
-    assert data["normalization"]["std"] > 0 and data["config"]["audio"]["sample_rate"] == 16000
+    assert data["format_version"] == 3 and data["features"]["n_mels"] == 64
+    assert data["normalization"]["std"] > 0 and data["features"]["sample_rate"] == 16000
+    assert "sample_rate" not in data["config"]["audio"]  # recorded once, in `features`
 
 
 def test_parts_and_merge_equal_a_one_shot_build(tmp_path):

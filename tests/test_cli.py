@@ -68,7 +68,7 @@ def test_every_stage_error_is_an_audioshard_error_and_keeps_its_builtin_base():
     from audioshard.models import AdaptError
     from audioshard.predict import PredictError
     from audioshard.remote import IntegrityError, SourceError
-    from audioshard.stream import ShardDataError
+    from audioshard.shardfile import ShardDataError
     from audioshard.train import TrainingError
 
     for error in (AcquireError, AudioError, BuildError, CheckpointError, ConfigError, ExportError, ManifestError,

@@ -36,7 +36,8 @@ from audioshard.config import ConfigError, load_config
 from audioshard.info import verify_build
 from audioshard.manifest import ManifestError, load_manifest, sha256_file
 from audioshard.remote import Fetcher, SourceError
-from audioshard.stream import ShardDataError, ShardStream, decode_block
+from audioshard.shardfile import ShardDataError, decode_block
+from audioshard.stream import ShardStream
 from audioshard.train import train
 
 
@@ -358,7 +359,7 @@ def test_chunk_longer_than_every_clip_is_explained(tmp_path):
 
 def test_more_workers_than_shards_still_reads_everything_once(real_build):
     manifest = load_manifest(real_build)
-    from audioshard.stream import make_loader
+    from audioshard.loader import make_loader
 
     loader = make_loader(ShardStream(manifest, "val", 4), num_workers=4)  # val has fewer shards than 4
     assert len(manifest.shards("val")) < 4

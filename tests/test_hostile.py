@@ -44,7 +44,8 @@ from audioshard.info import format_info
 from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher
 from audioshard.serve import serving
-from audioshard.stream import ShardDataError, ShardStream, decode_npy, member_limits
+from audioshard.shardfile import ShardDataError, decode_npy, member_limits
+from audioshard.stream import ShardStream
 from audioshard.train import train
 
 GIB = 1 << 30

@@ -28,7 +28,7 @@ from audioshard.build import build_shards
 from audioshard.config import MAXIMUM, Config, ConfigError, load_config
 from audioshard.manifest import load_manifest
 from audioshard.serve import serving
-from audioshard.stream import ShardDataError
+from audioshard.shardfile import ShardDataError
 from audioshard.termsafe import printable
 from audioshard.train import train
 

@@ -14,7 +14,8 @@ from audioshard.info import check_pipeline, format_info
 from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher, SourceError
 from audioshard.serve import serving
-from audioshard.stream import ReadTask, ShardDataError, ShardStream, opened_ahead
+from audioshard.shardfile import ShardDataError
+from audioshard.stream import ReadTask, ShardStream, opened_ahead
 from audioshard.train import train
 
 FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)

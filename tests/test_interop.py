@@ -7,7 +7,8 @@ import webdataset as wds
 import audioshard
 from audioshard.interop import unblock_batch
 from audioshard.manifest import load_manifest
-from audioshard.stream import ShardDataError, ShardStream
+from audioshard.shardfile import ShardDataError
+from audioshard.stream import ShardStream
 
 
 def stream_chunks(build, split):

@@ -14,6 +14,7 @@ from audioshard.assemble import SplitTally, TrainStats, build_manifest, write_li
 from audioshard.config import load_config
 from audioshard.evaluate import evaluate_checkpoint
 from audioshard.info import format_info, verify_build
+from audioshard.loader import make_loader
 from audioshard.manifest import (
     MANIFEST_NAME,
     MAX_LIST_BYTES,
@@ -25,7 +26,7 @@ from audioshard.manifest import (
 from audioshard.names import SPLITS
 from audioshard.remote import Fetcher
 from audioshard.report import _softmax, write_report
-from audioshard.stream import ShardStream, make_loader
+from audioshard.stream import ShardStream
 from audioshard.train import train
 
 FAST = Fetcher(timeout=2.0, retries=1, backoff=0.05)
@@ -152,13 +153,27 @@ def test_a_version_1_build_still_loads_and_evaluates(run_without_lists, real_bui
     build = copy_build(real_build, tmp_path)
     as_version_1(build)
     old, new = load_manifest(build), load_manifest(real_build)
-    assert old.format_version == 1 and new.format_version == 2
+    assert old.format_version == 1 and new.format_version == 3
     assert [list(old.sources(s)) for s in SPLITS] == [list(new.sources(s)) for s in SPLITS]
     assert old.skipped == new.skipped and old.provenance == new.provenance
     assert "format v1" in format_info(old, str(build), verbose=True)
     checkpoint = run_without_lists[1] / "best_model.pt"
     assert evaluate_checkpoint(checkpoint, str(build), "val", tmp_path / "v1")["chunk"] == \
         evaluate_checkpoint(checkpoint, str(real_build), "val", tmp_path / "v2")["chunk"]
+
+
+def test_a_version_2_build_with_its_whole_config_still_loads_and_gives_the_same_build_settings(real_build, tmp_path):
+    """Format 3 records each build setting once (the chunking in `features`, nothing of [train]); a format-2
+    manifest, which held the whole config, still loads and gives the same [audio] and [features] settings."""
+    new = load_manifest(real_build)
+    assert set(new.data["config"]) == {"audio", "split", "shards"}
+    assert "chunk_seconds" not in new.data["config"]["audio"] and new.features.chunk_seconds == 2.0
+    build = copy_build(real_build, tmp_path)
+    whole = load_config(overrides=["features.f_max=8000"]).to_dict()  # the resolved f_max, as format 3 gives it
+    (build / MANIFEST_NAME).write_text(json.dumps({**new.data, "format_version": 2, "config": whole}))
+    old = load_manifest(build)
+    assert old.format_version == 2 and old.build_config() == new.build_config()
+    assert old.build_config()["audio"]["chunk_seconds"] == 2.0 and old.build_config()["features"]["n_mels"] == 64
 
 
 @pytest.mark.parametrize("change", ["one byte", "truncated", "longer"])

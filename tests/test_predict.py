@@ -22,7 +22,7 @@ from audioshard.audio import (
     ChunkReader,
     ChunkRules,
     StreamingResampler,
-    choppinator,
+    cut_chunks,
     load,
     resample,
     silent_chunks,
@@ -79,14 +79,14 @@ def test_streaming_resampler_equals_whole_file_resampling(rates):
                                                  (1.2, "pad"), (1.3, "pad"), (3.0, "pad"), (3.37, "pad")])
 @pytest.mark.parametrize("rate", [8000, 22050])
 @pytest.mark.parametrize("hop", [0.0, 0.25, 0.2])
-def test_chunk_reader_cuts_what_choppinator_cuts(tmp_path, seconds, short_clip, rate, hop):
+def test_chunk_reader_cuts_what_cut_chunks_cuts(tmp_path, seconds, short_clip, rate, hop):
     """Blocks of 2 chunks of 0.5 s at 8 kHz, back to back or overlapping: full chunks, the kept or dropped
     tail, short clips -- as at build time."""
     path = tmp_path / "clip.wav"
     rng = np.random.default_rng(rate)
     sf.write(path, (0.1 * rng.standard_normal((int(seconds * rate), 2))).astype(np.float32), rate, subtype="FLOAT")
     rules = ChunkRules(8000, 0.5, hop_seconds=hop, min_fraction=0.5, short_clip=short_clip)
-    want, want_starts = choppinator(load(path, 8000), rules)
+    want, want_starts = cut_chunks(load(path, 8000), rules)
     reader = ChunkReader(path, rules, block_chunks=2)
     if len(want) == 0:
         with pytest.raises(AudioError, match="shorter than one chunk"):
@@ -168,7 +168,7 @@ def test_other_formats_rates_and_channels_match_the_build_path(checkpoint, tmp_p
                     str(tmp_path / "drone.m4a")], check=True)
     predictor = Predictor(checkpoint, device="cpu", batch_size=3)
     for name in ("stereo.flac", "drone.m4a"):
-        chunks, _ = choppinator(load(tmp_path / name, params.sample_rate), predictor.rules)
+        chunks, _ = cut_chunks(load(tmp_path / name, params.sample_rate), predictor.rules)
         got = np.concatenate([m for m, _ in predictor.features(tmp_path / name)])
         assert_same_features(got, log_mel(chunks, params))
         assert predictor.predict_file(tmp_path / name).source_rate in (44100, 22050)

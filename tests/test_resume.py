@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from audioshard.checkpoint import read_checkpoint
-from audioshard.stream import open_shards, resume_plan
+from audioshard.loader import open_shards
+from audioshard.stream import resume_plan
 
 
 def fingerprint(batch) -> tuple:

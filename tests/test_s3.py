@@ -15,7 +15,8 @@ from audioshard.evaluate import evaluate_checkpoint
 from audioshard.info import format_info
 from audioshard.manifest import ManifestError, load_manifest
 from audioshard.remote import Fetcher, SourceError
-from audioshard.stream import ShardDataError, ShardStream
+from audioshard.shardfile import ShardDataError
+from audioshard.stream import ShardStream
 from audioshard.train import train
 
 FAST = Fetcher(timeout=2.0, retries=2, backoff=0.05)

@@ -232,10 +232,10 @@ def model_input_norm(model, x):
 
 
 def test_adapting_needs_batchnorm_and_data():
-    from audioshard.models import AdaptError, SeedCNN, adapt_batchnorm, build_model
+    from audioshard.models import AdaptError, SmallCNN, adapt_batchnorm, build_model
 
     with pytest.raises(AdaptError, match="no BatchNorm"):
-        adapt_batchnorm(SeedCNN(3), [torch.zeros(4, 1, 64, 63)])
+        adapt_batchnorm(SmallCNN(3), [torch.zeros(4, 1, 64, 63)])
     model = build_model({"name": "cnn6", "num_classes": 3, "width": 8, "dropout": 0.2})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdaptError, match="no examples"):
@@ -253,7 +253,7 @@ def test_evaluate_with_adapt_on_real_shards(full_run, real_build, tmp_path):
 
 
 def test_automatic_schedule_scales_epochs_with_the_train_split_and_an_explicit_value_wins():
-    from audioshard.train import AUTO_EPOCHS, planned_epochs
+    from audioshard.schedule import AUTO_EPOCHS, planned_epochs
 
     cfg = load_config(overrides=["train.samples_budget=400000"])
     assert cfg.train.epochs == 0  # the default is the automatic schedule
@@ -271,7 +271,7 @@ def test_automatic_schedule_is_recorded_in_the_run(real_build, tmp_path):
     run = tmp_path / "auto"
     metrics = train(str(real_build), run, load_config(overrides=[*overrides, f"train.samples_budget={budget}",
                                                                  "train.sanity_steps=0"]), progress=False)
-    from audioshard.train import AUTO_EPOCHS
+    from audioshard.schedule import AUTO_EPOCHS
 
     assert metrics["epochs"] == AUTO_EPOCHS[0] == len(history(run))  # 3 < the floor of 5
     assert "epochs = 5" in (run / "config.toml").read_text()  # the resolved number, not 0

@@ -1,4 +1,4 @@
-"""The record of verified local shards (remote.VerifiedRecord): a shard is hashed until it has passed once,
+"""The record of verified local shards (localfile.VerifiedRecord): a shard is hashed until it has passed once,
 then read without hashing while it is unchanged; any change to the file brings the hash back, and
 `audioshard verify` never trusts the record."""
 
@@ -12,8 +12,9 @@ import pytest
 from conftest import copy_build
 
 from audioshard.info import verify_build
+from audioshard.localfile import VERIFIED, VerifiedRecord
 from audioshard.manifest import load_manifest
-from audioshard.remote import VERIFIED, Fetcher, IntegrityError, VerifiedRecord
+from audioshard.remote import Fetcher, IntegrityError
 from audioshard.stream import ShardStream
 
 WRONG = "0" * 64

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 
 from audioshard.augment import BatchTransform
 from audioshard.config import AugmentConfig
+from audioshard.loader import make_loader
 from audioshard.manifest import load_manifest
 from audioshard.models import build_model, model_args
-from audioshard.stream import ShardStream, make_loader
+from audioshard.stream import ShardStream
 
 
 def sync(device: torch.device) -> None:

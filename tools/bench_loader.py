@@ -368,7 +368,7 @@ def _augment_config():
 
 def loader_audioshard_worker_aug(work: Path, info: dict, workers: int, source: str | None = None):
     """The library path (`open_shards`): normalise + augment each batch inside the loader worker."""
-    from audioshard.stream import open_shards
+    from audioshard.loader import open_shards
 
     return open_shards(source or str(work / "audioshard"), "train", batch_size=BATCH, num_workers=workers,
                        augment_config=_augment_config())
@@ -377,8 +377,9 @@ def loader_audioshard_worker_aug(work: Path, info: dict, workers: int, source: s
 def loader_audioshard_stream(work: Path, info: dict, workers: int, source: str | None = None,
                              persistent: bool = False):
     """Streaming alone (read, check, shuffle, batch float16), no normalisation or augmentation."""
+    from audioshard.loader import make_loader
     from audioshard.manifest import load_manifest
-    from audioshard.stream import ShardStream, make_loader
+    from audioshard.stream import ShardStream
 
     manifest = load_manifest(source or str(work / "audioshard"))
     return make_loader(ShardStream(manifest, "train", BATCH, shuffle=True), num_workers=workers,
@@ -389,8 +390,9 @@ def loader_audioshard(work: Path, info: dict, workers: int, source: str | None =
     """The `audioshard train` path: workers read and shuffle float16 batches; the consumer normalises
     and augments each whole batch where it trains (here the main process's CPU; a GPU in real runs)."""
     from audioshard.augment import BatchTransform
+    from audioshard.loader import make_loader
     from audioshard.manifest import load_manifest
-    from audioshard.stream import ShardStream, make_loader
+    from audioshard.stream import ShardStream
 
     manifest = load_manifest(source or str(work / "audioshard"))
     transform = BatchTransform.from_manifest(manifest, _augment_config())

@@ -46,7 +46,7 @@ AUDIO = (".wav", ".flac", ".ogg", ".mp3")
 FIRST_BATCH = """
 import resource, sys, time
 t = time.monotonic()
-from audioshard.stream import open_shards
+from audioshard.loader import open_shards
 loader = open_shards(sys.argv[1], "train", batch_size=64, num_workers=2)
 batches = iter(loader)
 next(batches)

@@ -1,0 +1,81 @@
+"""The training recipe's numbers, as functions of the config and the data: how many epochs, the
+learning-rate curve, class weights, mixup and the weight average that is evaluated and saved.
+
+Kept apart from the loop (`train.py`) because each is a small decision with its own reasons and tests,
+and a user reading why a run behaves as it does should find them in one place.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from audioshard.config import Config
+from audioshard.manifest import Manifest
+
+
+def class_weights(manifest: Manifest) -> torch.Tensor:
+    """Inverse-frequency weights from the train split's chunk counts (mean 1 over present classes)."""
+    counts = np.array([manifest.split("train").class_counts[c] for c in manifest.classes], dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts[present].sum() / (present.sum() * counts[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+AUTO_EPOCHS = (5, 300)  # bounds of the automatic schedule: a cosine needs a few epochs; tiny sets need a cap,
+                        # or the per-epoch validation and start-up would cost more than the training
+
+
+def planned_epochs(cfg: Config, train_samples: int) -> int:
+    """`train.epochs`, or with 0 (auto) enough whole epochs to see `train.samples_budget` training
+    examples, within AUTO_EPOCHS: small data sets get many epochs, large ones few, at about the same cost."""
+    if cfg.train.epochs:
+        return cfg.train.epochs
+    low, high = AUTO_EPOCHS
+    return min(high, max(low, math.ceil(cfg.train.samples_budget / max(1, train_samples))))
+
+
+def lr_lambda(cfg: Config, steps_per_epoch: int):
+    """Linear warm-up for `warmup_epochs`, then constant or cosine decay to 1% at the last step."""
+    warmup = cfg.train.warmup_epochs * steps_per_epoch
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix each example with another of the batch (Zhang et al. 2018): lam ~ Beta(alpha, alpha) per batch.
+
+    Returns (mixed x, the partner labels, lam); the loss is lam * CE(y) + (1 - lam) * CE(partner).
+    """
+    if alpha <= 0 or len(y) < 2:
+        return x, y, 1.0
+    lam = float(rng.beta(alpha, alpha))
+    lam = max(lam, 1 - lam)  # keep the first label dominant, so accuracy on `y` stays meaningful
+    perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
+    return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
+def weight_average(model: torch.nn.Module, cfg: Config, steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics over about
+    `train.ema_epochs` epochs (None when 0): what is evaluated and saved instead of the last step's
+    weights. Late in training the weights still wander from batch to batch, and on data unlike the
+    training set (a new speaker or device) that moves the score by several points from one epoch to
+    the next; the average sits in the middle of that wandering (Polyak averaging; as in timm's ModelEma)."""
+    if not cfg.train.ema_epochs:
+        return None
+    decay = math.exp(-1.0 / (cfg.train.ema_epochs * steps_per_epoch))  # time constant: ema_epochs of steps
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
