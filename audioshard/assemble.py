@@ -4,6 +4,7 @@ and one manifest over the manifests of part builds (`build --merge`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -174,13 +175,12 @@ def merge_manifests(out_dir: Path) -> dict[str, Any]:
     if not train.n:
         raise BuildError(f"{out_dir}: nothing usable in the training split of any part")
     skipped = write_list_file(out_dir, SKIPPED_NAME, (row for _, part in parts for row in part.skipped))
-    manifest = {**first, "fingerprint": first["part"]["job"], "splits": splits,
-                "normalization": train.normalization(), "train_stats": train.to_dict(),
-                "skipped_file": skipped.to_dict(),
-                "warnings": sorted({w for _, part in parts for w in part.warnings}),
-                "merged_from": [folder for folder, _ in parts]}
-    manifest.pop("part")
-    return manifest
+    norm, record = train.normalization(), parts[0][1].record
+    return dataclasses.replace(record, fingerprint=record.part["job"], part=None, mean=norm["mean"], std=norm["std"],
+                               splits={name: SplitInfo.from_dict(info) for name, info in splits.items()},
+                               train_stats=train.to_dict(), skipped_file=skipped,
+                               warnings=sorted({w for _, part in parts for w in part.warnings}),
+                               merged_from=[folder for folder, _ in parts]).to_dict()
 
 
 def _finished_parts(out_dir: Path) -> list[tuple[str, Manifest]]:

@@ -1,7 +1,8 @@
 """Build shards once: raw audio -> chunks -> log-mel -> leak-free split -> WebDataset tars + manifest.
 
     audioshard build RAW_DIR --out shards/            # one subfolder per class
-    audioshard build files.csv --out shards/          # columns path,label[,group][,split]
+    audioshard build files.csv --out shards/          # columns path,label[,group][,split]; paths or URLs
+    audioshard build s3://bucket/raw/ --out s3://bucket/shards/   # inputs and outputs in an object store
 
 Each tar member group ("block") holds up to `shards.block_size` chunks as one array per field
 (`mel.npy` float16 (N, n_mels, frames), `label.npy` int16, `source.npy` int32 index into the
@@ -13,8 +14,6 @@ files stay standard tars that webdataset reads. Output is byte-identical for any
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -22,13 +21,13 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from audioshard import sources as urls
 from audioshard.assemble import (
     SplitTally,
     TrainStats,
@@ -40,8 +39,9 @@ from audioshard.assemble import (
 )
 from audioshard.audio import AudioError, ChunkRules, cut_chunks, load, peak_amplitude, silent_chunks
 from audioshard.config import Config
-from audioshard.errors import BuildError
+from audioshard.errors import BuildError, SourceError
 from audioshard.features import FeatureParams, log_mel
+from audioshard.inputs import Discovery, check_usable, discover  # noqa: F401 - discover is build's API too
 from audioshard.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -53,172 +53,13 @@ from audioshard.manifest import (
 from audioshard.names import SPLITS
 from audioshard.parallel import ordered_map
 from audioshard.progress import progress as progress_bar
-from audioshard.split import Source, group_of, split_sources
+from audioshard.sources import RemoteSource
+from audioshard.split import Source, split_sources
+from audioshard.upload import Published, is_store_url, publish_build
 from audioshard.writer import SplitWriter
 
 MARKER_NAME = ".audioshard-build"
 STAGING_NAME = ".staging"  # a build writes here first; shards move into place only when all are written
-
-
-@dataclass
-class Discovery:
-    """What `discover` found in the input: usable sources, skipped files and ignored ones."""
-
-    sources: list[Source]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    ignored: Counter = field(default_factory=Counter)
-    warnings: list[str] = field(default_factory=list)
-
-
-def _files_under(folder: str, found: Discovery) -> list[tuple[str, ...]]:
-    """Every file below `folder` as a tuple of path parts relative to it, sorted the way pathlib sorts
-    paths. Symlinks to files count; symlinked folders are not entered (as `Path.rglob`). Broken
-    links are counted in `found.ignored`, folders that cannot be read named in `found.warnings`.
-
-    One `os.scandir` per folder instead of `rglob` + `is_file` + `resolve` per file: the directory
-    entries already say what is a file, and every build spends this time before any worker can start."""
-    files: list[tuple[str, ...]] = []
-    pending: list[tuple[str, ...]] = [()]
-    while pending:
-        parts = pending.pop()
-        where = os.path.join(folder, *parts)
-        try:
-            with os.scandir(where) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append((*parts, entry.name))
-                    elif entry.is_file():  # follows a symlink
-                        files.append((*parts, entry.name))
-                    elif entry.is_symlink() and not entry.is_dir():  # points at nothing (or at nothing readable)
-                        found.ignored["broken symlinks"] += 1
-        except OSError as exn:  # e.g. no permission: say so, since its files would silently be missing
-            found.warnings.append(f"folder {where} could not be read ({exn.strerror or exn}); its files are "
-                                  "left out. Fix its permissions and build again")
-    return sorted(files)
-
-
-def discover(input_path: str | Path, cfg: Config) -> Discovery:
-    """List the recordings of a class-per-folder tree or a CSV manifest.
-
-    Hidden files/folders and files without an audio extension are ignored and counted; class
-    folders with no audio file are reported and left out.
-    """
-    input_path = Path(input_path)
-    if input_path.is_file() and input_path.suffix.lower() == ".csv":
-        return _discover_csv(input_path, cfg)
-    if not input_path.is_dir():
-        raise BuildError(f"{input_path}: not a folder or a .csv file. Give a folder with one subfolder per class "
-                         "(e.g. raw/drone/*.wav, raw/car/*.wav) or a CSV with columns path,label")
-    extensions = {e.lower() for e in cfg.audio.extensions}
-    found = Discovery(sources=[])
-    root = str(input_path.resolve())
-    with os.scandir(root) as entries:
-        top = sorted(entries, key=lambda entry: entry.name)
-    class_names = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
-    outside = sum(1 for e in top if e.is_file() and e.name != "sources.csv")
-    if outside:
-        found.ignored["files outside class folders"] = outside
-    if not class_names:
-        raise BuildError(f"{input_path}: no class subfolders. Put each class's recordings in its own folder, "
-                         "e.g. raw/drone/*.wav and raw/car/*.wav, or pass a CSV with columns path,label")
-    for name in class_names:
-        count = 0
-        for parts in _files_under(os.path.join(root, name), found):
-            suffix = os.path.splitext(parts[-1])[1].rstrip(".")  # as Path.suffix: "a." has none
-            if any(part.startswith(".") for part in parts):
-                found.ignored["hidden files"] += 1
-            elif suffix.lower() not in extensions:
-                found.ignored[f"non-audio files ({suffix or 'no extension'})"] += 1
-            else:
-                rel = "/".join((name, *parts))
-                found.sources.append(Source(os.path.join(root, name, *parts), rel, name,
-                                            group_of(rel, cfg.split.group_regex)))
-                count += 1
-        if count == 0:
-            found.warnings.append(f"class folder {input_path / name} has no audio files (extensions: "
-                                  f"{', '.join(sorted(extensions))}); class {name!r} is left out")
-    if not cfg.split.group_regex:
-        found.sources = _group_by_origin(input_path, found.sources)
-    return found
-
-
-def _group_by_origin(input_path: Path, sources: list[Source]) -> list[Source]:
-    """Files fetched from one video (several segments of it) form one group, per RAW/sources.csv,
-    so that no recording straddles two splits."""
-    listing = input_path / "sources.csv"
-    if not listing.is_file():
-        return sources
-    with open(listing, newline="", encoding="utf-8-sig") as stream:
-        origin = {row["path"]: f"{row.get('extractor', '')}:{row['id']}" for row in csv.DictReader(stream)
-                  if row.get("path") and row.get("id")}
-    return [dataclasses.replace(s, group=origin[s.rel]) if s.rel in origin else s for s in sources]
-
-
-def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
-    """The rows of a CSV manifest. Rows naming a file outside the CSV's folder (after `..` and links) are refused
-    unless `shards.csv_allow_outside` is set: a CSV from someone else must not pull other files of this machine
-    into a build that may be published. That test comes first and needs no file, so the skip reasons do not tell
-    which paths outside exist."""
-    found = Discovery(sources=[])
-    lines: list[int] = []  # the CSV line of each source
-    folder, outside = Path(os.path.realpath(csv_path.parent)), 0
-    with open(csv_path, newline="", encoding="utf-8-sig") as stream:
-        reader = csv.DictReader(stream)
-        columns = set(reader.fieldnames or [])
-        if not {"path", "label"} <= columns:
-            raise BuildError(f"{csv_path}: needs columns 'path' and 'label' (optional 'group', 'split'); "
-                             f"found {sorted(columns)}")
-        for line, row in enumerate(reader, start=2):
-            rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-            split = (row.get("split") or "").strip() or None
-            if not rel or not label:
-                found.skipped.append({"path": rel or f"{csv_path.name}:{line}",
-                                      "reason": f"{csv_path.name} line {line}: empty path or label"})
-                continue
-            if split is not None and split not in SPLITS:
-                found.skipped.append({"path": rel, "reason": f"{csv_path.name} line {line}: split {split!r} is not "
-                                      f"one of {', '.join(SPLITS)}"})
-                continue
-            path = Path(rel) if Path(rel).is_absolute() else csv_path.parent / rel
-            if not cfg.shards.csv_allow_outside and not Path(os.path.realpath(path)).is_relative_to(folder):
-                outside += 1
-                found.skipped.append({"path": rel, "reason": f"{csv_path.name} line {line}: outside the CSV's folder; "
-                                      "refused (shards.csv_allow_outside = true uses such rows)"})
-                continue
-            if not path.is_file():
-                found.skipped.append({"path": rel, "reason": f"{csv_path.name} line {line}: file not found ({path})"})
-                continue
-            group = (row.get("group") or "").strip() or group_of(rel, cfg.split.group_regex)
-            found.sources.append(Source(str(path.resolve()), rel, label, group, split))
-            lines.append(line)
-    if outside:
-        found.warnings.append(f"{outside} rows of {csv_path.name} name files outside its folder {folder} and were "
-                              "refused (a CSV must not pull in other files of this machine); if the CSV is yours, "
-                              "set shards.csv_allow_outside = true (--set shards.csv_allow_outside=true)")
-    return _drop_duplicates(found, lines, csv_path.name)
-
-
-def _drop_duplicates(found: Discovery, lines: list[int], name: str) -> Discovery:
-    """One recording listed twice is used once; listed with two labels it is not used at all (which label
-    is right is for the CSV's author to say). Each dropped row is reported with its line."""
-    first: dict[str, tuple[int, Source]] = {}
-    labels: dict[str, set[str]] = {}
-    for line, source in zip(lines, found.sources, strict=True):
-        first.setdefault(source.path, (line, source))
-        labels.setdefault(source.path, set()).add(source.label)
-    kept = []
-    for line, source in zip(lines, found.sources, strict=True):
-        first_line = first[source.path][0]
-        if len(labels[source.path]) > 1:
-            found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file is listed with "
-                                  f"labels {', '.join(sorted(labels[source.path]))}; give it one label"})
-        elif first_line != line:
-            found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file as line "
-                                  f"{first_line} (used once)"})
-        else:
-            kept.append(source)
-    found.sources = kept
-    return found
 
 
 @dataclass
@@ -281,8 +122,8 @@ def process_files(sources: list[tuple[Source, bool]], cfg: Config) -> list[FileR
 def _decode_and_cut(source: Source, cfg: Config, params: FeatureParams) -> tuple[FileResult, np.ndarray | None]:
     """One file's chunks (C, chunk_samples) and its result so far, or the result saying why it is skipped."""
     try:
-        samples = load(source.path, params.sample_rate)
-    except AudioError as exn:
+        samples = _load(source, cfg, params.sample_rate)
+    except (AudioError, SourceError) as exn:  # SourceError: a URL input that could not be downloaded
         return FileResult(source.rel, error=str(exn)), None
     except Exception as exn:  # noqa: BLE001 - a decoder bug on one odd file must not end a long build
         return FileResult(source.rel, error=f"{source.rel}: could not be decoded ({type(exn).__name__}: {exn}); "
@@ -309,37 +150,61 @@ def _decode_and_cut(source: Source, cfg: Config, params: FeatureParams) -> tuple
     return FileResult(source.rel, starts=starts.astype(np.float32), seconds=seconds, silent_chunks=dropped), chunks
 
 
+def _load(source: Source, cfg: Config, sample_rate: int) -> np.ndarray:
+    """A local file decoded in place; a URL input downloaded into a temporary file with its suffix and decoded
+    the same way (the same bytes give the same samples), its errors naming the URL."""
+    if not isinstance(source, RemoteSource):
+        return load(source.path, sample_rate)
+    with urls.local_copy(source, cfg.fetcher()) as path:
+        try:
+            return load(path, sample_rate)
+        except AudioError as exn:
+            raise AudioError(str(exn).replace(str(path), source.path)) from None
+
+
 @dataclass
 class BuildResult:
-    out_dir: Path
+    out_dir: Path | str
     manifest: dict[str, Any]
     up_to_date: bool = False
+    published: Published | None = None  # what went up, when --out is an object store
 
 
 def _job_id(sources: list[Source], cfg: Config) -> str:
     """What a build is made of, the same on every machine: the settings that shape the output and each input's
     name, label, group, split and size. Part builds of one job carry it, and only parts with the same one merge:
     copies of the input made at different times (a download, `aws s3 sync`) are the same job."""
-    settings = cfg.to_dict()
-    settings["shards"] = {k: settings["shards"][k] for k in ("block_size", "chunks_per_shard")}  # what shapes output
-    settings = {k: settings[k] for k in ("audio", "features", "split", "shards")}
-    files = [(s.rel, s.label, s.group, s.split, os.stat(s.path).st_size) for s in sources]
-    blob = json.dumps({"settings": settings, "files": files, "format": FORMAT_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _digest([_identity(s, times=False) for s in sources], cfg)
 
 
 def _fingerprint(sources: list[Source], cfg: Config) -> str:
     """The job's inputs and settings and when each input was last written here, so a re-run with nothing
     changed does nothing and a file edited in place (same size) is built again."""
+    return _digest([_identity(s, times=True) for s in sources], cfg)
+
+
+def _identity(source: Source, times: bool) -> tuple:
+    """One input as the job id (`times` False) and the fingerprint see it. A URL input: its name, label, group,
+    split, size, ETag and URL; the store's ETag stands in for the content (a copy keeps no modification time
+    there, and a changed object gets a new ETag)."""
+    if isinstance(source, RemoteSource):
+        return source.rel, source.label, source.group, source.split, source.size, source.etag, source.path
+    stat = os.stat(source.path)
+    head = (source.rel, source.label, source.group, source.split, stat.st_size)
+    return (*head, stat.st_mtime_ns) if times else head
+
+
+def _digest(files: list[tuple], cfg: Config) -> str:
     settings = cfg.to_dict()
     settings["shards"] = {k: settings["shards"][k] for k in ("block_size", "chunks_per_shard")}  # what shapes output
-    files = []
-    for s in sources:
-        stat = os.stat(s.path)
-        files.append((s.rel, s.label, s.group, s.split, stat.st_size, stat.st_mtime_ns))
     settings = {k: settings[k] for k in ("audio", "features", "split", "shards")}
     blob = json.dumps({"settings": settings, "files": files, "format": FORMAT_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def expected_fingerprint(found: Discovery, cfg: Config, parts: bool) -> str:
+    """The fingerprint the manifest of a build of `found` will carry: the folder's, or (merged parts) the job id."""
+    return _job_id(found.sources, cfg) if parts else _fingerprint(found.sources, cfg)
 
 
 def own_outputs(out_dir: Path) -> list[Path]:
@@ -400,28 +265,34 @@ def _prepare_out_dir(out_dir: Path, fingerprint: str, force: bool) -> bool:
 
 
 def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, workers: int | None = None,
-                 force: bool = False, progress: bool = True, part: tuple[int, int] | None = None) -> BuildResult:
+                 force: bool = False, progress: bool = True, part: tuple[int, int] | None = None,
+                 found: Discovery | None = None, staging: str | Path | None = None) -> BuildResult:
     """Build train/val/test shards and `manifest.json` from a class-folder tree or CSV.
 
     Args:
-        input_path: folder with one subfolder per class, or a CSV with columns path,label[,group][,split].
-        out_dir: output folder (created); refused if it holds something else, unless `force`.
+        input_path: folder with one subfolder per class, or an s3:// or gs:// prefix laid out the same way,
+            or a CSV with columns path,label[,group][,split] whose paths may be s3://, gs:// or http(s):// URLs.
+        out_dir: output folder (created); refused if it holds something else, unless `force`. Or an
+            s3://BUCKET/PREFIX/: built in `staging` (default: a temporary folder), then uploaded, the
+            manifest last; left alone when it already holds this build.
         workers: decoding processes (None: `shards.workers`, 0 there meaning all cores).
         part: (I, N) builds only part I of N into `out_dir/part-I-of-N/` (for job arrays on many
             machines); the split is still decided from the whole file list. `merge_parts(out_dir)`
             then writes one manifest over all parts.
+        found: the input as `discover(input_path, cfg)` lists it, when the caller has it already (a
+            cluster lists and sizes the inputs once, not once per part).
 
     Returns:
         BuildResult with the manifest as written (or as found, when the build was already up to date).
     """
-    out_dir = Path(out_dir)
     if problem := block_problem(cfg.shards.block_size, FeatureParams.from_config(cfg)):
         raise BuildError(f"these settings would make shards no reader accepts: {problem}")  # before any work
-    found = discover(input_path, cfg)
-    if not found.sources:
-        raise BuildError(f"{input_path}: no usable audio files found "
-                         f"({sum(found.ignored.values())} ignored, {len(found.skipped)} skipped)"
-                         + "".join(f"; {warning}" for warning in found.warnings[:3]))
+    found = check_usable(discover(input_path, cfg) if found is None else found, input_path)
+    if is_store_url(str(out_dir)):
+        return _build_to_store(input_path, str(out_dir), cfg, found, workers, force, progress, part, staging)
+    if "://" in str(out_dir):
+        raise BuildError(f"--out {out_dir}: a build is written to a folder or to s3://BUCKET/PREFIX/")
+    out_dir = Path(out_dir)
     job, fingerprint = _job_id(found.sources, cfg), _fingerprint(found.sources, cfg)
     if part is not None:
         index, count = part
@@ -456,6 +327,23 @@ def build_shards(input_path: str | Path, out_dir: str | Path, cfg: Config, worke
         return BuildResult(out_dir, manifest)
 
 
+def _build_to_store(input_path: str | Path, out_url: str, cfg: Config, found: Discovery, workers: int | None,
+                    force: bool, progress: bool, part: tuple[int, int] | None,
+                    staging: str | Path | None) -> BuildResult:
+    """The build made in a local folder and uploaded to `out_url` (`upload.publish_build`), or nothing done when
+    the store's manifest already has this build's fingerprint."""
+    if part is not None:
+        raise BuildError("--part builds go into a folder all parts share: give --out a folder (then --merge, and "
+                         "upload it), or build with --parts N --out s3://...")
+
+    def build_into(folder: Path) -> dict[str, Any]:
+        return build_shards(input_path, folder, cfg, workers, force=force, progress=progress, found=found).manifest
+
+    manifest, published = publish_build(out_url, _fingerprint(found.sources, cfg), build_into, cfg.fetcher(),
+                                        staging=staging, force=force)
+    return BuildResult(out_url, manifest, up_to_date=published is None, published=published)
+
+
 @contextlib.contextmanager
 def locked(out_dir: Path):
     """Hold an exclusive flock on the folder itself while a build (or merge, or clean) works in it: a
@@ -485,7 +373,8 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     jobs = _write_order(found.sources, assignment, cfg.split.seed)
     if part is not None:
         jobs = jobs[part[0]::part[1]]  # disjoint parts, each in the one-shot build's order
-    packer = _Packer(staging, found, assignment, classes, cfg)
+    # Every part gets the whole discovery; only the first reports its skips, or a merge would list each N times.
+    packer = _Packer(staging, found, assignment, classes, cfg, with_skips=part is None or part[0] == 0)
     workers = max(1, (workers if workers is not None else cfg.shards.workers) or os.cpu_count() or 1)
     tasks = [jobs[i:i + FILES_PER_TASK] for i in range(0, len(jobs), FILES_PER_TASK)]
     results = ordered_map(functools.partial(process_files, cfg=cfg), tasks, workers)
@@ -531,12 +420,12 @@ class _Packer:
     """Routes each decoded file to its split's shard writer and tallies what the manifest reports."""
 
     def __init__(self, staging: Path, found: Discovery, assignment: dict[str, str], classes: list[str],
-                 cfg: Config):
+                 cfg: Config, with_skips: bool = True):
         self.writers = {split: SplitWriter(staging, split, cfg.shards.block_size, cfg.shards.chunks_per_shard)
                         for split in SPLITS}
         self.tallies = {split: SplitTally() for split in SPLITS}
         self.stats = TrainStats()
-        self.skipped = list(found.skipped)
+        self.skipped = list(found.skipped) if with_skips else []
         self.assignment = assignment
         self.label_of = {s.rel: s.label for s in found.sources}
         self.class_index = {name: i for i, name in enumerate(classes)}

@@ -50,10 +50,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from audioshard.manifest import Manifest
 
     if args.merge:
+        if "://" in args.out:
+            raise BuildError("--merge works in a folder: merge the parts there, then build with --parts N --out "
+                             "s3://... next time (it uploads the merged build)")
         print(printable(format_info(Manifest(merge_parts(args.out), str(args.out)), str(args.out)), lines=True))
         return 0
     if args.input is None:
         raise BuildError("give an INPUT folder or CSV (or --merge to combine part builds in --out)")
+    if args.staging and "://" not in args.out:
+        raise BuildError("--staging is where a build for --out s3://... is made first; with a folder as --out "
+                         "the build is made there")
     part = None
     if args.part:
         try:
@@ -65,11 +71,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.parts:
         return _build_parts(args, cfg)
     result = build_shards(args.input, args.out, cfg, workers=args.workers, force=args.force,
-                          progress=not args.quiet, part=part)
+                          progress=not args.quiet, part=part, staging=args.staging)
     if result.up_to_date:
-        print(f"{args.out}: already built from these inputs and settings; nothing to do (--force rebuilds)")
+        print(f"{printable(args.out)}: already built from these inputs and settings; nothing to do (--force rebuilds)")
         return 0
     print(printable(format_info(Manifest(result.manifest, str(args.out)), str(args.out)), lines=True))
+    if result.published is not None:
+        print(printable(result.published.summary()))
     return 0
 
 
@@ -82,14 +90,16 @@ def _build_parts(args: argparse.Namespace, cfg: Config) -> int:
     from audioshard.info import format_info
     from audioshard.manifest import Manifest
 
-    if args.part or args.force:
-        raise BuildError("--parts runs every part itself: leave out --part and --force")
+    if args.part or (args.force and "://" not in args.out):
+        raise BuildError("--parts runs every part itself: leave out --part (and --force, unless --out is s3://)")
     if args.scheduler:
         client, executor = dask_executor(args.scheduler)
     else:
         client, executor = None, ProcessPoolExecutor(min(args.parts, os.cpu_count() or 1))
     try:
-        manifest = build_on(executor, args.input, args.out, cfg, args.parts, workers=args.workers or 1)
+        manifest = build_on(executor, args.input, args.out, cfg, args.parts, workers=args.workers or 1,
+                            log=lambda line: print(printable(line), flush=True), staging=args.staging,
+                            force=args.force)
     finally:
         executor.shutdown(wait=True)
         if client is not None:
@@ -341,10 +351,17 @@ def _data_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = add("build", cmd_build, "turn raw audio into train/val/test WebDataset shards + manifest.json",
             "Decode, resample, chunk and featurise every recording, split by recording (no leakage), and write "
-            "shards. INPUT is a folder with one subfolder per class, or a CSV with columns path,label and "
-            "optional group,split. Corrupt files are reported and skipped (see `audioshard info`).")
-    p.add_argument("input", type=Path, nargs="?", help="class-per-folder directory or CSV file")
-    p.add_argument("--out", type=Path, default=Path("shards"), help="output folder")
+            "shards. INPUT is a folder with one subfolder per class (or an s3:// or gs:// prefix laid out the "
+            "same way), or a CSV with columns path,label and optional group,split, whose paths may be s3://, "
+            "gs:// or http(s):// URLs. Corrupt or unreachable files are reported and skipped (see `audioshard "
+            "info`). --out s3://BUCKET/PREFIX/ builds locally, then uploads (manifest last; unchanged objects "
+            "are not uploaded again).")
+    p.add_argument("input", nargs="?", help="class-per-folder directory, s3://BUCKET/PREFIX/ or gs:// prefix, "
+                   "or CSV file")
+    p.add_argument("--out", default="shards", help="output folder, or s3://BUCKET/PREFIX/ (credentials and "
+                   "endpoint from the standard AWS_* variables)")
+    p.add_argument("--staging", metavar="DIR", help="with --out s3://: build here first (kept; with --scheduler "
+                   "on several machines, a folder every worker sees); default: a temporary folder")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: shards.workers, 0 = all cores)")
     p.add_argument("--force", action="store_true", help="replace what is in --out")

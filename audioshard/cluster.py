@@ -2,6 +2,7 @@
 
     audioshard build raw/ --out shards/ --parts 8 --scheduler tcp://scheduler:8786   # a Dask cluster
     audioshard build raw/ --out shards/ --parts 8 --scheduler local                  # a LocalCluster here
+    audioshard build s3://bucket/raw/ --out s3://bucket/shards/ --parts 8 --scheduler local   # bucket to bucket
 
     from concurrent.futures import ProcessPoolExecutor
     from audioshard.cluster import build_on
@@ -9,17 +10,36 @@
         manifest = build_on(pool, "raw/", "shards/", cfg, parts=8)
 
 A build is split into N parts that share nothing but the input list (the split and write order are
-decided from the whole list, so each part knows its own share: `build_shards(..., part=(I, N))`). Each
-part is one task; a task that fails (a worker killed, a machine lost) is submitted again, up to
-`retries` times, and a part that still fails is named in the error. Only then are the parts merged
-(`merge_parts`, which reads and checks every part's manifest) and the merged build verified (every
-shard's size, sha256 and blocks). A part's files appear only when the part is finished (it is built in
-a staging folder and moved into place), so no manifest ever names a file that a failed task half wrote.
-Workers must see the same input and output paths (a shared file system).
+decided from the whole list, so each part knows its own share: `build_shards(..., part=(I, N))`). The
+input is listed once, by the caller, and the list goes with every task. Each part is one task; a task
+that fails (a worker killed, a machine lost) is submitted again, up to `retries` times, and a part that
+still fails is named in the error. Only then are the parts merged (`merge_parts`, which reads and checks
+every part's manifest) and the merged build verified (every shard's size, sha256 and blocks). A part's
+files appear only when the part is finished (it is built in a staging folder and moved into place), so
+no manifest ever names a file that a failed task half wrote. Workers must see the same output folder (a
+shared file system) and the same input: the same local paths, or the same s3:// / gs:// / http(s) URLs.
+With `--out s3://...` the parts are built, merged and verified in `staging` (shared by the workers),
+then uploaded, the manifest last (`audioshard.upload`).
 
 Dask: `Client.get_executor()` is a `concurrent.futures.Executor`, so a Dask cluster needs nothing else
-(the optional extra `cluster` installs `distributed`). Ray: `ray.util.multiprocessing.Pool` is not an
-Executor; run `build_shards(..., part=(I, N))` as one Ray task per part, then `merge_parts(out)`.
+(the optional extra `cluster` installs `distributed`).
+
+Ray has no Executor of its own (a RayExecutor was proposed several times, ray-project/ray#29456, never
+merged), but `ObjectRef.future()` gives a `concurrent.futures.Future`, which is all `build_on` needs.
+A recipe (not tested here: Ray is not installed in this project's environments):
+
+    import ray
+    from concurrent.futures import Executor
+
+    class RayExecutor(Executor):
+        def submit(self, fn, /, *args, **kwargs):  # one Ray task per part; build_on does the retries
+            return ray.remote(max_retries=0)(fn).remote(*args, **kwargs).future()
+
+    ray.init(address="auto")
+    manifest = build_on(RayExecutor(), "s3://bucket/raw/", "/shared/shards", cfg, parts=64)
+
+Or without build_on: `ray.get([ray.remote(build_part).remote(input, out, cfg, i, N, 1) for i in range(N)])`,
+then `merge_parts(out)` and `audioshard verify out`.
 """
 
 from __future__ import annotations
@@ -28,25 +48,35 @@ from concurrent.futures import Executor, Future, wait
 from pathlib import Path
 from typing import Any
 
-from audioshard.build import build_shards, merge_parts
+from audioshard.build import Discovery, build_shards, check_usable, discover, expected_fingerprint, merge_parts
 from audioshard.config import Config
 from audioshard.errors import BuildError
+from audioshard.upload import is_store_url, publish_build
 
 
-def build_part(input_path: str, out_dir: str, cfg: Config, index: int, count: int, workers: int | None) -> str:
+def build_part(input_path: str, out_dir: str, cfg: Config, index: int, count: int, workers: int | None,
+               found: Discovery | None = None) -> str:
     """One part, as a task: returns the part's folder."""
-    build_shards(input_path, out_dir, cfg, workers=workers, progress=False, part=(index, count))
+    build_shards(input_path, out_dir, cfg, workers=workers, progress=False, part=(index, count), found=found)
     return str(Path(out_dir) / f"part-{index}-of-{count}")
 
 
 def build_on(executor: Executor, input_path: str | Path, out_dir: str | Path, cfg: Config, parts: int,
-             retries: int = 2, workers: int | None = 1, log=print) -> dict[str, Any]:
-    """Build `parts` parts on `executor`, retrying failed ones, then merge and verify.
+             retries: int = 2, workers: int | None = 1, log=print, staging: str | Path | None = None,
+             force: bool = False) -> dict[str, Any]:
+    """Build `parts` parts on `executor`, retrying failed ones, then merge and verify (and upload).
+
+    The input is listed once, here, and the list goes to every part (a prefix or a CSV of URLs is listed and
+    sized once, not once per part).
 
     Args:
+        out_dir: a folder every worker sees, or s3://BUCKET/PREFIX/: then the parts are built in `staging`
+            (a folder every worker sees; default a temporary folder here, enough for a LocalCluster), merged
+            and verified there, and uploaded with the manifest last (`upload.publish_build`); nothing is built
+            when the prefix already holds this build. `force` replaces a different build there.
         workers: decoding processes inside each part (1: the executor's own processes are the parallelism).
         retries: further submissions of a part whose task failed.
-        log: where progress lines go (one per finished part).
+        log: where progress lines go (one per finished part, and what was uploaded).
 
     Returns:
         The merged manifest.
@@ -57,8 +87,23 @@ def build_on(executor: Executor, input_path: str | Path, out_dir: str | Path, cf
     """
     if parts < 1:
         raise BuildError(f"--parts must be at least 1, got {parts}")
-    args = (str(input_path), str(out_dir), cfg)
-    pending: dict[Future, int] = {executor.submit(build_part, *args, i, parts, workers): i for i in range(parts)}
+    found = check_usable(discover(str(input_path), cfg), input_path)
+    if not is_store_url(str(out_dir)):
+        return _parts_merged(executor, str(input_path), str(out_dir), cfg, parts, retries, workers, log, found)
+    manifest, published = publish_build(
+        str(out_dir), expected_fingerprint(found, cfg, parts=True),
+        lambda folder: _parts_merged(executor, str(input_path), str(folder), cfg, parts, retries, workers, log, found),
+        cfg.fetcher(), staging=staging, force=force)
+    log(published.summary() if published else f"{out_dir}: already holds this build; nothing built or uploaded")
+    return manifest
+
+
+def _parts_merged(executor: Executor, input_path: str, out_dir: str, cfg: Config, parts: int, retries: int,
+                  workers: int | None, log, found: Discovery) -> dict[str, Any]:
+    """The parts as tasks (each submitted again when it fails), then merged and verified in `out_dir`."""
+    args = (input_path, out_dir, cfg)
+    pending: dict[Future, int] = {executor.submit(build_part, *args, i, parts, workers, found): i
+                                  for i in range(parts)}
     failures: dict[int, list[str]] = {}
     while pending:
         done, _ = wait(pending, return_when="FIRST_COMPLETED")
@@ -73,9 +118,9 @@ def build_on(executor: Executor, input_path: str | Path, out_dir: str | Path, cf
                 raise BuildError(f"part {index} of {parts} failed {len(failures[index])} times; last: "
                                  f"{failures[index][-1]}")
             log(f"part {index + 1}/{parts} failed ({failures[index][-1]}); submitting it again")
-            pending[executor.submit(build_part, *args, index, parts, workers)] = index
+            pending[executor.submit(build_part, *args, index, parts, workers, found)] = index
     manifest = merge_parts(out_dir)
-    _verify(str(out_dir))
+    _verify(out_dir)
     return manifest
 
 

@@ -414,6 +414,41 @@ def _http_body(location: str, timeout: float, deadline: _Deadline):
         raise TransientError(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
 
 
+class _SameServerHeadRedirects(_SameServerRedirects):
+    """remote.py's redirect rule (one server only), keeping HEAD a HEAD: urllib turns it into a GET, which
+    would start sending the whole file."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.method = req.get_method()
+        return new
+
+
+def http_head(url: str, timeout: float) -> tuple[int, str]:
+    """(size, ETag) of a file at an http(s) URL, by HEAD under the rules of every read here: redirects within
+    one server only, one deadline for the whole attempt (one attempt: the caller retries TransientError)."""
+    request = urllib.request.Request(url, method="HEAD")
+    with _Deadline(DEADLINE_TIMEOUTS * timeout) as deadline:
+        opener = urllib.request.build_opener(_SameServerHeadRedirects, _DeadlineHTTPHandler(deadline),
+                                             _DeadlineHTTPSHandler(deadline))
+        try:
+            with opener.open(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
+                length, etag = response.headers.get("Content-Length"), response.headers.get("ETag", "")
+        except urllib.error.HTTPError as exn:
+            if exn.code in TRANSIENT_HTTP:
+                raise TransientError(f"HTTP {exn.code} {exn.reason}") from exn
+            raise SourceError(f"{url}: HTTP {exn.code} {exn.reason}; is the URL right and the file public?") from exn
+        except SourceError:  # a redirect to another server, refused
+            raise
+        except OSError as exn:  # URLError, timeouts, resets (http.client's errors are OSErrors or below)
+            raise TransientError(f"connection failed ({getattr(exn, 'reason', exn)})") from exn
+    if not (length or "").isdigit():
+        raise SourceError(f"{url}: the server does not say the file's size (no Content-Length on HEAD); "
+                          "audioshard reads input URLs of known size only: serve it with a Content-Length")
+    return int(length), etag.strip('"')
+
+
 def _too_long(location: str, size: int | None, received: int) -> Exception:
     """A body longer than the manifest says (retried: the next download may be right), or a manifest over
     MAX_JSON_BYTES (refused: nothing that large is an audioshard manifest)."""

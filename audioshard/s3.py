@@ -60,6 +60,37 @@ def object_body(location: str, timeout: float) -> Iterator[tuple[int, Callable[[
             body.close()
 
 
+def client(timeout: float):
+    """This process's client for `timeout` and the AWS_* environment (cached; see `_client`): for every s3://
+    request audioshard makes, reads, listings and uploads alike."""
+    return _client(timeout, *_client_env())
+
+
+@contextlib.contextmanager
+def errors(location: str) -> Iterator[None]:
+    """The store's errors around one request, worded as for reads: SourceError (403, 404, no credentials)
+    or TransientError (5xx, throttling, a dropped connection): retried by the caller."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except ClientError as exn:
+        raise _client_error(location, exn) from exn
+    except NoCredentialsError as exn:
+        raise SourceError(f"{location}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                          "(or AWS_PROFILE)") from exn
+    except BotoCoreError as exn:  # connection refused, reset or timed out
+        raise TransientError(f"S3 request failed ({exn})") from exn
+
+
+def head(location: str, timeout: float) -> tuple[int, str]:
+    """(size, ETag) of one object, before it is read."""
+    bucket, key = split(location)
+    with errors(location):
+        found = client(timeout).head_object(Bucket=bucket, Key=key)
+    return int(found.get("ContentLength") or 0), str(found.get("ETag", "")).strip('"')
+
+
 def _client_error(location: str, exn) -> Exception:
     error = exn.response.get("Error", {})
     code, message = str(error.get("Code", "")), str(error.get("Message", ""))

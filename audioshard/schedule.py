@@ -18,7 +18,8 @@ from audioshard.manifest import Manifest
 
 
 def class_weights(manifest: Manifest) -> torch.Tensor:
-    """Inverse-frequency weights from the train split's chunk counts (mean 1 over present classes)."""
+    """Inverse-frequency weights from the train split's chunk counts: every present class weighs the same in
+    total, and a training chunk weighs 1 on average (so the loss keeps its scale)."""
     counts = np.array([manifest.split("train").class_counts[c] for c in manifest.classes], dtype=np.float64)
     present = counts > 0
     weights = np.zeros_like(counts)

@@ -8,6 +8,8 @@ Faults, consumed one per request for that path: "404", "403", "500", "truncate" 
 body with a Content-Length that matches it), "reset" (drop the connection mid-body), "stall"
 (send headers then hang), "trickle" (the body one byte per `trickle_seconds`), "endless" (a body of
 spaces with no Content-Length, until the client hangs up), "redirect:URL" (a 302 to URL), "ok".
+A HEAD request consumes a fault of the same script too ("404", "403", "500", "redirect:URL" apply; the
+others answer as "ok"), and is counted in `heads`, not `hits`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def do_HEAD(self):  # noqa: N802 - http.server's naming
+        owner = self.server.owner
+        owner.heads[self.path] += 1
+        script = owner.faults.get(self.path)
+        fault = script.pop(0) if script else "ok"
+        if fault in ("404", "403", "500"):
+            self.send_error(int(fault))
+            return
+        if fault.startswith("redirect:"):
+            self.send_response(302)
+            self.send_header("Location", fault.removeprefix("redirect:"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_HEAD()
+
     def _trickle(self, body: bytes, seconds: float) -> None:
         try:
             for i in range(len(body)):
@@ -92,6 +110,7 @@ class ShardServer:
         self.trickle_seconds = trickle_seconds
         self.faults: dict[str, list[str]] = defaultdict(list)
         self.hits: Counter = Counter()
+        self.heads: Counter = Counter()  # HEAD requests by path
         self.stall_seconds = stall_seconds
         handler = partial(_Handler, directory=str(self.root))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

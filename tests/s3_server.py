@@ -8,6 +8,9 @@ small proxy that can inject the failures a real store produces (scripted per obj
 
 Faults, consumed one per GET of an object whose key ends with the name: "500" (S3's InternalError XML),
 "403" (AccessDenied XML), "truncate" (the real headers, half the body, then the connection closes), "ok".
+
+Other requests (PUT, HEAD, DELETE, POST) pass through to moto unchanged; `s3.requests` counts them by
+method and `s3.put_keys` lists the paths PUT, so a test can tell what an upload sent.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import boto3
@@ -61,6 +64,39 @@ class _Proxy(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.close_connection = True
 
+    def do_PUT(self):  # noqa: N802
+        self._pass_through()
+
+    def do_HEAD(self):  # noqa: N802
+        self._pass_through()
+
+    def do_DELETE(self):  # noqa: N802
+        self._pass_through()
+
+    def do_POST(self):  # noqa: N802
+        self._pass_through()
+
+    def _pass_through(self) -> None:
+        """Forward the request and its body to moto as they are (http.server has answered any Expect:
+        100-continue already), and count it."""
+        owner = self.server.owner
+        owner.requests[self.command] += 1
+        if self.command == "PUT":
+            owner.put_keys.append(self.path.split("?")[0])
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
+        status, reply_headers, reply = owner.forward(self.command, self.path, headers, body)
+        self.send_response(status)
+        for key, value in reply_headers:
+            if key.lower() not in ("transfer-encoding", "connection"):
+                self.send_header(key, value)
+        if not any(key.lower() == "content-length" for key, _ in reply_headers):
+            self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply)
+
     def _error(self, status: int, code: str, message: str) -> None:
         body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
                 f"<RequestId>test</RequestId></Error>").encode()
@@ -77,6 +113,8 @@ class S3Server:
     def __init__(self):
         self.faults: dict[str, list[str]] = {}
         self.hits: defaultdict[str, int] = defaultdict(int)
+        self.requests: Counter = Counter()  # requests other than GET, by method
+        self.put_keys: list[str] = []
         self.moto_port = _free_port()
         self.moto_endpoint = f"http://127.0.0.1:{self.moto_port}"
 
@@ -110,10 +148,10 @@ class S3Server:
                 time.sleep(0.1)
         raise RuntimeError("moto_server did not start")
 
-    def forward(self, method: str, path: str, headers: dict) -> tuple[int, list, bytes]:
+    def forward(self, method: str, path: str, headers: dict, body: bytes | None = None) -> tuple[int, list, bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", self.moto_port, timeout=30)
         try:
-            connection.request(method, path, headers=headers)
+            connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
             return response.status, response.getheaders(), response.read()
         finally:

@@ -52,3 +52,18 @@ def test_torch_distributed_is_asked_in_distributed_py_only():
                            or isinstance(n, ast.Attribute) and ast.unparse(n).startswith("torch.distributed.")
                            for n in ast.walk(ast.parse(p.read_text()))))
     assert users == []
+
+
+def test_the_reader_numbers_are_worked_out_in_distributed_py_only():
+    """Which DataLoader worker a process is, and so which reader of a split, is asked in one place
+    (`distributed.World`); the dataset is handed the record."""
+    askers = sorted(p.name for p in PACKAGE.rglob("*.py") if p.name != "distributed.py"
+                    and "get_worker_info" in p.read_text())
+    assert askers == []
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    """One job per module: none over 600 lines (the longest were split by job, not by line count)."""
+    lengths = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert {name: n for name, n in lengths.items() if n > 600} == {}
+    assert len(lengths) > 40  # every module was looked at

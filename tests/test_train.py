@@ -252,18 +252,6 @@ def test_evaluate_with_adapt_on_real_shards(full_run, real_build, tmp_path):
     assert adapted["chunk"]["n"] == plain["chunk"]["n"]
 
 
-def test_automatic_schedule_scales_epochs_with_the_train_split_and_an_explicit_value_wins():
-    from audioshard.schedule import AUTO_EPOCHS, planned_epochs
-
-    cfg = load_config(overrides=["train.samples_budget=400000"])
-    assert cfg.train.epochs == 0  # the default is the automatic schedule
-    assert planned_epochs(cfg, 3600) == 112  # ceil(400000 / 3600): a few thousand chunks train for long
-    assert planned_epochs(cfg, 40_000) == 10
-    assert planned_epochs(cfg, 5_000_000) == AUTO_EPOCHS[0]  # millions of chunks: a few epochs, not fewer
-    assert planned_epochs(cfg, 50) == AUTO_EPOCHS[1]  # a tiny set: capped (validation each epoch costs too)
-    assert planned_epochs(load_config(overrides=["train.epochs=7"]), 3600) == 7
-
-
 def test_automatic_schedule_is_recorded_in_the_run(real_build, tmp_path):
     overrides = [o for o in TINY_TRAIN if not o.startswith("train.epochs")]
     manifest = load_manifest(real_build)

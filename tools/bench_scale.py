@@ -15,9 +15,19 @@ The copies are symbolic links (COPY_i/CLASS/file -> the original), so a 100x set
 copy is a distinct recording to the build (its own path), which is what a data set 100x larger looks like
 to it. Audio seconds come from `soundfile.info` of the originals, times the number of copies.
 
+With --cluster, per size instead (same linked input, each a fresh process):
+    one process   `audioshard build COPIES --out B1 --workers 1 --quiet`: wall seconds, audio seconds per wall
+                  second (per core when the machine is pinned to one core).
+    cluster       `audioshard build COPIES --out B2 --parts 2 --scheduler local`: a Dask LocalCluster of 2
+                  single-threaded worker processes, the parts merged and verified inside the command.
+    merge         `audioshard build --out B2 --merge` again: the cost of the merge alone.
+    verify        `audioshard verify B2`: every shard re-read and hashed.
+    bytes         raw audio in, shard bytes out, manifest and list files, each also per hour of audio.
+
 Commands (from the repository root)
     .venv/bin/python tools/bench_scale.py                        # 1x 10x 100x of ../shared/data/drone_car_speech
     .venv/bin/python tools/bench_scale.py --sizes 1 10 --json     # quick
+    taskset -c 0 .venv/bin/python tools/bench_scale.py --cluster --sizes 1 10   # one process vs a LocalCluster
 
 How to read it
     Each column should grow linearly (build and verify time, shards) or not at all (first batch, RSS,
@@ -100,6 +110,43 @@ def measure_size(source: Path, copies: int, audio_seconds: float, work: Path) ->
             "worker_peak_rss_mb": round(int(first[1]) / 1024), "verify_s": round(verify_s, 1)}
 
 
+def measure_cluster(source: Path, copies: int, audio_seconds: float, work: Path) -> dict:
+    """One-process build vs `--parts 2 --scheduler local` of the same linked input, then merge and verify alone."""
+    raw, one, parts = work / f"raw{copies}", work / f"one{copies}", work / f"parts{copies}"
+    per_copy = link_copies(source, raw, copies)
+    cli = [sys.executable, "-m", "audioshard"]
+    one_s, _, _ = run_measured([*cli, "build", str(raw), "--out", str(one), "--workers", "1", "--quiet"])
+    cluster_s, _, _ = run_measured([*cli, "build", str(raw), "--out", str(parts), "--parts", "2", "--scheduler",
+                                    "local", "--quiet"])
+    merge_s, _, _ = run_measured([*cli, "build", "--out", str(parts), "--merge"])
+    verify_s, _, _ = run_measured([*cli, "verify", str(parts)])
+    manifest = json.loads((parts / "manifest.json").read_text())
+    hours = copies * audio_seconds / 3600
+    lists = sum(p.stat().st_size for p in parts.iterdir() if p.suffix == ".jsonl")
+    return {"copies": copies, "files": per_copy * copies, "audio_hours": round(hours, 2),
+            "one_process_s": round(one_s, 1), "cluster_s": round(cluster_s, 1), "merge_s": round(merge_s, 1),
+            "verify_s": round(verify_s, 1), "audio_s_per_s_one": round(hours * 3600 / one_s),
+            "audio_s_per_s_cluster": round(hours * 3600 / cluster_s),
+            "raw_bytes": copies * sum(p.stat().st_size for p in source.rglob("*") if p.suffix.lower() in AUDIO),
+            "shard_bytes": sum(s["bytes"] for info in manifest["splits"].values() for s in info["shards"]),
+            "manifest_bytes": (parts / "manifest.json").stat().st_size, "list_bytes": lists}
+
+
+def cluster_table(rows: list[dict]) -> str:
+    head = ("| copies | files | audio h | one process s | audio s/s | --parts 2 --scheduler local s | audio s/s "
+            "| merge s | verify s | raw MB in | shard MB out | shard MB per audio h | manifest KB | list files KB "
+            "per audio h |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['copies']} | {r['files']:,} | {r['audio_hours']} | {r['one_process_s']} "
+                     f"| {r['audio_s_per_s_one']:,} | {r['cluster_s']} | {r['audio_s_per_s_cluster']:,} "
+                     f"| {r['merge_s']} | {r['verify_s']} | {r['raw_bytes'] / 1e6:,.0f} "
+                     f"| {r['shard_bytes'] / 1e6:,.0f} "
+                     f"| {r['shard_bytes'] / 1e6 / r['audio_hours']:,.0f} | {r['manifest_bytes'] / 1024:.1f} "
+                     f"| {r['list_bytes'] / 1024 / r['audio_hours']:.1f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| copies | files | audio h | build s | audio s/s | build peak RSS MB | manifest KB | side files KB "
             "| shards | first batch s | worker peak RSS MB | verify s | build s per 1x | verify s per 1x |")
@@ -118,17 +165,20 @@ def main() -> None:
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="one subfolder per class")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100], help="copy counts")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--cluster", action="store_true", help="one-process build vs --parts 2 --scheduler local "
+                        "(needs the `distributed` package), merge and verify, bytes per audio hour")
     args = parser.parse_args()
     audio_seconds = sum(soundfile.info(str(p)).duration for p in sorted(args.input.rglob("*"))
                         if p.suffix.lower() in AUDIO)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_scale.") as work:
         for copies in args.sizes:
-            rows.append(measure_size(args.input.resolve(), copies, audio_seconds, Path(work)))
+            measure = measure_cluster if args.cluster else measure_size
+            rows.append(measure(args.input.resolve(), copies, audio_seconds, Path(work)))
             print(f"{copies}x done: {rows[-1]}", file=sys.stderr, flush=True)
-    print(json.dumps(rows, indent=1) if args.json else table(rows))
-    print(f"\n{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; peak RSS from ru_maxrss "
-          f"({resource.getpagesize()}-byte pages)", file=sys.stderr)
+    print(json.dumps(rows, indent=1) if args.json else (cluster_table if args.cluster else table)(rows))
+    print(f"\n{os.cpu_count()} cores, {len(os.sched_getaffinity(0))} usable here; {time.strftime('%Y-%m-%d')}; peak "
+          f"RSS from ru_maxrss ({resource.getpagesize()}-byte pages)", file=sys.stderr)
 
 
 if __name__ == "__main__":

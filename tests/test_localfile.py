@@ -1,4 +1,4 @@
-"""The record of verified local shards (localfile.VerifiedRecord): a shard is hashed until it has passed once,
+"""The record of verified local shards (localfile.py: VerifiedRecord): a shard is hashed until it has passed once,
 then read without hashing while it is unchanged; any change to the file brings the hash back, and
 `audioshard verify` never trusts the record."""
 
