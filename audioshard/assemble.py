@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from audioshard import __version__
+from audioshard import __version__, labels
 from audioshard.acquire.common import provenance_rows
 from audioshard.config import Config
 from audioshard.errors import BuildError
@@ -52,8 +52,9 @@ class SplitTally:
         """Count one recording; returns its index in `sources`."""
         self.sources.append(rel)
         self.labels.append(label)
-        self.class_counts[label] += chunks
-        self.recordings[label] += 1
+        for name in labels.parse(label):  # a multi-label recording counts in each of its classes
+            self.class_counts[name] += chunks
+            self.recordings[name] += 1
         self.seconds += seconds
         self.silent_chunks += silent
         return len(self.sources) - 1
@@ -134,7 +135,7 @@ def build_warnings(notes: list[str], classes: list[str], splits: dict[str, Any],
 
 def build_manifest(*, input_path: str | Path, cfg: Config, classes: list[str], splits: dict[str, Any],
                    stats: TrainStats, skipped: ListFile, ignored: dict[str, int], warnings: list[str],
-                   fingerprint: str) -> dict[str, Any]:
+                   fingerprint: str, multilabel: bool = False) -> dict[str, Any]:
     """The manifest of one build (or part build: the caller adds `part`); `splits` and `skipped` name
     the list files (`write_lists`)."""
     norm = stats.normalization()
@@ -143,7 +144,7 @@ def build_manifest(*, input_path: str | Path, cfg: Config, classes: list[str], s
                        splits={name: SplitInfo.from_dict(info) for name, info in splits.items()},
                        settings=build_settings(cfg.to_dict()), fingerprint=fingerprint, input=str(input_path),
                        skipped_file=skipped, ignored=ignored, warnings=warnings,
-                       audioshard_version=__version__).to_dict()
+                       audioshard_version=__version__, multilabel=multilabel).to_dict()
 
 
 def merge_manifests(out_dir: Path) -> dict[str, Any]:

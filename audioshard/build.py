@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from audioshard import labels
 from audioshard import sources as urls
 from audioshard.assemble import (
     SplitTally,
@@ -369,7 +370,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     """Decode, featurise and write every shard into `staging`; returns the manifest to commit."""
     assignment, split_notes = split_sources(found.sources, cfg.split.val_fraction, cfg.split.test_fraction,
                                             cfg.split.seed)
-    classes = sorted({s.label for s in found.sources})
+    classes = labels.class_names(s.label for s in found.sources)
     jobs = _write_order(found.sources, assignment, cfg.split.seed)
     if part is not None:
         jobs = jobs[part[0]::part[1]]  # disjoint parts, each in the one-shot build's order
@@ -400,7 +401,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
                               skipped=lists["skipped"], ignored=dict(found.ignored),
                               warnings=build_warnings(list(found.warnings) + split_notes, classes, splits,
                                                       packer.longest, cfg),
-                              fingerprint=fingerprint)
+                              fingerprint=fingerprint, multilabel=packer.multilabel)
     if part is not None:
         manifest["part"] = {"index": part[0], "count": part[1], "job": job}
     return manifest
@@ -429,6 +430,7 @@ class _Packer:
         self.assignment = assignment
         self.label_of = {s.rel: s.label for s in found.sources}
         self.class_index = {name: i for i, name in enumerate(classes)}
+        self.multilabel = labels.is_multilabel(self.label_of.values())  # then chunks carry multi-hot rows too
         self.audio_hours = self.longest = 0.0
 
     def add(self, result: FileResult) -> None:
@@ -439,7 +441,9 @@ class _Packer:
         self.longest = max(self.longest, result.seconds)
         split, label = self.assignment[result.rel], self.label_of[result.rel]
         index = self.tallies[split].add(result.rel, label, len(result.mel), result.seconds, result.silent_chunks)
-        self.writers[split].add(result.mel, self.class_index[label], index, result.starts)
+        first = self.class_index[labels.parse(label)[0]]
+        hot = labels.multi_hot(label, self.class_index) if self.multilabel else None
+        self.writers[split].add(result.mel, first, index, result.starts, hot)
         self.stats.add(result.stats)
 
     def close(self) -> dict[str, list[dict[str, Any]]]:

@@ -90,6 +90,12 @@ class Checkpoint:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    thresholds: list[float] | None = None  # a multi-label model: each class's decision threshold, chosen on val
+
+    @property
+    def multilabel(self) -> bool:
+        """One sigmoid per class (several sounds at once), not one softmax over them."""
+        return self.thresholds is not None
 
     @property
     def rules(self) -> ChunkRules:
@@ -104,7 +110,8 @@ class Checkpoint:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.weights, "model_args": self.model_args, "classes": self.classes,
                 "features": self.features.to_dict(), "normalization": {"mean": self.mean, "std": self.std},
-                "config": self.config, "epoch": self.epoch, "metrics": self.metrics, **self.training}
+                "config": self.config, "epoch": self.epoch, "metrics": self.metrics, **self.training,
+                **({"thresholds": self.thresholds} if self.thresholds is not None else {})}
 
     def without_training(self) -> Checkpoint:
         return dataclasses.replace(self, training={})
@@ -117,7 +124,8 @@ class Checkpoint:
                    features=FeatureParams.from_dict(state["features"]), mean=float(norm["mean"]),
                    std=float(norm["std"]), config=dict(state.get("config", {})), epoch=int(state.get("epoch", 0)),
                    metrics=dict(state.get("metrics", {})),
-                   training={k: state[k] for k in TRAINING_STATE if k in state})
+                   training={k: state[k] for k in TRAINING_STATE if k in state},
+                   thresholds=[float(v) for v in state["thresholds"]] if "thresholds" in state else None)
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -295,7 +303,18 @@ def _schema_problem(state: dict[str, Any]) -> str:
     if type(epoch) is not int or not -1 <= epoch < MAX_EPOCHS:
         return f"epoch = {shown(epoch)}, expected an integer in -1..{MAX_EPOCHS - 1}"
     return (_config_problem(state.get("config", {}), features) or _record_problem(state.get("metrics", {}), "metrics")
-            or _training_problem(state, epoch))
+            or _training_problem(state, epoch) or _thresholds_problem(state, len(state["classes"])))
+
+
+def _thresholds_problem(state: dict[str, Any], classes: int) -> str:
+    """A multi-label model's thresholds: one probability in [0, 1] per class."""
+    if "thresholds" not in state:
+        return ""
+    values = state["thresholds"]
+    if not isinstance(values, list) or len(values) != classes or not all(
+            type(v) in (int, float) and math.isfinite(v) and 0 <= v <= 1 for v in values):
+        return f"'thresholds' must be {classes} numbers in 0..1, one per class"
+    return ""
 
 
 def _tensors_problem(weights: Any, name: str) -> str:

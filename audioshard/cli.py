@@ -152,8 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.split} split of {args.shards}{adapted}:")
     for line in iter_metrics_lines(metrics):
         print("  " + line)
-    print(f"reports in {args.out}/: {args.split}_report.txt, {args.split}_confusion_matrix.png, metrics.json, "
-          "pred_labels.npy, true_labels.npy")
+    matrix = "" if metrics.get("multilabel") else f"{args.split}_confusion_matrix.png, "
+    print(f"reports in {args.out}/: {args.split}_report.txt, {matrix}metrics.json, pred_labels.npy, true_labels.npy")
     return 0
 
 
@@ -233,9 +233,28 @@ def cmd_fetch_youtube(args: argparse.Namespace) -> int:
     collect_links, fetch_youtube = youtube.collect_links, youtube.fetch_youtube
 
     _config(args)  # validates --config/--set like every command
+    if args.audioset is not None:
+        return _fetch_audioset(args)
+    if args.ontology is not None or args.classes:
+        raise youtube.AcquireError("--ontology and --classes go with --audioset LIST.csv (an AudioSet segment list)")
     links = collect_links(args.urls, args.label, args.links)
     summary = fetch_youtube(links, args.out, max_items=args.max_items, audio_format=args.audio_format,
                             retries=args.retries, timeout=args.timeout, log=print)
+    print(summary.format())
+    return summary.exit_code
+
+
+def _fetch_audioset(args: argparse.Namespace) -> int:
+    audioset = _acquire("audioset")
+    # The other inputs name one class per link; an AudioSet list names its own (several per clip).
+    mixed = [flag for flag, given in (("URLs", args.urls), ("--links", args.links), ("--label", args.label),
+                                      ("--max-items", args.max_items)) if given]
+    if mixed:
+        raise audioset.AcquireError(f"--audioset takes its videos and labels from the list: drop {', '.join(mixed)} "
+                                    "(or fetch them in a separate command)")
+    summary = audioset.fetch_audioset(args.audioset, args.out, ontology=args.ontology, classes=args.classes or (),
+                                      audio_format=args.audio_format, retries=args.retries, timeout=args.timeout,
+                                      log=print)
     print(summary.format())
     return summary.exit_code
 
@@ -296,13 +315,22 @@ skipped; an empty label takes --label):
   https://example.org/recordings/street.flac,car,,
 
 Without ffmpeg, segments are refused and whole recordings are kept in their container (.webm,
-.m4a), which `audioshard build` then also needs ffmpeg to decode."""
+.m4a), which `audioshard build` then also needs ffmpeg to decode.
+
+AudioSet segment list (--audioset; labels are ontology ids, named with --ontology ontology.json):
+  # YTID, start_seconds, end_seconds, positive_labels
+  --PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"
+Clips go to RAW/audioset/<id>_<start>-<end>.wav, and RAW/audioset.csv (path,label,group; several
+labels joined by ';', group = video id) is what `audioshard build` reads (docs/acquire.md)."""
 
 FETCH_YOUTUBE_EXAMPLES = """\
 examples:
   audioshard fetch youtube --label drone --out raw/ https://www.youtube.com/watch?v=VIDEO_ID
   audioshard fetch youtube --links links.csv --out raw/ --max-items 20
-  audioshard build raw/ --out shards/"""
+  audioshard build raw/ --out shards/
+  audioshard fetch youtube --audioset balanced_train_segments.csv --ontology ontology.json \
+      --classes Speech Car --out raw-audioset/
+  audioshard build raw-audioset/audioset.csv --out shards-audioset/"""
 
 FETCH_DRIVE_HELP = """\
 Download the audio files (audio.extensions) of Google Drive folders, recursively, with gdown.
@@ -485,6 +513,12 @@ def _fetch_commands(sub) -> None:
     p.add_argument("urls", nargs="*", metavar="URL", help="video, playlist or channel URLs (need --label)")
     p.add_argument("--label", help="class folder for the URLs (and for link-file rows without a label)")
     p.add_argument("--links", type=Path, metavar="FILE", help="CSV with columns url,label[,start,end]")
+    p.add_argument("--audioset", type=Path, metavar="LIST.csv", help="AudioSet segment list (YTID, start_seconds, "
+                   "end_seconds, positive_labels): fetch its clips into OUT/audioset/ and write OUT/audioset.csv")
+    p.add_argument("--ontology", type=Path, metavar="FILE", help="AudioSet's ontology.json, to name --audioset "
+                   "labels (default: the ids, e.g. /m/09x0r as m_09x0r)")
+    p.add_argument("--classes", nargs="+", metavar="NAME", help="with --audioset: keep only these classes "
+                   "(ontology names or ids); segments with none of them are not fetched")
     p.add_argument("--out", type=Path, default=Path("raw"), help="RAW folder: files go into OUT/<label>/")
     p.add_argument("--max-items", type=int, metavar="N", help="at most N videos from each playlist or channel "
                    "(None: all)")

@@ -90,6 +90,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.3
     class_weights: bool = True
+    balanced: bool = False
     num_workers: int = 2
     shuffle_blocks: int = 16
     pin_memory: bool = True

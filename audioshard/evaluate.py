@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix, f1_score
 
+from audioshard import multilabel
 from audioshard.augment import BatchTransform
 from audioshard.distributed import all_gather
 from audioshard.loader import make_loader
@@ -91,9 +92,13 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str
     }
 
 
-def summarize(pred: dict[str, np.ndarray], classes: list[str], loss: float | None = None) -> dict[str, Any]:
-    """Chunk-level and recording-level metrics of a `predict_split` result."""
+def summarize(pred: dict[str, np.ndarray], classes: list[str], loss: float | None = None,
+              thresholds: list[float] | None = None) -> dict[str, Any]:
+    """Chunk-level and recording-level metrics of a `predict_split` result (a multi-label build's: mAP, AP and
+    F1 per class at `thresholds`, see multilabel.py)."""
     y, logits = pred["y"], pred["logits"]
+    if y.ndim == 2:
+        return multilabel.summarize(pred, classes, thresholds, loss)
     chunk = scores(y, logits.argmax(1) if len(y) else y, len(classes))
     clip_logits, clip_y, _ = clip_level(logits, y, pred["source"])
     clip = scores(clip_y, clip_logits.argmax(1) if len(clip_y) else clip_y, len(classes))
@@ -145,7 +150,8 @@ def save_confusion_matrix(path: Path, y_true: np.ndarray, y_pred: np.ndarray, cl
 
 
 def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classes: list[str],
-                  label_prefix: str = "", recordings: Sequence[str] | None = None) -> dict[str, Any]:
+                  label_prefix: str = "", recordings: Sequence[str] | None = None,
+                  thresholds: list[float] | None = None) -> dict[str, Any]:
     """The files a run writes for one split: label arrays, confusion matrix PNG, text report; returns metrics.
 
     Files: {label_prefix}pred_labels.npy, {label_prefix}true_labels.npy (chunk level, sorted by
@@ -154,6 +160,8 @@ def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classe
     index: `manifest.sources(split)`), {split}_recordings.csv: one row per recording, named.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    if pred["y"].ndim == 2:
+        return _write_multilabel(out_dir, split, pred, classes, label_prefix, thresholds)
     y, y_hat = pred["y"], pred["logits"].argmax(1)
     np.save(out_dir / f"{label_prefix}pred_labels.npy", y_hat.astype(np.int64), allow_pickle=False)
     np.save(out_dir / f"{label_prefix}true_labels.npy", y.astype(np.int64), allow_pickle=False)
@@ -179,6 +187,21 @@ def write_reports(out_dir: Path, split: str, pred: dict[str, np.ndarray], classe
     image = out_dir / f"{split}_confusion_matrix.png"
     draw(image, save_confusion_matrix, image, y, y_hat, classes,
          f"{split}: chunk-level (acc {metrics['chunk']['accuracy']:.3f})")
+    return metrics
+
+
+def _write_multilabel(out_dir: Path, split: str, pred: dict[str, np.ndarray], classes: list[str], label_prefix: str,
+                      thresholds: list[float] | None) -> dict[str, Any]:
+    """A multi-label split's files: multi-hot true and predicted labels (at the thresholds), the predictions
+    and the per-class report. No confusion matrix: with several classes per chunk there is no one cell to count."""
+    metrics = summarize(pred, classes, thresholds=thresholds)
+    decided = multilabel.probabilities(pred["logits"]) >= np.asarray(metrics["chunk"]["thresholds"])[None, :]
+    np.save(out_dir / f"{label_prefix}pred_labels.npy", decided.astype(np.int64), allow_pickle=False)
+    np.save(out_dir / f"{label_prefix}true_labels.npy", pred["y"].astype(np.int64), allow_pickle=False)
+    np.savez(out_dir / f"{split}_predictions.npz", logits=pred["logits"].astype(np.float32), y=pred["y"],
+             source=pred["source"], start=pred["start"])
+    text = f"{split} split (multi-label): {len(pred['y'])} chunks\n\n" + multilabel.report_text(metrics, classes)
+    (out_dir / f"{split}_report.txt").write_text(text, encoding="utf-8")
     return metrics
 
 
@@ -291,7 +314,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
     pred = predict_split(model, manifest, split, device, batch_size=batch_size, num_workers=num_workers,
                          strict=strict)
     out_dir = Path(out_dir)
-    metrics = write_reports(out_dir, split, pred, manifest.classes, recordings=manifest.sources(split))
+    metrics = write_reports(out_dir, split, pred, manifest.classes, recordings=manifest.sources(split),
+                            thresholds=card.thresholds)
     metrics.update({"split": split, "checkpoint": str(checkpoint), "shards": str(shards), "adapted": adapted})
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -300,5 +324,9 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str, split: str, out_dir
 def iter_metrics_lines(metrics: dict[str, Any]) -> Iterable[str]:
     for level in ("chunk", "clip"):
         m = metrics[level]
+        if metrics.get("multilabel"):
+            yield (f"{level:>5}-level: mAP {m['mAP']:.3f}  micro-F1 {m['micro_f1']:.3f}  macro-F1 {m['macro_f1']:.3f}"
+                   f"  (n={m['n']})")
+            continue
         yield (f"{level:>5}-level: accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  "
                f"balanced acc {m['balanced_accuracy']:.3f}  (n={m['n']})")

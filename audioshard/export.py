@@ -140,7 +140,17 @@ def describe(card: Checkpoint, fmt: str, parity: float) -> dict[str, Any]:
         "normalization": {"mean": card.mean, "std": card.std},
         "model_args": dict(card.model_args),
         "parity_max_abs_diff": parity,
+        **(_multilabel_output(card) if card.multilabel else {}),
     }
+
+
+def _multilabel_output(card: Checkpoint) -> dict[str, Any]:
+    """What a multi-label model's logits mean, and the per-class thresholds chosen on val."""
+    return {"multilabel": True, "thresholds": list(card.thresholds),  # in `classes` order, as checkpoints hold them
+            "output": {"name": "logits", "shape": ["batch", len(card.classes)], "dtype": "float32",
+                       "meaning": "one score per class in `classes` order; sigmoid gives each class's probability; "
+                                  "a recording's probabilities are the mean of its chunks', and a class is present "
+                                  "where that is >= its threshold (`thresholds`, in `classes` order)"}}
 
 
 def export_model(checkpoint: str | Path, fmt: str, out: str | Path, *, atol: float = PARITY_ATOL) -> dict[str, Any]:

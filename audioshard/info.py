@@ -90,7 +90,7 @@ def show_chunk(source: str, split: str, index: int, out: str | Path, fetcher=Non
     for batch in ShardStream(manifest, split, batch_size=manifest.block_size):
         if index < seen + len(batch.y):
             i = index - seen
-            mel, label = batch.x[i, 0].float().numpy(), manifest.classes[int(batch.y[i])]
+            mel, label = batch.x[i, 0].float().numpy(), _class_names(manifest, batch.y[i])
             rec, start = manifest.sources(split)[int(batch.source[i])], float(batch.start[i])
             break
         seen += len(batch.y)
@@ -124,12 +124,19 @@ def check_pipeline(source: str, split: str, cfg: Config, batches: int = 3) -> st
         if i >= batches:
             break
         x = batch.x
-        labels.update(manifest.classes[int(y)] for y in batch.y)
+        labels.update(name for y in batch.y for name in _class_names(manifest, y).split(";"))
         lines.append(f"batch {i}: x {tuple(x.shape)} {x.dtype} min {x.min():.2f} max {x.max():.2f} "
                      f"mean {x.mean():.2f} std {x.std():.2f} | y {tuple(batch.y.shape)} {batch.y.dtype} "
                      f"| finite {bool(np.isfinite(x.numpy()).all())}")
     lines.append("label mix: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
     return "\n".join(lines)
+
+
+def _class_names(manifest: Manifest, y) -> str:
+    """A chunk's class, or a multi-label chunk's classes joined by `;`."""
+    if y.dim() == 0:
+        return manifest.classes[int(y)]
+    return ";".join(name for name, on in zip(manifest.classes, y.tolist(), strict=True) if on)
 
 
 def _verify_lists(manifest: Manifest, problems: list[str]) -> int:

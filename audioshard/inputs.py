@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audioshard import labels
 from audioshard import sources as urls
 from audioshard.config import Config
 from audioshard.errors import BuildError, SourceError
@@ -210,7 +211,7 @@ def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
             raise BuildError(f"{csv_path}: needs columns 'path' and 'label' (optional 'group', 'split'); "
                              f"found {sorted(columns)}")
         for line, row in enumerate(reader, start=2):
-            rel, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+            rel, label = (row.get("path") or "").strip(), labels.joined(row.get("label") or "")
             split = (row.get("split") or "").strip() or None
             if not rel or not label:
                 found.skipped.append({"path": rel or f"{csv_path.name}:{line}",
@@ -281,16 +282,17 @@ def _drop_duplicates(found: Discovery, lines: list[int], name: str) -> Discovery
     """One recording listed twice is used once; listed with two labels it is not used at all (which label
     is right is for the CSV's author to say). Each dropped row is reported with its line."""
     first: dict[str, tuple[int, Source]] = {}
-    labels: dict[str, set[str]] = {}
+    named: dict[str, set[str]] = {}
     for line, source in zip(lines, found.sources, strict=True):
         first.setdefault(source.path, (line, source))
-        labels.setdefault(source.path, set()).add(source.label)
+        named.setdefault(source.path, set()).add(source.label)
     kept = []
     for line, source in zip(lines, found.sources, strict=True):
         first_line = first[source.path][0]
-        if len(labels[source.path]) > 1:
+        if len(named[source.path]) > 1:
             found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file is listed with "
-                                  f"labels {', '.join(sorted(labels[source.path]))}; give it one label"})
+                                  f"labels {', '.join(sorted(named[source.path]))}; give it one row (several classes: "
+                                  f"{labels.SEPARATOR.join(sorted(named[source.path]))})"})
         elif first_line != line:
             found.skipped.append({"path": source.rel, "reason": f"{name} line {line}: the same file as line "
                                   f"{first_line} (used once)"})

@@ -45,9 +45,10 @@ def _pack(batches: list[Batch]) -> Packed:
 
 
 def _meta(batches: list[Batch], out: torch.Tensor | None = None) -> torch.Tensor:
-    """(y, source, start) of the batches as one (rows, 3) float64 tensor (exact for all three)."""
-    return torch.cat([torch.stack([b.y.double(), b.source.double(), b.start.double()], dim=1) for b in batches],
-                     out=out)
+    """(y, source, start) of the batches as one (rows, 3) float64 tensor (exact for all three); a multi-label
+    build's y is a multi-hot row per chunk, so (rows, classes + 2)."""
+    return torch.cat([torch.cat([b.y.double().reshape(len(b.y), -1), b.source.double()[:, None],
+                                 b.start.double()[:, None]], dim=1) for b in batches], out=out)
 
 
 class InSlot(NamedTuple):
@@ -81,10 +82,10 @@ class HandOver:
     a batch the caller holds is never written over, even after it leaves the iteration."""
 
     def __init__(self, worker: int, slots: int, rows: int, x_shape: tuple[int, ...], x_dtype: torch.dtype,
-                 context):
+                 context, y_columns: int = 1):
         self.worker = worker
         self.x = torch.empty((slots, rows, *x_shape), dtype=x_dtype).share_memory_()
-        self.meta = torch.empty((slots, rows, 3), dtype=torch.float64).share_memory_()
+        self.meta = torch.empty((slots, rows, y_columns + 2), dtype=torch.float64).share_memory_()
         self.busy = torch.zeros(slots, dtype=torch.uint8).share_memory_()  # set by the worker, cleared by main
         self.free = context.Semaphore(slots)  # never more than the slots marked free: a barrier between the two
         self.arrays: np.ndarray | None = None  # in the main process: self.x as NumPy, to make per-pack views of
@@ -96,11 +97,13 @@ class HandOver:
         features = dataset.manifest.features
         dtype = torch.float32 if dataset.transform is not None else torch.from_numpy(np.empty(0, features.dtype)).dtype
         rows, slots = PACK_BATCHES * dataset.batch_size, max(1, prefetch_factor + SPARE_SLOTS)
-        per_row = math.prod(features.shape) * dtype.itemsize + 24
+        y_columns = len(dataset.manifest.classes) if dataset.manifest.multilabel else 1
+        per_row = math.prod(features.shape) * dtype.itemsize + 8 * (y_columns + 2)
         if slots * rows * per_row > HAND_OVER_BYTES:
             return None
         try:
-            return [cls(worker, slots, rows, (1, *features.shape), dtype, context) for worker in range(workers)]
+            return [cls(worker, slots, rows, (1, *features.shape), dtype, context, y_columns)
+                    for worker in range(workers)]
         except (RuntimeError, OSError):  # /dev/shm too small (a container's 64 MB): the DataLoader's own transport
             return None
 
@@ -143,8 +146,10 @@ class HandOver:
 
 def _unpack(packed: Packed) -> Iterator[Batch]:
     sizes = packed.sizes.tolist()
+    y_columns = packed.meta.shape[1] - 2  # 1, or a multi-label build's classes
     for x, meta in zip(packed.x.split(sizes), packed.meta.split(sizes), strict=True):
-        yield Batch(x, meta[:, 0].long(), meta[:, 1].long(), meta[:, 2].float())
+        y = meta[:, 0].long() if y_columns == 1 else meta[:, :y_columns].long()
+        yield Batch(x, y, meta[:, -2].long(), meta[:, -1].float())
 
 
 class _SizedLoader:
@@ -268,7 +273,7 @@ def _leave_forkserver(worker_id: int) -> None:
 
 def open_shards(source: str | Manifest, split: str = "train", batch_size: int = 64, *, shuffle: bool | None = None,
                 augment: bool | None = None, num_workers: int = 0, seed: int = 0, shuffle_blocks: int = 16,
-                pin_memory: bool = False, augment_config=None, fetcher=None) -> _SizedLoader:
+                pin_memory: bool = False, augment_config=None, fetcher=None, balanced: bool = False) -> _SizedLoader:
     """Stream one split of a build as ready-to-train batches, for any PyTorch loop.
 
     Args:
@@ -280,6 +285,8 @@ def open_shards(source: str | Manifest, split: str = "train", batch_size: int = 
         augment_config: an `audioshard.config.AugmentConfig` (defaults if None).
         fetcher: how build files are read (`audioshard.remote.Fetcher`: timeouts, retries, cache; e.g.
             `config.fetcher()`); default: `remote.DEFAULT_FETCHER`. Unused when `source` is a manifest.
+        balanced: (train, shuffled) draw each batch's rows with replacement so that every class comes about
+            equally often; the same number of batches, still resumable exactly (`ShardStream`, docs/training.md).
 
     Returns:
         An iterable of `Batch(x, y, source, start)` with x: (B, 1, n_mels, frames) float32,
@@ -301,5 +308,5 @@ def open_shards(source: str | Manifest, split: str = "train", batch_size: int = 
     augment = split == "train" if augment is None else augment
     transform = BatchTransform.from_manifest(manifest, augment_config or AugmentConfig(), enabled=augment)
     dataset = ShardStream(manifest, split, batch_size, shuffle=shuffle, shuffle_blocks=shuffle_blocks, seed=seed,
-                          transform=transform)
+                          transform=transform, balanced=balanced)
     return make_loader(dataset, num_workers=num_workers, pin_memory=pin_memory)

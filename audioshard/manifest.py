@@ -146,6 +146,7 @@ class BuildRecord:
     format_version: int = FORMAT_VERSION
     audioshard_version: str = ""
     inline: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    multilabel: bool = False  # chunks carry multi-hot rows (`labels.npy`); recorded only when true
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildRecord:
@@ -159,7 +160,8 @@ class BuildRecord:
                    ignored=dict(data.get("ignored", {})), warnings=list(data.get("warnings", [])),
                    part=data.get("part"), merged_from=data.get("merged_from"),
                    format_version=int(data["format_version"]), audioshard_version=data.get("audioshard_version", ""),
-                   inline={k: list(data[k]) for k in ("skipped", "provenance") if k in data})
+                   inline={k: list(data[k]) for k in ("skipped", "provenance") if k in data},
+                   multilabel=data.get("multilabel") is True)
 
     def to_dict(self) -> dict[str, Any]:
         data = {"format": FORMAT, "format_version": self.format_version,
@@ -171,6 +173,8 @@ class BuildRecord:
             data["skipped_file"] = self.skipped_file.to_dict()
         data.update(ignored=self.ignored, warnings=self.warnings, config=self.settings)
         data.update({k: v for k, v in (("part", self.part), ("merged_from", self.merged_from)) if v is not None})
+        if self.multilabel:  # single-label manifests stay as they were
+            data["multilabel"] = True
         return data
 
 
@@ -357,6 +361,15 @@ class Manifest:
         return rows
 
     @property
+    def multilabel(self) -> bool:
+        """Whether a chunk may hold several classes (then `Batch.y` is a multi-hot row per chunk)."""
+        return self.record.multilabel
+
+    @property
+    def block_members(self) -> tuple[str, ...]:
+        return BLOCK_MEMBERS + (("labels.npy",) if self.multilabel else ())
+
+    @property
     def format_version(self) -> int:
         return self.record.format_version
 
@@ -409,7 +422,7 @@ SHARD_KEYS = {"file": str, "samples": int, "sha256": str, "bytes": int, "source_
 TOP_KEYS = {"format": str, "format_version": int, "audioshard_version": str, "fingerprint": str, "input": str,
             "classes": list, "features": dict, "block_size": int, "normalization": dict, "train_stats": dict,
             "splits": dict, "skipped": list, "skipped_file": dict, "provenance": list, "ignored": dict,
-            "warnings": list, "config": dict, "part": dict, "merged_from": list}
+            "warnings": list, "config": dict, "part": dict, "merged_from": list, "multilabel": bool}
 SPLIT_KEYS = {"shards", "samples", "class_counts", "recordings", "audio_seconds", "silent_chunks", "recordings_file",
               "sources"}
 
@@ -446,7 +459,8 @@ def _schema_problem(data: dict[str, Any]) -> str:
     if not isinstance(data.get("splits"), dict) or not data["splits"]:
         return "'splits' must map split names to their shards"
     for name, info in data["splits"].items():
-        if problem := _split_problem(info, classes) or _listing_problem(info, classes, data["format_version"]):
+        if problem := _split_problem(info, classes) or _listing_problem(info, classes, data["format_version"],
+                                                                         data.get("multilabel") is True):
             return f"split {name!r:.50}: {problem}"
     if data["format_version"] >= 3 and (problem := _settings_problem(data.get("config", {}))):
         return problem
@@ -502,7 +516,7 @@ def _split_problem(info: Any, classes: list[str]) -> str:
     return ""
 
 
-def _listing_problem(info: dict[str, Any], classes: list[str], version: int) -> str:
+def _listing_problem(info: dict[str, Any], classes: list[str], version: int, multilabel: bool = False) -> str:
     """Where a split lists its recordings: inline `sources` (version 1), or a list file with one row per
     recording (version 2), so that the count of recordings is known without reading it."""
     if version == 1:
@@ -511,7 +525,9 @@ def _listing_problem(info: dict[str, Any], classes: list[str], version: int) -> 
         return ""
     if problem := _list_file_problem(info.get("recordings_file"), "recordings_file"):
         return problem
-    if info["recordings_file"]["rows"] != sum(info["recordings"][c] for c in classes):
+    rows, per_class = info["recordings_file"]["rows"], [info["recordings"][c] for c in classes]
+    # A multi-label recording counts once in each of its classes: at least the largest count, at most the sum.
+    if rows != sum(per_class) if not multilabel else not max(per_class, default=0) <= rows <= sum(per_class):
         return "'recordings_file' must list as many rows as the split has recordings"
     return ""
 

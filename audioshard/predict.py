@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
+from audioshard import labels, multilabel
 from audioshard.audio import AudioError, ChunkReader, silent_chunks
 from audioshard.augment import BatchTransform
 from audioshard.checkpoint import read_checkpoint
@@ -75,18 +76,32 @@ class Prediction:
     seconds: float
     source_rate: int
     silent: np.ndarray | None = None
+    thresholds: list[float] | None = None  # a multi-label model's, per class: then several classes may be present
 
     @property
     def probabilities(self) -> np.ndarray:
         """(K,) softmax of the mean logits of the chunks that are not silent (the recording-level rule of
-        `evaluate`, over the chunks a build would have kept)."""
+        `evaluate`, over the chunks a build would have kept); for a multi-label model, the mean of the chunks'
+        per-class probabilities (multilabel.per_recording's rule)."""
         heard = self.chunk_logits
         if self.silent is not None and not self.silent.all():
             heard = heard[~self.silent]
+        if self.thresholds is not None:
+            return multilabel.probabilities(heard).mean(axis=0)
         return _softmax(heard.mean(axis=0))
 
     @property
+    def present(self) -> list[str]:
+        """A multi-label model's answer: every class over its threshold, most probable first."""
+        probs = self.probabilities
+        over = [k for k in np.argsort(-probs) if probs[k] >= self.thresholds[k]] if self.thresholds else []
+        return [self.classes[k] for k in over]
+
+    @property
     def label(self) -> str:
+        """The class (a multi-label model: the classes present joined by `;`, "-" for none)."""
+        if self.thresholds is not None:
+            return labels.SEPARATOR.join(self.present) or "-"
         return self.classes[int(np.argmax(self.probabilities))]
 
     @property
@@ -95,7 +110,9 @@ class Prediction:
 
     @property
     def chunk_probabilities(self) -> np.ndarray:
-        """(C, K) softmax of each chunk's logits."""
+        """(C, K) softmax of each chunk's logits (a multi-label model: each class's own probability)."""
+        if self.thresholds is not None:
+            return multilabel.probabilities(self.chunk_logits)
         return _softmax(self.chunk_logits)
 
     def to_dict(self, per_chunk: bool = False) -> dict[str, Any]:
@@ -103,6 +120,8 @@ class Prediction:
             "file": self.path, "class": self.label, "probability": round(self.probability, 6),
             "probabilities": {c: round(float(p), 6) for c, p in zip(self.classes, self.probabilities, strict=True)},
             "chunks": len(self.starts), "seconds": round(self.seconds, 3), "source_rate": self.source_rate}
+        if self.thresholds is not None:
+            out["present"] = self.present
         if per_chunk:
             probs = self.chunk_probabilities
             out["timeline"] = [
@@ -135,6 +154,7 @@ class Predictor:
             raise PredictError(f"--batch-size must be > 0, got {batch_size}")
         card = read_checkpoint(checkpoint)  # schema checked: every field below is there
         self.classes, self.params, self.rules = card.classes, card.features, card.rules
+        self.thresholds = card.thresholds  # a multi-label model's decision per class
         self.transform = BatchTransform(card.mean, card.std, augment=None)
         self.device = pick_device(device)
         self.model = card.model().to(self.device)
@@ -216,7 +236,7 @@ class Predictor:
         seconds = reader.num_samples / self.params.sample_rate
         ends = np.minimum(start_s + self.params.chunk_seconds, max(seconds, 0.0))
         return Prediction(str(path), self.classes, np.concatenate(logits), start_s, ends, seconds,
-                          int(reader.source_rate or 0), np.concatenate(silent))
+                          int(reader.source_rate or 0), np.concatenate(silent), self.thresholds)
 
 
 # --- files, output and plots -------------------------------------------------------------------
@@ -252,6 +272,8 @@ def plot_timeline(pred: Prediction, out: str | Path) -> Path:
     scale = 60.0 if minutes else 1.0
     edges = np.append(pred.starts, pred.ends[-1]) / scale
     probs = pred.chunk_probabilities
+    if pred.thresholds is not None:
+        return _plot_rows(pred, probs, edges, minutes, out)
     fig, ax = plt.subplots(figsize=(min(20.0, 6.0 + len(pred.starts) / 60), 3.5))
     lines = [ax.stairs(probs[:, k], edges, baseline=None, linewidth=1.2) for k in range(len(pred.classes))]
     ax.set_ylim(0, 1.02)
@@ -265,6 +287,34 @@ def plot_timeline(pred: Prediction, out: str | Path) -> Path:
                        ncol=min(len(pred.classes), 6))
     for text in legend.get_texts():
         text.update(PLAIN_TEXT)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+MAX_ROWS = 40  # timeline rows drawn for a multi-label model (the most probable classes first)
+
+
+def _plot_rows(pred: Prediction, probs: np.ndarray, edges: np.ndarray, minutes: bool, out: Path) -> Path:
+    """A multi-label timeline: one row per class (its probability per chunk, its threshold dashed), so that
+    sounds present at the same time are seen at once."""
+    import matplotlib.pyplot as plt
+
+    from audioshard.evaluate import PLAIN_TEXT
+
+    order = list(np.argsort(-pred.probabilities)[:MAX_ROWS])
+    fig, axes = plt.subplots(len(order), 1, sharex=True, squeeze=False,
+                             figsize=(min(20.0, 6.0 + len(pred.starts) / 60), 0.9 * len(order) + 1.2))
+    for ax, k in zip(axes[:, 0], order, strict=True):
+        ax.stairs(probs[:, k], edges, baseline=0, fill=True, alpha=0.6)
+        ax.axhline(pred.thresholds[k], linestyle="--", linewidth=0.8, color="black")
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel(pred.classes[k][:20], rotation=0, ha="right", fontsize=8, **PLAIN_TEXT)
+        ax.set_yticks([])
+    axes[-1, 0].set_xlim(edges[0], edges[-1])
+    axes[-1, 0].set_xlabel("time (min)" if minutes else "time (s)")
+    axes[0, 0].set_title(f"{Path(pred.path).name[:80]}: {pred.label[:80]}", fontsize=10, **PLAIN_TEXT)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -346,7 +396,7 @@ class _Writer:
         cw, shown = self.class_width, printable(pred.path)
         name = shown if len(shown) <= self.width else "..." + shown[-(self.width - 3):]
         cols = "  ".join(f"{v:>8.3f}" for v in probs)
-        label = self.shown[int(np.argmax(probs))]
+        label = printable(pred.label)  # a multi-label model's: every class present
         print(f"{name:<{self.width}}  {label:<{cw}}  {pred.probability:>5.2f}  {cols}  {len(pred.starts):>6}  "
               f"{pred.seconds:>8.1f}", file=self.out)
         if self.per_chunk:

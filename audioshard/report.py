@@ -52,10 +52,14 @@ def write_report(run_dir: str | Path, shards: str | None = None, fetcher=None) -
     manifest = load_manifest(where, fetcher) if fetcher else load_manifest(where)
     classes = manifest.classes
     _check_same_build(run, metrics, manifest)
-    preds = {s: _predictions(run, s, manifest) for s in ("val", "test") if (run / f"{s}_predictions.npz").exists()}
-    body = [_header(run, metrics), _data_section(manifest), _settings_section(run),
-            _curves_section(run, metrics), *[_split_section(run, s, p, classes) for s, p in preds.items()],
-            _worst_section(manifest, preds, classes)]
+    body = [_header(run, metrics), _data_section(manifest), _settings_section(run), _curves_section(run, metrics)]
+    if manifest.multilabel:  # per-class figures from metrics.json; no confusion or single "wrong" class to show
+        body += [_multilabel_section(s, metrics[s], classes) for s in ("val", "test") if s in metrics]
+    else:
+        preds = {s: _predictions(run, s, manifest) for s in ("val", "test")
+                 if (run / f"{s}_predictions.npz").exists()}
+        body += [*[_split_section(run, s, p, classes) for s, p in preds.items()],
+                 _worst_section(manifest, preds, classes)]
     page = PAGE.format(title=html.escape(f"audioshard run {run.name}"), body="\n".join(body))
     out = run / "report.html"
     out.write_text(page, encoding="utf-8")
@@ -107,7 +111,14 @@ def _metrics_problem(metrics: Any) -> str:
             if not isinstance(clip, dict) or not all(type(clip.get(k)) in (int, float) for k in ("accuracy",
                                                                                                    "macro_f1")):
                 return f"'{split}' must hold clip accuracy and macro_f1 numbers"
+            if "mAP" in clip and (type(clip["mAP"]) not in (int, float) or not _per_class_ok(clip.get("per_class"))):
+                return f"'{split}' must hold a mAP number and per-class AP, F1 and threshold numbers"
     return ""
+
+
+def _per_class_ok(rows: Any) -> bool:
+    return isinstance(rows, dict) and all(isinstance(row, dict) and all(
+        type(row.get(k)) in (int, float) for k in ("ap", "f1", "threshold")) for row in rows.values())
 
 
 def _check_same_build(run: Path, metrics: dict[str, Any], manifest: Manifest) -> None:
@@ -182,7 +193,8 @@ def _header(run: Path, metrics: dict[str, Any]) -> str:
     for split in ("val", "test"):
         if split in metrics:
             clip = metrics[split]["clip"]
-            cells.append((f"{split}: recordings", f"accuracy {clip['accuracy']:.3f}, macro-F1 {clip['macro_f1']:.3f}"))
+            first = f"mAP {clip['mAP']:.3f}" if "mAP" in clip else f"accuracy {clip['accuracy']:.3f}"
+            cells.append((f"{split}: recordings", f"{first}, macro-F1 {clip['macro_f1']:.3f}"))
     items = "".join(f"<div><b>{html.escape(k)}</b><br>{html.escape(str(v))}</div>" for k, v in cells)
     return f'<header><h1>{html.escape(run.name)}</h1><div class="facts">{items}</div></header>'
 
@@ -237,6 +249,17 @@ def _split_section(run: Path, split: str, pred: dict[str, np.ndarray], classes: 
     table = _table(["class", "recording P", "R", "F1", "recordings", "chunk P", "R", "F1"], rows)
     return (f"<section><h2>{split}</h2><h3>Confusion (chunk level)</h3>{_confusion(run, split, pred, classes)}"
             f"<h3>Per class</h3>{table}</section>")
+
+
+def _multilabel_section(split: str, figures: dict[str, Any], classes: list[str]) -> str:
+    """A multi-label split: per class, average precision and F1 at its threshold, recording and chunk level."""
+    clip, chunk = figures["clip"]["per_class"], figures["chunk"]["per_class"]
+    rows = [[name, f"{clip[name]['ap']:.3f}", f"{clip[name]['f1']:.3f}", f"{clip[name]['threshold']:.2f}",
+             f"{chunk[name]['ap']:.3f}", f"{chunk[name]['f1']:.3f}"]
+            for name in classes if name in clip and name in chunk]
+    table = _table(["class", "recording AP", "F1", "threshold", "chunk AP", "F1"], rows)
+    return (f"<section><h2>{split}</h2><p>mAP {figures['clip']['mAP']:.3f} (recordings), "
+            f"{figures['chunk']['mAP']:.3f} (chunks); thresholds chosen on val</p>{table}</section>")
 
 
 def _confusion(run: Path, split: str, pred: dict[str, np.ndarray], classes: list[str]) -> str:

@@ -12,6 +12,7 @@ confusion matrices, the curves and the page (written by rank 0; every rank takes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from audioshard import multilabel
 from audioshard.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from audioshard.config import Config, ConfigError, dump_toml
 from audioshard.distributed import Dist, barrier, print0
@@ -26,6 +28,11 @@ from audioshard.evaluate import draw, iter_metrics_lines, predict_split, write_j
 from audioshard.manifest import Manifest, write_text_atomic
 
 BOARD_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1", "val_clip_macro_f1", "lr")
+
+
+def _map_text(record: dict[str, Any]) -> str:
+    """A multi-label run's recording-level mAP on val, for the epoch line."""
+    return f" mAP {record['val_mAP']:.3f}" if "val_mAP" in record else ""
 
 
 class RunWriter:
@@ -56,13 +63,14 @@ class RunWriter:
         with open(self.run_dir / "history.jsonl", "a", encoding="utf-8") as stream:
             stream.write(json.dumps(record) + "\n")
         if self.board is not None:
-            for key in BOARD_SCALARS:
-                self.board.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
+            for key in (*BOARD_SCALARS, "val_mAP"):  # mAP: a multi-label run's
+                if key in record:
+                    self.board.add_scalar(key.replace("_", "/", 1), record[key], record["epoch"])
             self.board.flush()
         print0(f"epoch {record['epoch']:>3}/{epochs}  train loss {record['train_loss']:.4f} "
                f"acc {record['train_accuracy']:.3f} | val loss {record['val_loss']:.4f} "
                f"acc {record['val_accuracy']:.3f} macro-F1 {record['val_macro_f1']:.3f} "
-               f"recording macro-F1 {record['val_clip_macro_f1']:.3f} | {record['seconds']:.1f}s"
+               f"recording macro-F1 {record['val_clip_macro_f1']:.3f}{_map_text(record)} | {record['seconds']:.1f}s"
                f"{'  *best' if improved else ''}")
 
     def position(self, checkpoint: Callable[[], Checkpoint], position: dict[str, Any]) -> None:
@@ -151,30 +159,44 @@ def _device_name(device: torch.device) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
+def _choose_thresholds(pred: dict[str, Any], best: Checkpoint, best_path: Path, dist: Dist) -> list[float]:
+    """A multi-label model's per-class thresholds, chosen on the val split's recordings (the F1-best of each
+    class) and saved in best_model.pt, so that evaluate, predict and exports decide as reported here."""
+    probs, truth = multilabel.per_recording(multilabel.probabilities(pred["logits"]), pred["y"], pred["source"])
+    thresholds = multilabel.choose_thresholds(probs, truth)
+    if dist.is_main:
+        save_checkpoint(best_path, dataclasses.replace(best, thresholds=thresholds))
+    return thresholds
+
+
 def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Config, history: list[dict[str, Any]],
              best_epoch: int, dist: Dist, bf16_autocast: bool = False) -> dict[str, Any]:
     """Evaluate the best model on val and test and write the artifacts (rank 0 writes)."""
     best_path = run_dir / "best_model.pt"
     if dist.enabled:
         barrier()  # rank 0 has finished writing best_model.pt
-    model.load_state_dict(read_checkpoint(best_path).weights)
+    best = read_checkpoint(best_path)
+    model.load_state_dict(best.weights)
     device = dist.device
     results: dict[str, Any] = {"best_epoch": best_epoch + 1, "epochs": cfg.train.epochs, "classes": manifest.classes}
+    thresholds = best.thresholds
     for split in ("val", "test"):
         if manifest.samples(split) == 0:
             continue
         pred = predict_split(model, manifest, split, device, cfg.train.batch_size, cfg.train.num_workers,
                              cfg.shards.strict)
+        if split == "val" and best.multilabel:  # every rank decides the same: the predictions are gathered
+            thresholds = _choose_thresholds(pred, best, best_path, dist)
         if dist.is_main:
             results[split] = write_reports(run_dir, split, pred, manifest.classes,
                                            label_prefix="" if split == "val" else "test_",
-                                           recordings=manifest.sources(split))
+                                           recordings=manifest.sources(split), thresholds=thresholds)
             print0(f"{split} (best epoch {best_epoch + 1}):")
             for line in iter_metrics_lines(results[split]):
                 print0("  " + line)
     if dist.is_main:
         if "val" in results:
-            results["majority_baseline"] = results["val"]["chunk"]["majority_baseline"]
+            results["majority_baseline"] = results["val"]["chunk"].get("majority_baseline")
         # Bad blocks or shards skipped: while training (each epoch's pass, summed) and in the final evaluation.
         results["skipped_blocks"] = {"train": sum(h.get("skipped_blocks_train", 0) for h in history),
                                      **{s: results[s]["skipped_blocks"] for s in ("val", "test") if s in results}}
@@ -189,9 +211,9 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         if cfg.train.tensorboard:
             board_confusion(run_dir)
         report(run_dir)
+        matrix = "" if manifest.multilabel else "val_confusion_matrix.png, "  # no one cell per chunk to count
         print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "
-               "val_confusion_matrix.png, pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, "
-               "report.html")
+               f"{matrix}pred_labels.npy, true_labels.npy, test_report.txt, training_curves.png, report.html")
     if dist.enabled:
         barrier()  # leave together: a rank tearing gloo down while rank 0 still writes can abort
     return results

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from audioshard.config import Config
@@ -80,3 +81,23 @@ def weight_average(model: torch.nn.Module, cfg: Config, steps_per_epoch: int) ->
         return None
     decay = math.exp(-1.0 / (cfg.train.ema_epochs * steps_per_epoch))  # time constant: ema_epochs of steps
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def mixed_loss(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor, lam: float,
+               weight: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
+    """The loss of a (mixed) batch. One class per chunk: cross-entropy, mixup as lam * CE(y) + (1 - lam) *
+    CE(partner). Multi-hot rows (a multi-label build): one binary cross-entropy per class against the mixed
+    targets lam * y + (1 - lam) * partner (mixup of two sound scenes holds both, in part)."""
+    logits = logits.float()
+    if y.dim() == 2:
+        return F.binary_cross_entropy_with_logits(logits, lam * y.float() + (1 - lam) * y_mix.float())
+    loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=smoothing)
+    if lam < 1.0:
+        loss = lam * loss + (1 - lam) * F.cross_entropy(logits, y_mix, weight=weight, label_smoothing=smoothing)
+    return loss
+
+
+def top1_hits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Chunks whose most probable class is (one of) theirs: accuracy's count, for one label or several."""
+    top = logits.argmax(1)
+    return (top == y).sum() if y.dim() == 1 else y.gather(1, top[:, None]).sum()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from audioshard.errors import AudioshardError
-from audioshard.manifest import BLOCK_MEMBERS, Manifest
+from audioshard.manifest import Manifest
 
 
 class ShardDataError(AudioshardError, ValueError):
@@ -74,6 +74,8 @@ def member_limits(manifest: Manifest) -> dict[str, int]:
     rows, features = manifest.block_size, manifest.features
     mel = rows * math.prod(features.shape) * np.dtype(features.dtype).itemsize
     sizes = {"mel.npy": mel, "label.npy": 2 * rows, "source.npy": 4 * rows, "start.npy": 4 * rows}
+    if manifest.multilabel:
+        sizes["labels.npy"] = rows * len(manifest.classes)
     return {name: size + NPY_HEADER_SLACK for name, size in sizes.items()}
 
 
@@ -232,7 +234,7 @@ def decode_block(sample: dict[str, Any], manifest: Manifest, sources: int | None
     """Turn one block's raw tar members into checked arrays; raises ShardDataError naming shard and key.
     `sources`: how many recordings the block's `source` indices may point at (unchecked if None)."""
     where = f"{sample.get('__url__')} key {sample.get('__key__')}"
-    missing = [m for m in BLOCK_MEMBERS if m not in sample]
+    missing = [m for m in manifest.block_members if m not in sample]
     if missing:
         raise ShardDataError(f"{where}: missing members {missing}")
     n = manifest.block_size
@@ -252,4 +254,13 @@ def decode_block(sample: dict[str, Any], manifest: Manifest, sources: int | None
         raise ShardDataError(f"{where}: source index out of range 0..{(sources or 2**31) - 1}")
     if not np.isfinite(start).all() or start.min() < 0:
         raise ShardDataError(f"{where}: start times must be finite seconds >= 0")
+    if manifest.multilabel:  # the chunks' classes, as multi-hot rows: these are the targets
+        label = _multi_hot(sample["labels.npy"], rows, len(manifest.classes), where)
     return {"x": mel, "y": label, "source": source, "start": start}
+
+
+def _multi_hot(data: bytes, rows: int, classes: int, where: str) -> np.ndarray:
+    hot = decode_npy(data, "|u1", (classes,), rows, f"{where} labels.npy")
+    if len(hot) != rows or hot.max() > 1:
+        raise ShardDataError(f"{where}: labels.npy must hold one row of 0/1 per chunk")
+    return hot

@@ -13,6 +13,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from audioshard import labels
 from audioshard.names import SPLITS
 
 
@@ -76,6 +77,10 @@ def split_sources(sources: list[Source], val_fraction: float, test_fraction: flo
         free_groups[primary].append(group)
 
     rng = random.Random(seed)
+    if labels.is_multilabel(s.label for s in sources):
+        free = sorted(g for groups in free_groups.values() for g in groups)
+        fixed.update(_stratified_multilabel({g: members[g] for g in free}, val_fraction, test_fraction, rng, notes))
+        free_groups.clear()
     for label in sorted(free_groups):
         groups = free_groups[label]
         rng.shuffle(groups)
@@ -104,3 +109,35 @@ def split_sources(sources: list[Source], val_fraction: float, test_fraction: flo
         for source in members[group]:
             assignment[source.rel] = split
     return assignment, notes
+
+
+def _stratified_multilabel(members: dict[str, list[Source]], val_fraction: float, test_fraction: float,
+                           rng: random.Random, notes: list[str]) -> dict[str, str]:
+    """Groups of multi-label recordings into splits so that every class keeps its share in each split:
+    iterative stratification (Sechidis et al., 2011) over whole groups. The class with the fewest groups left
+    is placed first, each of its groups into the split that still wants most of that class (then most groups
+    overall); so rare classes are spread before common ones fill the splits."""
+    fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+    classes_of = {g: {name for s in group for name in labels.parse(s.label)} for g, group in members.items()}
+    totals = Counter(name for names in classes_of.values() for name in names)
+    wanted = {split: {name: share * totals[name] for name in totals} for split, share in fractions.items()}
+    room = {split: share * len(members) for split, share in fractions.items()}
+    left, placed = set(members), {}
+    while left:
+        rarest = min(totals, key=lambda name: (sum(name in classes_of[g] for g in left) or len(members) + 1, name))
+        chosen = sorted(g for g in left if rarest in classes_of[g]) or sorted(left)
+        rng.shuffle(chosen)
+        for group in chosen:
+            split = max(SPLITS, key=lambda s: (wanted[s][rarest], room[s]) if fractions[s] > 0 else (-1e18, -1e18))
+            placed[group] = split
+            room[split] -= 1
+            for name in classes_of[group]:
+                wanted[split][name] -= 1
+            left.discard(group)
+    for name in sorted(totals):
+        missing = [s for s in SPLITS if fractions[s] > 0 and not any(
+            name in classes_of[g] for g, split in placed.items() if split == s)]
+        if missing:
+            notes.append(f"class {name!r} is in {totals[name]} recording group(s), too few for every split: "
+                         f"{' and '.join(missing)} have none")
+    return placed

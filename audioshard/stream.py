@@ -7,6 +7,9 @@ The pipeline, stage by stage (each a small function below):
     decoded safely (`shardfile.py`) -> shuffle buffer of blocks -> batches (x: (B, 1, n_mels, frames)
     float16, y: (B,) int64, source: (B,), start: (B,)) -> (in a loader worker) grouped for the hand-over
 
+With `balanced` (train split only), the shuffle buffer fills each batch by drawing its rows with replacement,
+each class about equally often (`balanced_draw`); how many batches, and of what sizes, stays as without it.
+
 Normalisation and augmentation act on whole batches (`audioshard.augment.BatchTransform`): in the
 worker for library users, or on the accelerator in `audioshard train`. The DataLoader around this
 dataset, its workers and the hand-over of their batches are `loader.py`'s (`open_shards`).
@@ -110,19 +113,30 @@ class ShardStream(torch.utils.data.IterableDataset):
         transform: optional callable on each Batch, run in the loader worker (e.g. BatchTransform).
         strict: raise on a malformed block instead of skipping it (and counting).
         shards: read only these shards of the split (default: all of them).
+        balanced: fill each batch with rows drawn with replacement from the shuffle buffer, every class held
+            there drawn equally often (`balanced_draw`): the rare classes' chunks repeated, the common ones'
+            thinned. Same batch count and sizes as without it, and as deterministic. Train split only, with
+            `shuffle`; the buffer (`shuffle_blocks`) should hold several recordings of the rarest class.
     """
 
     def __init__(self, manifest: Manifest, split: str, batch_size: int, shuffle: bool = False,
                  shuffle_blocks: int = 16, seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 transform=None, strict: bool = False, shards: list[ShardInfo] | None = None):
+                 transform=None, strict: bool = False, shards: list[ShardInfo] | None = None,
+                 balanced: bool = False):
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if balanced and split != "train":
+            raise ValueError(f"balanced sampling is for the train split only, not {split!r}: evaluation must see "
+                             "every chunk exactly once")
+        if balanced and not shuffle:
+            raise ValueError("balanced sampling draws batches at random from the shuffle buffer: it needs shuffle=True")
         self.manifest, self.split, self.batch_size = manifest, split, batch_size
         self.shuffle, self.shuffle_blocks, self.seed = shuffle, max(1, shuffle_blocks), seed
         self.world = World.of_process(rank, world_size)
         self.transform, self.strict = transform, strict
         self.shards = manifest.shards(split) if shards is None else shards
+        self.balanced = balanced
         self.epoch = 0
         self.resume_batches = 0  # batches of the epoch to leave out at the next iteration (`load_state_dict`)
         self.num_workers = 1  # set by `loader()` so that batch counts can be computed up front
@@ -218,8 +232,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         blocks = (block for task, opening in tasks
                   for block in read_blocks(self.manifest, self.split, task, self._bad, opening))
         capacity = self.shuffle_blocks * self.manifest.block_size if self.shuffle else self.batch_size
-        batches = itertools.islice(batched(blocks, self.batch_size, capacity, rng if self.shuffle else None), skip,
-                                   None)
+        batches = itertools.islice(batched(blocks, self.batch_size, capacity, rng if self.shuffle else None,
+                                           self.balanced), skip, None)
         if READ_AHEAD_BATCHES and (send is None or self.transform is not None):
             # Read in a thread while this one runs what follows: the transform, or (without loader workers)
             # the caller's own work. A worker that only reads and hands over gains nothing from it.
@@ -374,11 +388,32 @@ def read_blocks(manifest: Manifest, split: str, task: ReadTask, bad: Callable[[S
                            f"promises {len(sizes)} ({expected} chunks): truncated or altered shard"))
 
 
+def balanced_draw(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` row indices into `labels` (class indices) drawn with replacement, each row with a probability of
+    1 / (rows of its class) / (classes present): every class present comes equally often in expectation.
+
+    The counts are those of the rows held, not the split's: weighting by the split's counts (as a
+    WeightedRandomSampler would) leaves each draw at the mercy of how many rare chunks the buffer happens to
+    hold, since a recording's chunks arrive together; on a 10:1 split that gave the rare class 40-45% instead
+    of 50%. Local counts make every draw even among the classes held; only a class absent from the buffer
+    misses its turn."""
+    if labels.ndim != 1:  # multi-hot rows: a chunk of several classes has no one class to count it under
+        raise ValueError("balanced sampling needs one class per chunk; this build's chunks are multi-label")
+    counts = np.bincount(labels)
+    p = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=size, replace=True, p=p / p.sum())
+
+
 def batched(blocks: Iterable[dict[str, np.ndarray]], batch_size: int, capacity: int,
-            rng: np.random.Generator | None) -> Iterator[Batch]:
+            rng: np.random.Generator | None, balanced: bool = False) -> Iterator[Batch]:
     """Blocks into batches. With `rng` (shuffling), a buffer of `capacity` chunks: when it is full, whole
     batches are drawn at random from half of the held chunks and the other half is kept to mix with
     the blocks that come next. Without, batches in stored order. The last batch may be smaller.
+
+    With `balanced` (needs `rng`), each time batches are drawn their rows are instead drawn with replacement
+    from all held chunks, each class equally often (`balanced_draw`): as many rows, so the batch count
+    and sizes stay those the manifest predicts, and resuming can still regenerate and skip them. The buffer
+    keeps and lets go of chunks exactly as without weights, so every chunk still passes through it.
 
     The buffer is one preallocated array per field: each chunk is copied in once, and the kept half
     moves to its front, instead of the held blocks being concatenated again at every draw."""
@@ -395,12 +430,15 @@ def batched(blocks: Iterable[dict[str, np.ndarray]], batch_size: int, capacity: 
             n_emit = (count - keep) // batch_size * batch_size
             if n_emit:
                 order = rng.permutation(count) if rng is not None else np.arange(count)
-                yield from _emit(buffer, order[:n_emit], batch_size)  # gathers: batches never alias the buffer
+                emit = balanced_draw(buffer["y"][:count], n_emit, rng) if balanced else order[:n_emit]
+                yield from _emit(buffer, emit, batch_size)  # gathers: batches never alias the buffer
                 rest = order[n_emit:]
                 for values in buffer.values():
                     values[:len(rest)] = values[rest]
                 count = len(rest)
-    if count:
+    if count and balanced:
+        yield from _emit(buffer, balanced_draw(buffer["y"][:count], count, rng), batch_size)
+    elif count:
         yield from _emit(buffer, rng.permutation(count) if rng is not None else np.arange(count), batch_size)
 
 

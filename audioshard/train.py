@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 from audioshard.augment import BatchTransform
@@ -43,10 +42,11 @@ from audioshard.evaluate import predict_split, summarize
 from audioshard.loader import make_loader
 from audioshard.manifest import Manifest, load_manifest
 from audioshard.models import build_model, freeze_backbone, load_pretrained, model_args
+from audioshard.multilabel import DEFAULT_THRESHOLD
 from audioshard.pretrained import load_init_weights
 from audioshard.progress import progress as progress_bar
 from audioshard.runfiles import NullWriter, RunWriter, finalize
-from audioshard.schedule import class_weights, lr_lambda, mixup, planned_epochs, weight_average
+from audioshard.schedule import class_weights, lr_lambda, mixed_loss, mixup, planned_epochs, top1_hits, weight_average
 from audioshard.stream import ShardStream
 
 
@@ -97,7 +97,7 @@ def sanity_check(model: torch.nn.Module, batch, transform: BatchTransform, devic
     y = batch.y.to(device)
     losses = []
     for _ in range(steps):
-        loss = F.cross_entropy(probe(x), y)
+        loss = mixed_loss(probe(x), y, y, 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -150,6 +150,9 @@ def _check_data(manifest: Manifest, cfg: Config, dist: Dist) -> None:
     if cfg.train.batch_size > samples:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the train split "
                           f"({samples} chunks); lower it, e.g. --set train.batch_size={max(1, samples // 4)}")
+    if cfg.train.balanced and manifest.multilabel:
+        raise ConfigError(f"train.balanced = true: {manifest.root} is a multi-label build, whose chunks hold several "
+                          "classes each, and balanced sampling counts one class per chunk; set train.balanced = false")
     readers = dist.world_size * max(1, cfg.train.num_workers)
     if samples < readers * manifest.block_size // 2 and cfg.train.num_workers > 0:
         print0(f"note: {samples} train chunks for {readers} readers; some loader workers will have little to do")
@@ -365,7 +368,9 @@ class Run:
                                            "n_averaged": int(self.averaged.n_averaged)}
         return Checkpoint(weights=self.eval_model.state_dict(), model_args=self.args, classes=self.manifest.classes,
                           features=self.manifest.features, mean=self.manifest.mean, std=self.manifest.std,
-                          config=saved_config, epoch=epoch, metrics=record, training=training)
+                          config=saved_config, epoch=epoch, metrics=record, training=training,
+                          thresholds=[DEFAULT_THRESHOLD] * len(self.manifest.classes) if self.manifest.multilabel
+                          else None)  # chosen on val at the end of the run (runfiles.finalize)
 
 
 def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: bool) -> Run:
@@ -389,10 +394,14 @@ def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: b
     optimizer_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     optimizer = optimizer_cls([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                               weight_decay=cfg.train.weight_decay)
-    weight = class_weights(manifest).to(dist.device) if cfg.train.class_weights else None
+    # Class weights balance one softmax over classes: not with one sigmoid per class (multi-label), nor when
+    # batches are already drawn class-balanced (train.balanced: that would correct the imbalance twice).
+    weighted = cfg.train.class_weights and not manifest.multilabel and not cfg.train.balanced
+    weight = class_weights(manifest).to(dist.device) if weighted else None
     train_data = ShardStream(manifest, "train", cfg.train.batch_size, shuffle=True,
                              shuffle_blocks=cfg.train.shuffle_blocks, seed=cfg.train.seed,
-                             rank=dist.rank, world_size=dist.world_size, strict=cfg.shards.strict)
+                             rank=dist.rank, world_size=dist.world_size, strict=cfg.shards.strict,
+                             balanced=cfg.train.balanced)
     train_loader = make_loader(train_data, cfg.train.num_workers, pin_memory=_pinned(cfg, dist),
                                prefetch_factor=cfg.train.prefetch_factor)
     run = Run(shards, cfg, manifest, dist, args, model, optimizer, None, weight, train_data, train_loader,
@@ -484,7 +493,7 @@ def _train_epoch(run: Run, epoch: int, progress: bool, writer: RunWriter) -> dic
         mix_rng = np.random.default_rng([cfg.train.seed, epoch, run.dist.rank, 7, step])
         loss, logits = _step(run, *mixup(x, y, cfg.train.mixup_alpha, mix_rng), y)
         with torch.no_grad():
-            sums[:3] += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+            sums[:3] += torch.stack([loss.detach().double() * len(y), top1_hits(logits, y).double(),
                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step,
                                          first_bad_step)  # on the device: no sync per step
@@ -546,10 +555,7 @@ def _step(run: Run, x: torch.Tensor, y_mix: torch.Tensor, lam: float,
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         logits = run.ddp_model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=run.weight, label_smoothing=cfg.train.label_smoothing)
-        if lam < 1.0:
-            loss = lam * loss + (1 - lam) * F.cross_entropy(
-                logits.float(), y_mix, weight=run.weight, label_smoothing=cfg.train.label_smoothing)
+        loss = mixed_loss(logits, y, y_mix, lam, run.weight, cfg.train.label_smoothing)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
@@ -566,11 +572,14 @@ def _validate(run: Run, record: dict[str, Any]) -> dict[str, Any]:
         cfg = run.cfg
         pred = predict_split(run.eval_model, run.manifest, "val", run.device, cfg.train.batch_size,
                              cfg.train.num_workers, cfg.shards.strict)
-        val_loss = F.cross_entropy(torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()).item()
+        logits, y = torch.from_numpy(pred["logits"]), torch.from_numpy(pred["y"]).long()
+        val_loss = mixed_loss(logits, y, y, 1.0).item()
         metrics = summarize(pred, run.manifest.classes, loss=val_loss)
     else:
         metrics = {"loss": record["train_loss"], "chunk": {"accuracy": math.nan, "macro_f1": math.nan},
                    "clip": {"macro_f1": math.nan}}
     record.update({"val_loss": metrics["loss"], "val_accuracy": metrics["chunk"]["accuracy"],
                    "val_macro_f1": metrics["chunk"]["macro_f1"], "val_clip_macro_f1": metrics["clip"]["macro_f1"]})
+    if "mAP" in metrics["clip"]:  # a multi-label run: the threshold-free figure, shown per epoch
+        record["val_mAP"] = metrics["clip"]["mAP"]
     return metrics

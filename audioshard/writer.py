@@ -62,9 +62,12 @@ class SplitWriter:
         self.file: _HashingFile | None = None
         self.shards: list[dict[str, Any]] = []
 
-    def add(self, mel: np.ndarray, label: int, source_index: int, starts: np.ndarray) -> None:
+    def add(self, mel: np.ndarray, label: int, source_index: int, starts: np.ndarray,
+            hot: np.ndarray | None = None) -> None:
+        """One recording's chunks; `hot`: its multi-hot classes row (multi-label builds only)."""
         n = len(mel)
-        self.pending.append((mel, np.full(n, label, np.int16), np.full(n, source_index, np.int32), starts))
+        fields = (mel, np.full(n, label, np.int16), np.full(n, source_index, np.int32), starts)
+        self.pending.append(fields if hot is None else (*fields, np.tile(hot, (n, 1))))
         self.pending_count += n
         while self.pending_count >= self.block_size:
             self._write_block(self.block_size)
@@ -80,10 +83,12 @@ class SplitWriter:
             self.file = _HashingFile(self.out_dir / name)
             self.writer = wds.TarWriter(self.file, mtime=0, user="audioshard", group="audioshard")
             self.shards.append({"file": name, "samples": 0})
-        mel, label, source, start = block
-        self.writer.write({"__key__": f"{self.split}-{self.blocks_written:08d}", "mel.npy": _npy_bytes(mel),
-                           "label.npy": _npy_bytes(label), "source.npy": _npy_bytes(source),
-                           "start.npy": _npy_bytes(start)})
+        mel, label, source, start = block[:4]
+        members = {"__key__": f"{self.split}-{self.blocks_written:08d}", "mel.npy": _npy_bytes(mel),
+                   "label.npy": _npy_bytes(label), "source.npy": _npy_bytes(source), "start.npy": _npy_bytes(start)}
+        if len(block) > 4:  # a multi-label build: the chunks' classes as multi-hot rows
+            members["labels.npy"] = _npy_bytes(block[4])
+        self.writer.write(members)
         self.shards[-1]["samples"] += len(mel)
         self.blocks_written += 1
         if self.blocks_written % self.blocks_per_shard == 0:

@@ -25,7 +25,7 @@ def test_set_overrides_with_types():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "valid keys in [train]: batch_size"),
+    ("train.lrr=1", "valid keys in [train]: balanced, batch_size"),
     ("trian.lr=1", "valid sections: audio"),
     ("train.epochs=ten", "train.epochs: expected int"),
     ("train.epochs=2.5", "train.epochs: expected int"),

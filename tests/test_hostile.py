@@ -782,10 +782,9 @@ def test_csv_rows_naming_one_file_twice_are_reported(tmp_path):
     assert proc.returncode == 0, proc.stderr
     manifest = load_manifest(tmp_path / "out")
     reasons = {(s["path"], s["reason"]) for s in manifest.skipped}
-    assert (str(drones[0]), "list.csv line 2: the same file is listed with labels car, drone; give it one label") \
-        in reasons
-    assert (str(drones[0]), "list.csv line 18: the same file is listed with labels car, drone; give it one label") \
-        in reasons
+    twice = "the same file is listed with labels car, drone; give it one row (several classes: car;drone)"
+    assert (str(drones[0]), f"list.csv line 2: {twice}") in reasons
+    assert (str(drones[0]), f"list.csv line 18: {twice}") in reasons
     assert (str(cars[0]), "list.csv line 19: the same file as line 10 (used once)") in reasons
     used = [s for split in manifest.split_names for s in manifest.sources(split)]
     assert len(used) == len(set(used)) == 15 and str(drones[0]) not in used

@@ -259,6 +259,7 @@ class FetchSummary:
     outcomes: list[Outcome] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ignored: Counter = field(default_factory=Counter)
+    build_input: Path | None = None  # what `audioshard build` should read, when not out_dir (a CSV inside it)
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -287,8 +288,8 @@ class FetchSummary:
         if self.exit_code:
             lines.append("nothing could be fetched (see the reasons above)")
         elif self.count("fetched"):
-            lines.append(f"provenance in {self.out_dir / SOURCES_NAME}; next: audioshard build {self.out_dir} "
-                         "--out shards/")
+            lines.append(f"provenance in {self.out_dir / SOURCES_NAME}; next: audioshard build "
+                         f"{self.build_input or self.out_dir} --out shards/")
         return "\n".join(lines)
 
 

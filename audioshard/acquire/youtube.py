@@ -82,6 +82,8 @@ class Link:
     """One line of work: a URL (video, playlist, channel, direct audio link) and where it goes.
 
     `start`/`end` are seconds (None: from the beginning / to the end); `where` locates the link for messages.
+    `folder` is the folder under RAW when it is not `label` (AudioSet clips: one folder, several labels,
+    the labels recorded in sources.csv's `label` column joined by `;`).
     """
 
     url: str
@@ -89,6 +91,7 @@ class Link:
     start: float | None = None
     end: float | None = None
     where: str = ""
+    folder: str = ""
 
     @property
     def segment(self) -> bool:
@@ -399,7 +402,7 @@ class _Fetch:
             path.unlink(missing_ok=True)
             return self._report(Outcome("failed", url, problem), budget)
         stem = safe_name(str(info["id"])) + segment_suffix(link.start, link.end)
-        rel = place_file(path, self.out, link.label, stem)
+        rel = place_file(path, self.out, link.folder or link.label, stem)
         self.sources.add({
             "path": rel, "label": link.label, "url": url, "link": link.url, "extractor": extractor.lower(),
             "id": info["id"], "title": info.get("title"), "uploader": info.get("uploader") or info.get("channel"),
