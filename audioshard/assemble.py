@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from audioshard import __version__, labels
+from audioshard import __version__
 from audioshard.acquire.common import provenance_rows
 from audioshard.config import Config
 from audioshard.errors import BuildError
@@ -48,11 +48,12 @@ class SplitTally:
     seconds: float = 0.0
     silent_chunks: int = 0
 
-    def add(self, rel: str, label: str, chunks: int, seconds: float, silent: int) -> int:
+    def add(self, rel: str, label: str, chunks: int, seconds: float, silent: int,
+            names: tuple[str, ...] | None = None) -> int:
         """Count one recording; returns its index in `sources`."""
         self.sources.append(rel)
         self.labels.append(label)
-        for name in labels.parse(label):  # a multi-label recording counts in each of its classes
+        for name in names or (label,):  # a multi-label recording counts in each of its classes
             self.class_counts[name] += chunks
             self.recordings[name] += 1
         self.seconds += seconds

@@ -370,7 +370,7 @@ def _build_into(staging: Path, input_path: str | Path, found: Discovery, cfg: Co
     """Decode, featurise and write every shard into `staging`; returns the manifest to commit."""
     assignment, split_notes = split_sources(found.sources, cfg.split.val_fraction, cfg.split.test_fraction,
                                             cfg.split.seed)
-    classes = labels.class_names(s.label for s in found.sources)
+    classes = labels.class_names(s.names for s in found.sources)
     jobs = _write_order(found.sources, assignment, cfg.split.seed)
     if part is not None:
         jobs = jobs[part[0]::part[1]]  # disjoint parts, each in the one-shot build's order
@@ -429,8 +429,9 @@ class _Packer:
         self.skipped = list(found.skipped) if with_skips else []
         self.assignment = assignment
         self.label_of = {s.rel: s.label for s in found.sources}
+        self.names_of = {s.rel: s.names for s in found.sources}
         self.class_index = {name: i for i, name in enumerate(classes)}
-        self.multilabel = labels.is_multilabel(self.label_of.values())  # then chunks carry multi-hot rows too
+        self.multilabel = labels.is_multilabel(self.names_of.values())  # then chunks carry multi-hot rows too
         self.audio_hours = self.longest = 0.0
 
     def add(self, result: FileResult) -> None:
@@ -440,9 +441,11 @@ class _Packer:
             return
         self.longest = max(self.longest, result.seconds)
         split, label = self.assignment[result.rel], self.label_of[result.rel]
-        index = self.tallies[split].add(result.rel, label, len(result.mel), result.seconds, result.silent_chunks)
-        first = self.class_index[labels.parse(label)[0]]
-        hot = labels.multi_hot(label, self.class_index) if self.multilabel else None
+        names = self.names_of[result.rel]
+        index = self.tallies[split].add(result.rel, label, len(result.mel), result.seconds, result.silent_chunks,
+                                        names)
+        first = self.class_index[names[0]]
+        hot = labels.multi_hot(names, self.class_index) if self.multilabel else None
         self.writers[split].add(result.mel, first, index, result.starts, hot)
         self.stats.add(result.stats)
 

@@ -234,7 +234,7 @@ def _discover_csv(csv_path: Path, cfg: Config) -> Discovery:
                 found.skipped.append({"path": rel, "reason": f"{csv_path.name} line {line}: file not found ({path})"})
                 continue
             group = (row.get("group") or "").strip() or group_of(rel, cfg.split.group_regex)
-            found.sources.append(Source(str(path.resolve()), rel, label, group, split))
+            found.sources.append(Source(str(path.resolve()), rel, label, group, split, labels.parse(label)))
             lines.append(line)
     if outside:
         found.warnings.append(f"{outside} rows of {csv_path.name} name files outside its folder {folder} and were "
@@ -253,7 +253,7 @@ def _add_url_row(found: Discovery, lines: list[int], url: str, label: str, split
                               f"use {', '.join(s + '://' for s in urls.AUDIO_SCHEMES)} or a local path"})
         return
     group = (row.get("group") or "").strip() or group_of(url, cfg.split.group_regex)
-    found.sources.append(RemoteSource(url, url, label, group, split))
+    found.sources.append(RemoteSource(url, url, label, group, split, labels.parse(label)))
     lines.append(line)
 
 

@@ -29,17 +29,18 @@ def joined(cell: str) -> str:
     return SEPARATOR.join(parse(cell))
 
 
-def class_names(cells: Iterable[str]) -> list[str]:
-    """Every class named by any cell, sorted (for single-label data: the sorted distinct labels, as before)."""
-    return sorted({name for cell in cells for name in parse(cell)})
+def class_names(recordings: Iterable[tuple[str, ...]]) -> list[str]:
+    """Every class of any recording (each given as its tuple of classes), sorted: for single-label data the
+    sorted distinct labels, as before."""
+    return sorted({name for names in recordings for name in names})
 
 
-def is_multilabel(cells: Iterable[str]) -> bool:
-    return any(len(parse(cell)) > 1 for cell in cells)
+def is_multilabel(recordings: Iterable[tuple[str, ...]]) -> bool:
+    return any(len(names) > 1 for names in recordings)
 
 
-def multi_hot(cell: str, class_index: dict[str, int]) -> np.ndarray:
-    """(classes,) uint8: 1 for each class of the cell."""
+def multi_hot(names: tuple[str, ...], class_index: dict[str, int]) -> np.ndarray:
+    """(classes,) uint8: 1 for each of the classes."""
     row = np.zeros(len(class_index), np.uint8)
-    row[[class_index[name] for name in parse(cell)]] = 1
+    row[[class_index[name] for name in names]] = 1
     return row

@@ -24,9 +24,11 @@ class Source:
     Attributes:
         path: absolute path of the file.
         rel: the name recorded in the manifest (relative to the input folder or CSV).
-        label: class name.
+        label: class name (several classes: a CSV cell's classes joined by `;`).
         group: recordings with the same group always share a split.
         split: a split fixed by the user (CSV `split` column), or None to let the splitter decide.
+        classes: a CSV row's classes (`labels.parse` of its cell); None: the one class `label` (a folder's
+            name is a class name whatever it holds, `;` included).
     """
 
     path: str
@@ -34,6 +36,12 @@ class Source:
     label: str
     group: str
     split: str | None = None
+    classes: tuple[str, ...] | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The recording's classes."""
+        return self.classes if self.classes is not None else (self.label,)
 
 
 def group_of(rel: str, group_regex: str) -> str:
@@ -77,7 +85,7 @@ def split_sources(sources: list[Source], val_fraction: float, test_fraction: flo
         free_groups[primary].append(group)
 
     rng = random.Random(seed)
-    if labels.is_multilabel(s.label for s in sources):
+    if labels.is_multilabel(s.names for s in sources):
         free = sorted(g for groups in free_groups.values() for g in groups)
         fixed.update(_stratified_multilabel({g: members[g] for g in free}, val_fraction, test_fraction, rng, notes))
         free_groups.clear()
@@ -118,7 +126,7 @@ def _stratified_multilabel(members: dict[str, list[Source]], val_fraction: float
     is placed first, each of its groups into the split that still wants most of that class (then most groups
     overall); so rare classes are spread before common ones fill the splits."""
     fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
-    classes_of = {g: {name for s in group for name in labels.parse(s.label)} for g, group in members.items()}
+    classes_of = {g: {name for s in group for name in s.names} for g, group in members.items()}
     totals = Counter(name for names in classes_of.values() for name in names)
     wanted = {split: {name: share * totals[name] for name in totals} for split, share in fractions.items()}
     room = {split: share * len(members) for split, share in fractions.items()}

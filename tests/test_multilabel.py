@@ -44,9 +44,11 @@ def mixtures(tmp_path_factory) -> tuple[Path, Path]:
 def test_label_cells_name_several_classes_and_one_class_stays_as_it_was():
     assert labels.parse(" drone ; speech;drone;") == ("drone", "speech")
     assert labels.joined("car") == "car" and labels.joined("speech ;car") == "speech;car"
-    assert labels.class_names(["car", "speech;drone", "car"]) == ["car", "drone", "speech"]
-    assert not labels.is_multilabel(["car", "drone"]) and labels.is_multilabel(["car", "car;drone"])
-    assert labels.multi_hot("speech;car", {"car": 0, "drone": 1, "speech": 2}).tolist() == [1, 0, 1]
+    assert labels.class_names([("car",), ("speech", "drone"), ("car",)]) == ["car", "drone", "speech"]
+    assert not labels.is_multilabel([("car",), ("drone",)]) and labels.is_multilabel([("car",), ("car", "drone")])
+    assert labels.multi_hot(("speech", "car"), {"car": 0, "drone": 1, "speech": 2}).tolist() == [1, 0, 1]
+    # a folder's name is one class, `;` or not: only a CSV cell lists several
+    assert Source("/a/x.wav", "x.wav", "rock;pop", "x.wav").names == ("rock;pop",)
 
 
 def test_the_multilabel_split_keeps_every_class_in_every_split_and_groups_whole():
@@ -56,7 +58,8 @@ def test_the_multilabel_split_keeps_every_class_in_every_split_and_groups_whole(
     sources = []
     for group in range(200):
         chosen = [n for n, p in zip(names, [0.6, 0.4, 0.3, 0.2, 0.06], strict=True) if rng.random() < p] or ["a"]
-        sources += [Source(f"/x/{group}-{i}.wav", f"{group}-{i}.wav", ";".join(chosen), f"g{group}") for i in range(2)]
+        sources += [Source(f"/x/{group}-{i}.wav", f"{group}-{i}.wav", ";".join(chosen), f"g{group}",
+                           classes=tuple(chosen)) for i in range(2)]
     assignment, notes = split_sources(sources, 0.15, 0.15, seed=0)
     by_group = {}
     for s in sources:
@@ -77,7 +80,7 @@ def test_a_mixture_build_carries_each_recordings_classes_to_every_batch(mixtures
     assert manifest.multilabel and manifest.classes == ["car", "drone", "speech"]
     assert "labels.npy" in manifest.block_members and manifest.data["multilabel"] is True
     with open(listing, newline="") as stream:
-        truth = {row["path"]: labels.multi_hot(row["label"], {"car": 0, "drone": 1, "speech": 2}).tolist()
+        truth = {row["path"]: labels.multi_hot(labels.parse(row["label"]), {"car": 0, "drone": 1, "speech": 2}).tolist()
                  for row in csv.DictReader(stream)}
     for workers in (0, 2):
         batches = list(open_shards(str(build), "train", batch_size=8, num_workers=workers, augment=False))
