@@ -108,15 +108,19 @@ def tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def board_confusion(run_dir: Path) -> None:
-    """The val confusion matrix as an image in the run's TensorBoard log, at the end of training."""
+def board_final(run_dir: Path, results: dict[str, Any]) -> None:
+    """What the run's TensorBoard log gets at the end of training: the val confusion matrix as an image, or
+    for a multi-label run each class's val average precision and F1 at its threshold (recording level)."""
     import matplotlib.image
 
-    image = run_dir / "val_confusion_matrix.png"
+    image, val = run_dir / "val_confusion_matrix.png", results.get("val", {})
+    board = tensorboard_writer(run_dir)
     if image.exists():
-        board = tensorboard_writer(run_dir)
         board.add_image("val/confusion_matrix", matplotlib.image.imread(image)[..., :3], dataformats="HWC")
-        board.close()
+    for name, row in val.get("clip", {}).get("per_class", {}).items() if val.get("multilabel") else ():
+        board.add_scalar(f"val_AP/{name}", row["ap"], results["best_epoch"])
+        board.add_scalar(f"val_F1/{name}", row["f1"], results["best_epoch"])
+    board.close()
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -209,7 +213,7 @@ def finalize(model: torch.nn.Module, manifest: Manifest, run_dir: Path, cfg: Con
         if history:  # after metrics.json: a picture that cannot be drawn is reported, never costs the results
             draw(run_dir / "training_curves.png", plot_curves, history, run_dir / "training_curves.png")
         if cfg.train.tensorboard:
-            board_confusion(run_dir)
+            board_final(run_dir, results)
         report(run_dir)
         matrix = "" if manifest.multilabel else "val_confusion_matrix.png, "  # no one cell per chunk to count
         print0(f"artifacts in {run_dir}/: best_model.pt, last.pt, history.jsonl, metrics.json, val_report.txt, "

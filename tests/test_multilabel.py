@@ -96,7 +96,8 @@ def test_a_mixture_build_carries_each_recordings_classes_to_every_batch(mixtures
 @pytest.fixture(scope="module")
 def trained(mixtures, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("mlrun") / "run"
-    metrics = train(str(mixtures[1]), run, load_config(overrides=[*TINY_TRAIN, "train.epochs=4"]), progress=False)
+    cfg = load_config(overrides=[*TINY_TRAIN, "train.epochs=4", "train.tensorboard=true"])
+    metrics = train(str(mixtures[1]), run, cfg, progress=False)
     return run, metrics
 
 
@@ -112,6 +113,11 @@ def test_train_evaluate_predict_and_export_a_multilabel_model(mixtures, trained,
                                                     for c in card.classes]
     assert "mAP" in (run / "test_report.txt").read_text() and "mAP" in (run / "report.html").read_text()
     assert np.load(run / "test_pred_labels.npy").shape[1] == 3
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("val/mAP")] == [1, 2, 3, 4]
+    assert events.Scalars("val_AP/drone")[-1].value == pytest.approx(metrics["val"]["clip"]["per_class"]["drone"]["ap"])
 
     with open(listing, newline="") as stream:
         held_out = [row for row in csv.DictReader(stream) if row["split"] == "test"][:3]
