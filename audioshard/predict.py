@@ -357,11 +357,13 @@ class PredictSummary:
 class _Writer:
     """Writes results as they come (table, csv) or at the end (json)."""
 
-    def __init__(self, fmt: str, classes: list[str], per_chunk: bool, out: TextIO, name_width: int):
+    def __init__(self, fmt: str, classes: list[str], per_chunk: bool, out: TextIO, name_width: int,
+                 multilabel: bool = False):
         self.fmt, self.classes, self.per_chunk, self.out = fmt, classes, per_chunk, out
         self.width = max(4, min(name_width, 60))
         self.shown = [printable(c) for c in classes]  # names for the table: control characters made visible
-        self.class_width = max(5, *(len(c) for c in self.shown))
+        # a multi-label answer may name every class: wide enough for all of them, up to a point
+        self.class_width = min(40, len(";".join(self.shown))) if multilabel else max(5, *(len(c) for c in self.shown))
         self.csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         self.records: list[dict[str, Any]] = []
 
@@ -455,7 +457,8 @@ def predict_files(checkpoint: str | Path, inputs: Sequence[str | Path], fmt: str
         summary.adapted = predictor.adapt(files)
         print(f"audioshard predict: BatchNorm statistics adapted on {summary.adapted} chunks of these recordings",
               file=err)
-    writer = _Writer(fmt, predictor.classes, per_chunk, out, max(len(printable(f)) for f in files))
+    writer = _Writer(fmt, predictor.classes, per_chunk, out, max(len(printable(f)) for f in files),
+                     multilabel=predictor.thresholds is not None)
     writer.header()
     for path in files:
         try:
