@@ -180,7 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.schedule": ("constant", "cosine"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
-    "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss"),
+    "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss", "mAP"),
     "model.name": MODEL_NAMES,
     "model.input_norm": ("none", "chunk", "band"),
 }

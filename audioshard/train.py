@@ -129,7 +129,8 @@ def _score(metrics: dict[str, Any], select: str) -> tuple[float, float]:
     """Higher is better: (selection metric, -val loss as tie-breaker)."""
     loss = metrics["loss"]
     value = {"clip_macro_f1": metrics["clip"]["macro_f1"], "macro_f1": metrics["chunk"]["macro_f1"],
-             "accuracy": metrics["chunk"]["accuracy"], "loss": -loss}[select]
+             "accuracy": metrics["chunk"]["accuracy"], "loss": -loss,
+             "mAP": metrics["clip"].get("mAP", math.nan)}[select]
     return (value if not math.isnan(value) else -math.inf, -loss if not math.isnan(loss) else -math.inf)
 
 
@@ -150,6 +151,9 @@ def _check_data(manifest: Manifest, cfg: Config, dist: Dist) -> None:
     if cfg.train.batch_size > samples:
         raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the train split "
                           f"({samples} chunks); lower it, e.g. --set train.batch_size={max(1, samples // 4)}")
+    if cfg.train.select_metric == "mAP" and not manifest.multilabel:
+        raise ConfigError(f"train.select_metric = 'mAP' is for multi-label builds; {manifest.root} holds one class per "
+                          "recording: pick 'clip_macro_f1', 'accuracy' or 'last'")
     if cfg.train.balanced and manifest.multilabel:
         raise ConfigError(f"train.balanced = true: {manifest.root} is a multi-label build, whose chunks hold several "
                           "classes each, and balanced sampling counts one class per chunk; set train.balanced = false")

@@ -4,6 +4,7 @@ car and speech recordings with known labels, built, streamed, trained, evaluated
 import csv
 import dataclasses
 import io
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_a_mixture_build_carries_each_recordings_classes_to_every_batch(mixtures
 @pytest.fixture(scope="module")
 def trained(mixtures, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("mlrun") / "run"
-    cfg = load_config(overrides=[*TINY_TRAIN, "train.epochs=4", "train.tensorboard=true"])
+    cfg = load_config(overrides=[*TINY_TRAIN, "train.epochs=4", "train.tensorboard=true", "train.select_metric=mAP"])
     metrics = train(str(mixtures[1]), run, cfg, progress=False)
     return run, metrics
 
@@ -116,7 +117,11 @@ def test_train_evaluate_predict_and_export_a_multilabel_model(mixtures, trained,
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    maps = [e.value for e in events.Scalars("val/mAP")]
     assert [e.step for e in events.Scalars("val/mAP")] == [1, 2, 3, 4]
+    losses = [json.loads(line)["val_loss"] for line in (run / "history.jsonl").read_text().splitlines()]
+    best = max(range(4), key=lambda i: (maps[i], -losses[i], -i))  # the first of the best (mAP, then lower loss)
+    assert metrics["best_epoch"] == best + 1  # train.select_metric = "mAP"
     assert events.Scalars("val_AP/drone")[-1].value == pytest.approx(metrics["val"]["clip"]["per_class"]["drone"]["ap"])
 
     with open(listing, newline="") as stream:
@@ -179,3 +184,11 @@ def test_balanced_sampling_on_a_multilabel_build_is_a_clear_error_before_trainin
         train(str(mixtures[1]), tmp_path / "run", load_config(overrides=[*TINY_TRAIN, "train.balanced=true"]),
               progress=False)
     assert not (tmp_path / "run" / "best_model.pt").exists()
+
+
+def test_select_metric_map_on_a_single_label_build_is_a_clear_error(real_build, tmp_path):
+    from audioshard.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'mAP' is for multi-label builds"):
+        train(str(real_build), tmp_path / "run", load_config(overrides=[*TINY_TRAIN, "train.select_metric=mAP"]),
+              progress=False)
