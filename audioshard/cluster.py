@@ -25,17 +25,14 @@ Dask: `Client.get_executor()` is a `concurrent.futures.Executor`, so a Dask clus
 (the optional extra `cluster` installs `distributed`).
 
 Ray has no Executor of its own (a RayExecutor was proposed several times, ray-project/ray#29456, never
-merged), but `ObjectRef.future()` gives a `concurrent.futures.Future`, which is all `build_on` needs.
-A recipe (not tested here: Ray is not installed in this project's environments):
+merged), but `ObjectRef.future()` gives a `concurrent.futures.Future`, which is all `build_on` needs:
+`RayExecutor` below is that seam (the optional extra `ray` installs Ray; tests/test_cluster.py runs it on a
+local Ray cluster):
 
     import ray
-    from concurrent.futures import Executor
+    from audioshard.cluster import RayExecutor, build_on
 
-    class RayExecutor(Executor):
-        def submit(self, fn, /, *args, **kwargs):  # one Ray task per part; build_on does the retries
-            return ray.remote(max_retries=0)(fn).remote(*args, **kwargs).future()
-
-    ray.init(address="auto")
+    ray.init(address="auto")                                   # the cluster's head (or ray.init() here)
     manifest = build_on(RayExecutor(), "s3://bucket/raw/", "/shared/shards", cfg, parts=64)
 
 Or without build_on: `ray.get([ray.remote(build_part).remote(input, out, cfg, i, N, 1) for i in range(N)])`,
@@ -130,6 +127,17 @@ def _verify(out_dir: str) -> None:
     good, report = verify_build(out_dir)
     if not good:
         raise BuildError(f"{out_dir}: the merged build does not verify:\n{report}")
+
+
+class RayExecutor(Executor):
+    """A `concurrent.futures.Executor` over a running Ray cluster (`ray.init()` first): each call is one Ray
+    task, returned as the task's `concurrent.futures.Future`. Ray's own retries are off (`max_retries=0`):
+    `build_on` retries a failed part itself and names it when it keeps failing."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        import ray
+
+        return ray.remote(max_retries=0)(fn).remote(*args, **kwargs).future()
 
 
 def dask_executor(scheduler: str):

@@ -1,7 +1,7 @@
 """Part builds on a real executor, in a process of their own (run by tests/test_cluster.py): a Dask cluster starts
 helper processes (its workers, a resource tracker) that would otherwise outlive the test inside pytest.
 
-    python tests/cluster_run.py RAW OUT pool|dask [--kill]
+    python tests/cluster_run.py RAW OUT pool|dask|ray [--kill]
 
 Prints one JSON line: {"killed_while_writing": bool or null}."""
 
@@ -36,13 +36,23 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("raw", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("executor", choices=["pool", "dask"])
+    parser.add_argument("executor", choices=["pool", "dask", "ray"])
     parser.add_argument("--kill", action="store_true")
     args = parser.parse_args()
     cfg, result = load_config(overrides=SMALL_BUILD), {"killed_while_writing": None}
     if args.executor == "pool":
         with ProcessPoolExecutor(2) as pool:
             build_on(pool, args.raw, args.out, cfg, parts=3, log=lambda line: None)
+    elif args.executor == "ray":
+        import ray
+
+        from audioshard.cluster import RayExecutor
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            build_on(RayExecutor(), args.raw, args.out, cfg, parts=2, log=lambda line: None)
+        finally:
+            ray.shutdown()
     else:
         import distributed
 

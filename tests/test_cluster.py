@@ -40,6 +40,15 @@ def test_parts_on_a_process_pool_merge_into_the_one_shot_build(raw_and_whole, tm
     assert verify_build(str(tmp_path / "out"))[0]
 
 
+def test_parts_as_ray_tasks_merge_into_the_one_shot_build(raw_and_whole, tmp_path):
+    """Ray's seam: `cluster.RayExecutor` on a real local Ray cluster (2 CPUs), one task per part."""
+    raw, whole = raw_and_whole
+    cluster_run(raw, tmp_path / "out", "ray")
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*-of-2")) == ["part-0-of-2", "part-1-of-2"]
+    assert chunk_table(tmp_path / "out") == whole
+    assert verify_build(str(tmp_path / "out"))[0]
+
+
 def test_a_worker_killed_mid_part_on_a_dask_cluster_is_recovered(raw_and_whole, tmp_path):
     raw, whole = raw_and_whole
     result = cluster_run(raw, tmp_path / "out", "dask", "--kill")
