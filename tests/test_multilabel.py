@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_TRAIN
+from conftest import DCS, TINY_TRAIN
 from webdataset.tariterators import group_by_keys
 
 from audioshard import labels
@@ -29,14 +29,13 @@ from audioshard.train import train
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from mixtures import make_mixtures  # noqa: E402 - the recipe's generator, importable once recipes/ is on the path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "drone_car_speech"
 
 
 @pytest.fixture(scope="module")
 def mixtures(tmp_path_factory) -> tuple[Path, Path]:
     """(listing CSV, build) of 48 five-second mixtures, labels exactly the classes mixed in."""
     folder = tmp_path_factory.mktemp("mix")
-    listing = make_mixtures(DATA, folder / "audio", 48, seed=1)
+    listing = make_mixtures(DCS, folder / "audio", 48, seed=1)
     out = folder / "shards"
     build_shards(listing, out, load_config(overrides=["shards.block_size=16"]), workers=2, progress=False)
     return listing, out
