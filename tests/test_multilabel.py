@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from mixtures import make_mixtures  # noqa: E402 - the recipe's generator, importable once recipes/ is on the path
 
 
-
 @pytest.fixture(scope="module")
 def mixtures(tmp_path_factory) -> tuple[Path, Path]:
     """(listing CSV, build) of 48 five-second mixtures, labels exactly the classes mixed in."""
