@@ -83,10 +83,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def _build_parts(args: argparse.Namespace, cfg: Config) -> int:
     """`build --parts N [--scheduler ADDRESS]`: the parts as tasks on an executor, then merged and verified."""
-    from concurrent.futures import ProcessPoolExecutor
-
     from audioshard.build import BuildError
-    from audioshard.cluster import build_on, dask_executor
+    from audioshard.cluster import ProcessPool, build_on, dask_executor
     from audioshard.info import format_info
     from audioshard.manifest import Manifest
 
@@ -95,7 +93,7 @@ def _build_parts(args: argparse.Namespace, cfg: Config) -> int:
     if args.scheduler:
         client, executor = dask_executor(args.scheduler)
     else:
-        client, executor = None, ProcessPoolExecutor(min(args.parts, os.cpu_count() or 1))
+        client, executor = None, ProcessPool(min(args.parts, os.cpu_count() or 1))
     try:
         manifest = build_on(executor, args.input, args.out, cfg, args.parts, workers=args.workers or 1,
                             log=lambda line: print(printable(line), flush=True), staging=args.staging,

@@ -4,9 +4,8 @@
     audioshard build raw/ --out shards/ --parts 8 --scheduler local                  # a LocalCluster here
     audioshard build s3://bucket/raw/ --out s3://bucket/shards/ --parts 8 --scheduler local   # bucket to bucket
 
-    from concurrent.futures import ProcessPoolExecutor
-    from audioshard.cluster import build_on
-    with ProcessPoolExecutor(4) as pool:
+    from audioshard.cluster import ProcessPool, build_on
+    with ProcessPool(4) as pool:         # a concurrent.futures.ProcessPoolExecutor that survives a killed worker
         manifest = build_on(pool, "raw/", "shards/", cfg, parts=8)
 
 A build is split into N parts that share nothing but the input list (the split and write order are
@@ -41,7 +40,8 @@ then `merge_parts(out)` and `audioshard verify out`.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, Future, wait
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ def _parts_merged(executor: Executor, input_path: str, out_dir: str, cfg: Config
             if error is None:
                 log(f"part {index + 1}/{parts} done: {future.result()}")
                 continue
-            failures.setdefault(index, []).append(f"{type(error).__name__}: {error}")
+            failures.setdefault(index, []).append(_failure(error))
             if len(failures[index]) > retries:
                 raise BuildError(f"part {index} of {parts} failed {len(failures[index])} times; last: "
                                  f"{failures[index][-1]}")
@@ -121,12 +121,42 @@ def _parts_merged(executor: Executor, input_path: str, out_dir: str, cfg: Config
     return manifest
 
 
+def _failure(error: BaseException) -> str:
+    if isinstance(error, BrokenProcessPool):  # the pool cannot say which of its tasks the dead process ran
+        return ("a worker process died (killed, or out of memory: see `dmesg`); every part running in the "
+                "pool at that moment failed with it")
+    return f"{type(error).__name__}: {error}"
+
+
 def _verify(out_dir: str) -> None:
     from audioshard.info import verify_build
 
     good, report = verify_build(out_dir)
     if not good:
         raise BuildError(f"{out_dir}: the merged build does not verify:\n{report}")
+
+
+class ProcessPool(Executor):
+    """Local worker processes that outlive the death of one of them (`build --parts N` without a scheduler).
+
+    A `ProcessPoolExecutor` whose process dies (SIGKILL, the kernel's out-of-memory killer) is broken for
+    good: its pending tasks fail with `BrokenProcessPool` and every later `submit` raises it, so a part could
+    never be submitted again. This one starts a fresh pool of the same size then, and `build_on` retries."""
+
+    def __init__(self, workers: int):
+        self._workers = workers
+        self._pool = ProcessPoolExecutor(workers)
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        try:
+            return self._pool.submit(fn, *args, **kwargs)
+        except BrokenProcessPool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ProcessPoolExecutor(self._workers)
+            return self._pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 class RayExecutor(Executor):

@@ -40,6 +40,17 @@ def test_parts_on_a_process_pool_merge_into_the_one_shot_build(raw_and_whole, tm
     assert verify_build(str(tmp_path / "out"))[0]
 
 
+def test_a_worker_killed_mid_part_in_the_local_process_pool_is_recovered(raw_and_whole, tmp_path):
+    """`build --parts N` without a scheduler: a ProcessPoolExecutor is broken for good once one of its processes
+    dies (every later submit raises BrokenProcessPool); `cluster.ProcessPool` starts a fresh one and the parts
+    that failed with it are built again."""
+    raw, whole = raw_and_whole
+    result = cluster_run(raw, tmp_path / "out", "pool", "--kill")
+    assert result["killed_while_writing"] is True
+    assert chunk_table(tmp_path / "out") == whole
+    assert verify_build(str(tmp_path / "out"))[0]
+
+
 def test_parts_as_ray_tasks_merge_into_the_one_shot_build(raw_and_whole, tmp_path):
     """Ray's seam: `cluster.RayExecutor` on a real local Ray cluster (2 CPUs), one task per part."""
     raw, whole = raw_and_whole
