@@ -25,13 +25,12 @@ import torch
 from audioshard.audio import ChunkRules
 from audioshard.config import CHOICES, MAX_OVERLAP, MAX_WIDTH  # one bound for settings and files alike
 from audioshard.errors import AudioshardError
-from audioshard.manifest import Manifest
+from audioshard.manifest import MAX_CLASSES, Manifest  # one bound for builds and checkpoints
 from audioshard.models import MODELS, build_model
 from audioshard.params import FeatureParams, feature_params_problem
 
 CHECKPOINT_FORMAT = "audioshard-checkpoint"
 CHECKPOINT_VERSION = 1
-MAX_CLASSES = 100_000
 MAX_CHECKPOINT_BYTES = 4 << 30  # last.pt at MAX_WIDTH with Adam's two moments and averaged weights: ~1.5 GB
 
 # What a checkpoint from a stranger may hold. The safe loader keeps shared references, so a 112 KB file can

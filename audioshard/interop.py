@@ -10,6 +10,8 @@ per chunk:
         chunk["label"]    # class index into the manifest's `classes`
         chunk["source"]   # recording index into the split's recordings ({split}-recordings.jsonl)
         chunk["start"]    # seconds into that recording
+        chunk["labels"]   # multi-label builds only: (classes,) uint8, 1 for every class the chunk carries
+                          # ("label" is then its first class)
 
 The members are parsed as `ShardStream` parses them: headers checked before any data is touched,
 never unpickled, sizes bounded, NaN and out-of-range values refused (`ShardDataError`).
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from audioshard.manifest import BLOCK_MEMBERS, MAX_BLOCK_SIZE
+from audioshard.manifest import BLOCK_MEMBERS, MAX_BLOCK_SIZE, MAX_CLASSES
 from audioshard.params import MAX_FRAMES, MAX_MELS
 from audioshard.shardfile import ShardDataError, _finite_float16, decode_npy, npy_header
 
@@ -36,9 +38,13 @@ def unblock(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for sample in samples:
         where = f"{sample.get('__url__')} key {sample.get('__key__')}"
         mel, label, source, start = _block_arrays(sample, where)
+        hot = _multi_hot(sample["labels.npy"], len(mel), where) if "labels.npy" in sample else None
         for i in range(len(mel)):
-            yield {"__key__": f"{sample.get('__key__')}/{i:04d}", "__url__": sample.get("__url__"),
-                   "mel": mel[i], "label": int(label[i]), "source": int(source[i]), "start": float(start[i])}
+            chunk = {"__key__": f"{sample.get('__key__')}/{i:04d}", "__url__": sample.get("__url__"),
+                     "mel": mel[i], "label": int(label[i]), "source": int(source[i]), "start": float(start[i])}
+            if hot is not None:
+                chunk["labels"] = hot[i]
+            yield chunk
 
 
 def unblock_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -46,7 +52,8 @@ def unblock_batch(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
     remove_columns=...)`, where a batch is a dict of columns (webdataset's member names)."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     chunks = list(unblock(rows))
-    return {key: [c[key] for c in chunks] for key in ("mel", "label", "source", "start")}
+    keys = ("mel", "label", "source", "start") + (("labels",) if "labels.npy" in batch else ())
+    return {key: [c[key] for c in chunks] for key in keys}
 
 
 def _block_arrays(sample: dict[str, Any], where: str) -> tuple[np.ndarray, ...]:
@@ -86,6 +93,26 @@ def _member(value: Any, dtype: str, rows: int | None, where: str) -> np.ndarray:
         raise ShardDataError(f"{where}: expected .npy bytes or an array, got {type(value).__name__}")
     tail = () if rows is not None else _mel_tail(bytes(value[:4096]), where)  # the header is at the start
     return decode_npy(bytes(value), dtype, tail, rows if rows is not None else MAX_BLOCK_SIZE, where)
+
+
+def _multi_hot(value: Any, rows: int, where: str) -> np.ndarray:
+    """A multi-label block's `labels.npy`: one row of 0/1 per chunk, as many columns as the build has classes
+    (from the header: no manifest here to say how many, so bounded like any block member)."""
+    where = f"{where} labels.npy"
+    if isinstance(value, np.ndarray | list):
+        hot = np.asarray(value)
+        if hot.ndim != 2 or hot.dtype.kind not in "iub":
+            raise ShardDataError(f"{where}: expected a (chunks, classes) array of 0/1")
+    elif isinstance(value, bytes | bytearray | memoryview):
+        shape = npy_header(bytes(value[:4096]), where)[2]
+        if len(shape) != 2 or not all(type(d) is int for d in shape) or not 0 < shape[1] <= MAX_CLASSES:
+            raise ShardDataError(f"{where}: expected a (chunks, classes) array, got shape {shape!r:.80}")
+        hot = decode_npy(bytes(value), "|u1", (shape[1],), rows, where)
+    else:
+        raise ShardDataError(f"{where}: expected .npy bytes or an array, got {type(value).__name__}")
+    if len(hot) != rows or (hot.size and (hot.min() < 0 or hot.max() > 1)):
+        raise ShardDataError(f"{where}: must hold one row of 0/1 per chunk")
+    return hot.astype(np.uint8, copy=False)
 
 
 def _mel_tail(data: bytes, where: str) -> tuple[int, int]:

@@ -92,6 +92,30 @@ def test_a_mixture_build_carries_each_recordings_classes_to_every_batch(mixtures
                 assert row.tolist() == truth[names[int(source)]]
 
 
+def test_other_tools_reading_chunk_by_chunk_get_each_chunks_multi_hot_row(mixtures):
+    """`audioshard.unblock` (webdataset) and `unblock_batch` (Hugging Face datasets) on a multi-label build."""
+    import webdataset as wds
+
+    from audioshard.interop import unblock, unblock_batch
+
+    _, build = mixtures
+    manifest = load_manifest(build)
+    want = {(int(s), round(float(t), 3)): row.tolist()
+            for b in open_shards(str(build), "train", batch_size=8, augment=False)
+            for s, t, row in zip(b.source, b.start, b.y, strict=True)}
+    urls = sorted(str(p) for p in build.glob("train-*.tar"))
+    chunks = list(wds.WebDataset(urls, shardshuffle=False).compose(unblock))
+    assert {(c["source"], round(c["start"], 3)): c["labels"].tolist() for c in chunks} == want
+    assert len(chunks) == manifest.samples("train") and all(c["labels"][c["label"]] == 1 for c in chunks)
+    block = next(iter(wds.WebDataset(urls[:1], shardshuffle=False)))
+    columns = unblock_batch({key: [value] for key, value in block.items()})
+    assert len(columns["labels"]) == len(columns["mel"]) and columns["labels"][0].shape == (3,)
+    buffer = io.BytesIO()
+    np.save(buffer, np.full((len(columns["mel"]), 3), 2, np.uint8), allow_pickle=False)  # not 0/1
+    with pytest.raises(ShardDataError, match="0/1"):
+        list(unblock([dict(block, **{"labels.npy": buffer.getvalue()})]))
+
+
 @pytest.fixture(scope="module")
 def trained(mixtures, tmp_path_factory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("mlrun") / "run"
