@@ -291,7 +291,18 @@ def _add_preset(parser: argparse.ArgumentParser) -> None:
                         "Cnn14); sets [audio] sample_rate and [features], before any --set (docs/models.md)")
 
 
-class _ExamplesHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where it says something: not "(default: None)" or "(default: False)" (the option is
+    simply off), nor a second time where the help text already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _ExamplesHelpFormatter(_DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults, and keeps description/epilog line breaks (file formats, examples)."""
 
 
@@ -352,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, description: str = ""):
         p = sub.add_parser(name, help=help_text, description=description or help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsHelpFormatter)
         p.set_defaults(handler=handler)
         _add_config_args(p)
         return p

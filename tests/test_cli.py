@@ -23,6 +23,30 @@ def test_help_teaches():
     assert "--set" in run("train", "--help").stdout and "torchrun" in run("train", "--help").stdout
 
 
+def test_every_help_shows_defaults_that_say_something_and_each_once():
+    """`(default: None)` after an option that is simply off, or a default given twice, is noise in --help."""
+    import argparse
+
+    from audioshard.cli import build_parser
+
+    def helps(parser):
+        yield parser.format_help()
+        for action in parser._actions:  # argparse keeps subcommands here only
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from helps(sub)
+
+    texts = list(helps(build_parser()))
+    assert len(texts) > 15  # the top level and every command
+    for text in texts:
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat and "(default: False)" not in flat, text
+    youtube = " ".join(run("fetch", "youtube", "--help").stdout.split())
+    assert "(default: raw)" in youtube and "(default: 3)" in youtube  # a real default still shows
+    report = " ".join(run("report", "--help").stdout.split())
+    assert report.count("default") == report.count("defaults otherwise") + 1  # --shards: said once
+
+
 def test_demo_data_build_info_show_check_train_evaluate_clean(tmp_path):
     raw, shards, runs = tmp_path / "raw", tmp_path / "shards", tmp_path / "run"
     assert "synthetic" in run("demo-data", raw, "--seconds", "30").stdout
