@@ -90,11 +90,13 @@ def discover(input_path: str | Path, cfg: Config) -> Discovery:
     with os.scandir(root) as entries:
         top = sorted(entries, key=lambda entry: entry.name)
     class_names = [e.name for e in top if e.is_dir() and not e.name.startswith(".")]
+    class_names = _without_listed_folders(input_path, class_names, {e.name for e in top if e.is_file()}, found)
     outside = sum(1 for e in top if e.is_file() and e.name != "sources.csv")
     if outside:
         found.ignored["files outside class folders"] = outside
     if not class_names:
-        raise BuildError(f"{input_path}: no class subfolders. Put each class's recordings in its own folder, "
+        raise BuildError(found.warnings[0] if found.warnings else
+                         f"{input_path}: no class subfolders. Put each class's recordings in its own folder, "
                          "e.g. raw/drone/*.wav and raw/car/*.wav, or pass a CSV with columns path,label")
     for name in class_names:
         count = 0
@@ -115,6 +117,18 @@ def discover(input_path: str | Path, cfg: Config) -> Discovery:
     if not cfg.split.group_regex:
         found.sources = _group_by_origin(input_path, found.sources)
     return found
+
+
+def _without_listed_folders(input_path: Path, names: list[str], files: set[str], found: Discovery) -> list[str]:
+    """Folders with a CSV of the same name beside them (RAW/audioset/ and RAW/audioset.csv, as `fetch youtube
+    --audioset` writes them) hold clips whose labels are in that CSV, often several per clip: as a class
+    folder they would all be one class named after the folder. They are left out, and said so."""
+    listed = [name for name in names if f"{name}.csv" in files]
+    for name in listed:
+        found.warnings.append(f"folder {input_path / name} is left out: its clips are listed with their labels in "
+                              f"{input_path / name}.csv; build from that CSV (audioshard build "
+                              f"{input_path / name}.csv --out ...)")
+    return [name for name in names if name not in listed]
 
 
 def _group_by_origin(input_path: Path, sources: list[Source]) -> list[Source]:

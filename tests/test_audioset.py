@@ -211,6 +211,12 @@ def test_cli_fetch_audioset_then_rerun(local_youtube, tmp_path, capsys):
     rows = {row["path"]: row["label"] for s in built.split_names for row in built.recording_rows(s)}
     assert rows == {r["path"]: r["label"] for r in read_csv(raw / "audioset.csv")}
 
+    # RAW itself is not a class-per-folder tree of these clips: its audioset/ folder is no class "audioset".
+    assert main(["build", str(raw), "--out", str(tmp_path / "wrong"), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert f"build from that CSV (audioshard build {raw / 'audioset.csv'}" in err and "Traceback" not in err
+    assert not (tmp_path / "wrong" / "manifest.json").exists()
+
     # Re-run: nothing new is asked for, the files and sources.csv are untouched, the CSV is the same.
     before, csv_before, asked = snapshot(raw), (raw / "sources.csv").read_bytes(), len(requests_log)
     assert main(args) == 0
@@ -251,3 +257,18 @@ def test_cli_audioset_exit_codes_and_refusals(local_youtube, tmp_path, capsys):
         main(["fetch", "youtube", "--help"])
     help_text = capsys.readouterr().out
     assert "--audioset" in help_text and "--ontology" in help_text and "audioset.csv" in help_text
+
+
+def test_a_listed_clip_folder_beside_class_folders_is_left_out_and_said_so(tmp_path):
+    """RAW/drone/, RAW/car/ and an AudioSet fetch (RAW/audioset/ + RAW/audioset.csv) in one RAW: a folder build
+    takes the two class folders and says why audioset/ is not a third class."""
+    from audioshard.config import load_config
+    from audioshard.inputs import discover
+
+    for rel in ("drone/a.wav", "car/b.wav", "audioset/x_0-10.wav", "other/c.wav"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "audioset.csv").write_text("path,label,group\naudioset/x_0-10.wav,Car;Speech,x\n")
+    found = discover(tmp_path, load_config())
+    assert sorted(s.label for s in found.sources) == ["car", "drone", "other"]
+    assert any("audioset is left out" in w and "audioset.csv" in w for w in found.warnings)
