@@ -91,6 +91,7 @@ def run_fold(data: Path, work: Path, val_fold: int, name: str, overrides: list[s
     shards = shards_for(data, work, val_fold, overrides)
     cfg = load_config(overrides=overrides)
     run = work / f"run-{name}-val{val_fold}"
+    code = code_version()  # the code that trains, not what the tree holds when the run ends
     started = time.time()
     if (run / "metrics.json").exists():
         metrics = json.loads((run / "metrics.json").read_text())
@@ -101,7 +102,7 @@ def run_fold(data: Path, work: Path, val_fold: int, name: str, overrides: list[s
     common = {"data": "esc50", "model": cfg.model.name, "split_seed": f"val=fold{val_fold}",
               "best_epoch": metrics["best_epoch"], "train_minutes": minutes,
               "device": device_label() + (" bf16" if metrics.get("bf16_autocast") else ""),
-              "overrides": " ".join(overrides), "code": code_version()}
+              "overrides": " ".join(overrides), "code": code}
     # "val" is the held-out fold: with select_metric = "last" nothing picks on it
     levels = (("clip", "recording"), ("chunk", "chunk"))
     rows = [_row(common, name, level, metrics["val"][key]) for key, level in levels]
