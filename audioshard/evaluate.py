@@ -251,11 +251,11 @@ def predictions_frame(run_dir: str | Path, split: str = "val", shards: str | Non
     (`recording_table`): names exactly as built, from `{split}_predictions.npz` (checked as `report` checks
     it) and the build's recording list (`shards`, default: the build metrics.json names)."""
     from audioshard.manifest import load_manifest
-    from audioshard.report import _predictions, _read_json
+    from audioshard.report import read_metrics, read_predictions
 
     run = Path(run_dir)
-    manifest = load_manifest(shards or _read_json(run / "metrics.json").get("shards") or "")
-    return recording_table(_predictions(run, split, manifest), manifest.classes, manifest.sources(split))
+    manifest = load_manifest(shards or read_metrics(run / "metrics.json").get("shards") or "")
+    return recording_table(read_predictions(run, split, manifest), manifest.classes, manifest.sources(split))
 
 
 def draw(path: Path, plot: Callable[..., Any], *args: Any) -> bool:

@@ -26,7 +26,7 @@ AMIN = 1e-10  # power floor before log10: digital silence maps to 10*log10(AMIN)
 
 
 @lru_cache(maxsize=4)
-def _mel_parts(params: FeatureParams) -> tuple[torch.Tensor, torch.Tensor]:
+def mel_parts(params: FeatureParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(Hann window, mel filterbank (n_fft // 2 + 1, n_mels)), built once per parameter set."""
     window = torch.hann_window(params.n_fft)
     fbank = torchaudio.functional.melscale_fbanks(params.n_fft // 2 + 1, params.f_min, params.f_max, params.n_mels,
@@ -50,7 +50,7 @@ def _reflect_pad(x: torch.Tensor, pad: int) -> torch.Tensor:
 def _mel_power(x: torch.Tensor, params: FeatureParams) -> torch.Tensor:
     """torchaudio's MelSpectrogram(power=2, centred, reflect padding, slaney), computed as re² + im²:
     the same values without the square root and re-squaring of `abs().pow(2)`."""
-    window, fbank = _mel_parts(params)
+    window, fbank = mel_parts(params)
     spec = torch.stft(_reflect_pad(x, params.n_fft // 2), params.n_fft, params.hop_length, window=window,
                       center=False, return_complex=True)
     power = torch.addcmul(spec.real.square(), spec.imag, spec.imag)  # re² + im²: (C, freqs, frames)

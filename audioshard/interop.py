@@ -26,7 +26,7 @@ import numpy as np
 
 from audioshard.manifest import BLOCK_MEMBERS, MAX_BLOCK_SIZE, MAX_CLASSES
 from audioshard.params import MAX_FRAMES, MAX_MELS
-from audioshard.shardfile import ShardDataError, _finite_float16, decode_npy, npy_header
+from audioshard.shardfile import ShardDataError, decode_npy, finite_float16, npy_header
 
 
 def unblock(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -66,7 +66,7 @@ def _block_arrays(sample: dict[str, Any], where: str) -> tuple[np.ndarray, ...]:
                             for name, dtype in (("label.npy", "<i2"), ("source.npy", "<i4"), ("start.npy", "<f4")))
     if not len(label) == len(source) == len(start) == rows:
         raise ShardDataError(f"{where}: members disagree on the number of chunks")
-    if not _finite_float16(mel) or not np.isfinite(start).all():
+    if not finite_float16(mel) or not np.isfinite(start).all():
         raise ShardDataError(f"{where}: NaN or infinite values")
     if label.min() < 0 or source.min() < 0 or start.min() < 0:
         raise ShardDataError(f"{where}: negative label, source or start")

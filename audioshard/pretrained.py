@@ -170,7 +170,7 @@ def check_front_end(theirs: dict[str, torch.Tensor], features: FeatureParams, pa
     Raises:
         PretrainedError: naming what differs and the preset to build with.
     """
-    from audioshard.features import _mel_parts  # torchaudio: only when there is a front end to compare
+    from audioshard.features import mel_parts  # torchaudio: only when there is a front end to compare
 
     melw = theirs.get(MEL_FILTERBANK)
     if melw is None:
@@ -182,7 +182,7 @@ def check_front_end(theirs: dict[str, torch.Tensor], features: FeatureParams, pa
         raise PretrainedError(f"model.init_weights: {path} was trained on features with n_fft {n_fft} and "
                               f"{melw.shape[1]} mel bands; these shards have n_fft {features.n_fft} and "
                               f"{features.n_mels}: {fix}")
-    ours = _mel_parts(features)[1]
+    ours = mel_parts(features)[1]
     if (ours - melw.float()).abs().max() > FILTERBANK_TOLERANCE * melw.abs().max():
         raise PretrainedError(f"model.init_weights: {path} was trained with another mel filterbank (sample rate "
                               f"or f_min/f_max) than these shards' ({features.sample_rate} Hz, "

@@ -47,7 +47,7 @@ def write_report(run_dir: str | Path, shards: str | None = None, fetcher=None) -
             are not the run's (`--shards` naming another build).
     """
     run = Path(run_dir)
-    metrics = _read_json(run / "metrics.json")
+    metrics = read_metrics(run / "metrics.json")
     where = shards or metrics.get("shards") or ""
     manifest = load_manifest(where, fetcher) if fetcher else load_manifest(where)
     classes = manifest.classes
@@ -56,7 +56,7 @@ def write_report(run_dir: str | Path, shards: str | None = None, fetcher=None) -
     if manifest.multilabel:  # per-class figures from metrics.json; no confusion or single "wrong" class to show
         body += [_multilabel_section(s, metrics[s], classes) for s in ("val", "test") if s in metrics]
     else:
-        preds = {s: _predictions(run, s, manifest) for s in ("val", "test")
+        preds = {s: read_predictions(run, s, manifest) for s in ("val", "test")
                  if (run / f"{s}_predictions.npz").exists()}
         body += [*[_split_section(run, s, p, classes) for s, p in preds.items()],
                  _worst_section(manifest, preds, classes)]
@@ -70,7 +70,9 @@ MAX_METRICS_BYTES = 16 << 20  # metrics.json of a run is a few KB (classes inclu
 MAX_PREDICTION_BYTES = 1 << 30  # a split's saved logits: 1 GiB is ~2.7 M chunks of 100 classes
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json, size-capped and checked value by value (ReportError when it is not what `train`
+    wrote); also read by `evaluate.predictions_frame`."""
     try:
         with open(path, "rb") as stream:
             text = stream.read(MAX_METRICS_BYTES + 1)
@@ -142,7 +144,7 @@ def _names(names: list[str], most: int = 10) -> str:
 PREDICTION_KINDS = {"logits": "f", "y": "iu", "source": "iu", "start": "f"}
 
 
-def _predictions(run: Path, split: str, manifest: Manifest) -> dict[str, np.ndarray]:
+def read_predictions(run: Path, split: str, manifest: Manifest) -> dict[str, np.ndarray]:
     """The saved predictions of a split, checked: numeric arrays of one length, logits (N, classes) and labels,
     sources and starts within the build's. A file that is not what `train` wrote is a ReportError."""
     path = run / f"{split}_predictions.npz"

@@ -223,7 +223,7 @@ def _npy_header(text: bytes) -> tuple[Any, Any, tuple]:
     return header["descr"], header["fortran_order"], tuple(header["shape"])
 
 
-def _finite_float16(values: np.ndarray) -> bool:
+def finite_float16(values: np.ndarray) -> bool:
     """np.isfinite for float16, cheaper: NaN and inf are exactly the values with all exponent bits set."""
     if values.dtype != np.float16:
         return bool(np.isfinite(values).all())
@@ -247,7 +247,7 @@ def decode_block(sample: dict[str, Any], manifest: Manifest, sources: int | None
         raise ShardDataError(f"{where}: members disagree on the number of chunks")
     if label.min() < 0 or label.max() >= len(manifest.classes):
         raise ShardDataError(f"{where}: label out of range 0..{len(manifest.classes) - 1}")
-    if not _finite_float16(mel):
+    if not finite_float16(mel):
         raise ShardDataError(f"{where}: NaN or infinite values in mel.npy")
     # Out-of-range sources would silently merge or misattribute recordings in the recording-level results.
     if source.min() < 0 or (sources is not None and source.max() >= sources):

@@ -67,3 +67,13 @@ def test_no_module_is_longer_than_a_reader_can_hold():
     lengths = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {name: n for name, n in lengths.items() if n > 600} == {}
     assert len(lengths) > 40  # every module was looked at
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A name with a leading underscore is its module's own: another module that needs it gets it public, so
+    the interface between modules is what their public names say (lazy imports included)."""
+    reaching = sorted(f"{p.name}: {node.module}.{alias.name}" for p in PACKAGE.rglob("*.py")
+                      for node in ast.walk(ast.parse(p.read_text()))
+                      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("audioshard")
+                      for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__"))
+    assert reaching == []
