@@ -130,7 +130,7 @@ def read_rows(path: Path) -> list[dict]:
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """Old rows, with those of the same (setting, fold, level) as a new row replaced by it."""
     def key(row: dict) -> tuple:
-        return row.get("setting") or "default", row["split_seed"], row["level"]
+        return setting_of(row), row["split_seed"], row["level"]
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new
 
@@ -143,13 +143,22 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_markdown(out: Path, rows: list[dict], baseline: str) -> None:
+    """The results CSV's Markdown beside it: the summary per setting, then the paired table."""
+    out.with_suffix(".md").write_text(summary(rows) + "\n" + paired(rows, baseline))
+
+
+def setting_of(row: dict) -> str:
+    return row.get("setting") or "default"  # rows written before settings were named are the default's
+
+
 def summary(rows: list[dict]) -> str:
     """Per setting and level: mean and spread over the folds it ran on, and each fold's figure."""
     lines = ["| setting | level | folds | accuracy: mean ± sd | macro-F1: mean ± sd | per fold (accuracy) | "
              "minutes a fold | overrides |", "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r.get("setting") or "default", r["level"]), []).append(r)
+        groups.setdefault((setting_of(r), r["level"]), []).append(r)
     for (setting, level), sel in sorted(groups.items(), key=lambda kv: (kv[0][1] != "recording", kv[0][0])):
         sel = sorted(sel, key=lambda r: r["split_seed"])
         acc, f1 = [float(r["accuracy"]) for r in sel], [float(r["macro_f1"]) for r in sel]
@@ -168,7 +177,7 @@ def paired(rows: list[dict], baseline: str) -> str:
     acc: dict[str, dict[str, float]] = {}
     for r in rows:
         if r["level"] == "recording":
-            acc.setdefault(r.get("setting") or "default", {})[r["split_seed"]] = float(r["accuracy"])
+            acc.setdefault(setting_of(r), {})[r["split_seed"]] = float(r["accuracy"])
     base = acc.get(baseline, {})
     lines = [f"Against `{baseline}`, fold by fold (recording accuracy):", "",
              "| setting | shared folds | difference: mean [min, max] | better in |", "|---|---|---|---|"]
@@ -215,15 +224,15 @@ def main() -> None:
     out = args.out or ROOT / "recipes" / "results" / ("esc50_screen.csv" if args.screen else "esc50.csv")
     baseline = args.baseline or (SCREEN_BASELINE if args.screen else "default")
     if args.summary_only:
-        out.with_suffix(".md").write_text(summary(read_rows(out)) + "\n" + paired(read_rows(out), baseline))
+        write_markdown(out, read_rows(out), baseline)
         return
     ours: list[dict] = []
     for fold in args.folds:
         ours += run_fold(args.data, args.work, fold, args.name, overrides, args.variants)
         rows = merge(read_rows(out), ours)  # read again: another run of the recipe may have written meanwhile
         write_rows(out, rows)  # each fold's rows as soon as they land
-        out.with_suffix(".md").write_text(summary(rows) + "\n" + paired(rows, baseline))
-    print(summary([r for r in rows if (r.get("setting") or "default").split("+")[0] == args.name]))
+        write_markdown(out, rows, baseline)
+    print(summary([r for r in rows if setting_of(r).split("+")[0] == args.name]))
 
 
 if __name__ == "__main__":
