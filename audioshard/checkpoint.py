@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from audioshard.audio import ChunkRules
-from audioshard.config import CHOICES, MAX_OVERLAP, MAX_WIDTH  # one bound for settings and files alike
+from audioshard.config import CHOICES, MAX_MEMBERS, MAX_OVERLAP, MAX_WIDTH  # one bound for settings and files alike
 from audioshard.errors import AudioshardError
 from audioshard.manifest import MAX_CLASSES, Manifest  # one bound for builds and checkpoints
 from audioshard.models import MODELS, build_model
@@ -340,11 +340,14 @@ def _model_args_problem(args: Any) -> str:
     if not isinstance(args, dict) or type(args.get("name")) is not str or args["name"] not in MODELS:
         name = shown(args.get("name")) if isinstance(args, dict) else shown(args)
         return f"model_args must name one of {', '.join(MODELS)} (got {name})"
-    unknown = sorted(map(str, set(args) - set(inspect.signature(MODELS[args["name"]]).parameters) - {"name"}))
+    takes = {"name", "members", *inspect.signature(MODELS[args["name"]]).parameters}  # members: models.Ensemble
+    unknown = sorted(map(str, set(args) - takes))
     if unknown:
         keys = ", ".join(shown(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         return f"model_args has keys [{keys}] that {args['name']} does not take"
-    for key, top in (("num_classes", MAX_CLASSES), ("width", MAX_WIDTH)):
+    for key, top in (("num_classes", MAX_CLASSES), ("width", MAX_WIDTH), ("members", MAX_MEMBERS)):
+        if key == "members" and key not in args:  # one network: checkpoints before model.members
+            continue
         if type(args.get(key)) is not int or not 1 <= args[key] <= top:
             return f"model_args {key} = {shown(args.get(key))}, expected an integer in 1..{top}"
     dropout, norm = args.get("dropout", 0.0), args.get("input_norm", "none")

@@ -125,6 +125,7 @@ class AugmentConfig:
 class ModelConfig:
     name: str = "cnn6"
     width: int = 64
+    members: int = 1
     dropout: float = 0.2
     input_norm: str = "none"
     init_checkpoint: str = ""
@@ -154,6 +155,7 @@ class Config:
                        verify_local=self.shards.verify_local, remember_verified=self.shards.remember_verified)
 
 
+MAX_MEMBERS = 16  # model.members: each member is a whole network; checkpoints asking more are refused too
 MAX_WIDTH = 256  # model.width: cnn6 at 256 has ~75 M parameters (300 MB); checkpoints asking more are refused too
 
 
@@ -188,7 +190,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = {
     "audio.sample_rate", "audio.chunk_seconds", "features.n_mels", "features.n_fft", "features.hop_length",
     "shards.block_size", "shards.chunks_per_shard", "train.samples_budget", "train.batch_size", "train.lr",
-    "train.shuffle_blocks", "train.prefetch_factor", "model.width",
+    "train.shuffle_blocks", "train.prefetch_factor", "model.width", "model.members",
 }
 FRACTIONS = {"audio.min_fraction", "split.val_fraction", "split.test_fraction", "model.dropout",
              "train.label_smoothing", "augment.background_prob", "augment.time_shift"}
@@ -222,6 +224,7 @@ MAXIMUM: dict[str, float] = {
     "augment.background_prob": 1.0, "augment.background_snr": 100.0, "augment.time_shift": 1.0,
     "augment.gain_db": 60.0,
     "model.dropout": 1.0,  # model.width: MAX_WIDTH, with its own message
+    "model.members": MAX_MEMBERS,
 }
 # Lower bounds beyond the sign checks above (shards.http_timeout = 0 would make every read fail at once).
 MINIMUM: dict[str, float] = {"audio.sample_rate": 1000, "split.seed": 0, "train.seed": 0,
@@ -354,6 +357,10 @@ def _check_init(model: ModelConfig) -> None:
     if model.init_weights and not model.name.startswith("panns_"):
         raise ConfigError(f"model.init_weights loads PANNs weights: set model.name to panns_cnn14 or panns_cnn6 "
                           f"(got {model.name!r})")
+    if model.members > 1 and (model.init_weights or model.init_checkpoint):
+        raise ConfigError(f"model.members = {model.members} trains its members from their own random starts; "
+                          "model.init_weights / init_checkpoint start one network from given weights: set "
+                          "model.members = 1 to fine-tune")
     if model.init_weights and model.input_norm != "none":
         raise ConfigError("model.init_weights: PANNs' first layer learned absolute dB levels per mel band; "
                           f"model.input_norm must be \"none\" (got {model.input_norm!r})")

@@ -170,23 +170,45 @@ class PannsCNN6(PannsCNN):
     kernel, convs, widths = 5, 1, (64, 128, 256, 512)
 
 
+class Ensemble(nn.Module):
+    """`model.members` networks of one architecture, each from its own random initialisation, trained side by
+    side on the same batches with a loss each (`schedule.mixed_loss` takes their stacked logits), so that each
+    learns as it would alone. In eval mode the mean of their logits: one model to predict, evaluate and export.
+
+    Why: members that start apart make different mistakes on recordings none of them heard, and their mean
+    makes fewer; it costs `members` times the compute of one."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.stack([member(x) for member in self.members])  # (members, B, C)
+        return logits if self.training else logits.mean(0)
+
+
 MODELS = {"seed_cnn": SmallCNN, "cnn6": CNN6, "cnn10": CNN10, "panns_cnn14": PannsCNN14, "panns_cnn6": PannsCNN6}
 
 
-def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none") -> dict[str, Any]:
-    """The arguments a checkpoint stores to rebuild the model with nothing else."""
+def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none",
+               members: int = 1) -> dict[str, Any]:
+    """The arguments a checkpoint stores to rebuild the model with nothing else (`members` only when above 1:
+    a one-network checkpoint stays as it always was)."""
     if name == "seed_cnn":
         width = 16  # seed_cnn's fixed channel counts (16, 32, 64)
     if name.startswith("panns_"):
         width = 64  # PANNs' channel counts are fixed by the published weights
-    return {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout, "input_norm": input_norm}
+    args = {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout, "input_norm": input_norm}
+    return {**args, "members": members} if members > 1 else args
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:
     args = dict(args)
-    name = args.pop("name")
+    name, members = args.pop("name"), args.pop("members", 1)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    if members > 1:
+        return Ensemble([MODELS[name](**args) for _ in range(members)])
     return MODELS[name](**args)
 
 

@@ -87,7 +87,14 @@ def mixed_loss(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor, lam: 
                weight: torch.Tensor | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """The loss of a (mixed) batch. One class per chunk: cross-entropy, mixup as lam * CE(y) + (1 - lam) *
     CE(partner). Multi-hot rows (a multi-label build): one binary cross-entropy per class against the mixed
-    targets lam * y + (1 - lam) * partner (mixup of two sound scenes holds both, in part)."""
+    targets lam * y + (1 - lam) * partner (mixup of two sound scenes holds both, in part).
+
+    Logits of shape (members, B, C) (a `models.Ensemble` in training): the mean of the members' own losses, so
+    each member's gradient is the one it would get alone."""
+    if logits.dim() == 3:
+        members = logits.shape[0]
+        repeat = (members, 1) if y.dim() == 2 else (members,)
+        logits, y, y_mix = logits.flatten(0, 1), y.repeat(*repeat), y_mix.repeat(*repeat)
     logits = logits.float()
     if y.dim() == 2:
         return F.binary_cross_entropy_with_logits(logits, lam * y.float() + (1 - lam) * y_mix.float())

@@ -380,7 +380,8 @@ class Run:
 def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: bool) -> Run:
     """Model (seeded), optimizer, learning-rate schedule, the train stream and its transforms."""
     torch.manual_seed(cfg.train.seed)
-    args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm)
+    args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm,
+                      cfg.model.members)
     model = build_model(args)
     if cfg.model.init_checkpoint and not resuming:  # a resumed run already holds these weights
         _init_from_checkpoint(model, args, manifest, cfg.model.init_checkpoint)
@@ -560,6 +561,8 @@ def _step(run: Run, x: torch.Tensor, y_mix: torch.Tensor, lam: float,
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         logits = run.ddp_model(x)
         loss = mixed_loss(logits, y, y_mix, lam, run.weight, cfg.train.label_smoothing)
+    if logits.dim() == 3:  # an ensemble's members, each with its loss: the train accuracy is of their mean
+        logits = logits.mean(0)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()

@@ -320,3 +320,59 @@ def test_the_train_step_runs_in_the_precision_asked_for(real_build, tmp_path, ca
     assert any(not torch.equal(weights["fp32"][k], weights["bf16"][k]) for k in weights["fp32"])
     assert all(torch.isfinite(t).all() for t in weights["bf16"].values() if t.is_floating_point())
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)  # the same training, rounded otherwise
+
+
+def test_an_ensemble_trains_its_members_apart_and_predicts_their_mean(real_build, tmp_path):
+    """model.members = 2: one checkpoint holds two networks from different random starts; in eval mode its
+    logits are their mean, and evaluate, predict and export take it as any other model."""
+    from audioshard.checkpoint import read_checkpoint
+    from audioshard.export import export_model
+    from audioshard.models import build_model
+
+    run = tmp_path / "ensemble"
+    metrics = train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "model.members=2"]), progress=False)
+    card = read_checkpoint(run / "best_model.pt")
+    assert card.model_args["members"] == 2
+    one_args = {k: v for k, v in card.model_args.items() if k != "members"}
+    members = []
+    for i in range(2):  # each member is a whole network of the one-model layout
+        prefix = f"members.{i}."
+        member = build_model(one_args)
+        member.load_state_dict({k[len(prefix):]: v for k, v in card.weights.items() if k.startswith(prefix)})
+        members.append(member.eval())
+    first = next(iter(members[0].state_dict()))
+    assert not torch.equal(members[0].state_dict()[first], members[1].state_dict()[first])  # their own starts
+    x = torch.randn(5, 1, 64, 63)
+    with torch.no_grad():
+        assert torch.allclose(card.model()(x), (members[0](x) + members[1](x)) / 2, atol=1e-5)
+    result = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "eval")
+    assert result["chunk"]["accuracy"] == pytest.approx(metrics["test"]["chunk"]["accuracy"])
+    assert export_model(run / "best_model.pt", "torchscript", tmp_path / "m.pt")["parity_max_abs_diff"] <= 1e-4
+
+
+def test_each_member_of_an_ensemble_gets_the_gradient_it_would_get_alone():
+    """Members learn apart (a loss each), not as one averaged model, whose members would all get the
+    gradient of the mean's error and stop making different mistakes."""
+    from audioshard.models import build_model
+    from audioshard.schedule import mixed_loss
+
+    torch.manual_seed(0)
+    ensemble = build_model({"name": "cnn6", "num_classes": 4, "width": 8, "dropout": 0.0, "members": 2}).train()
+    x, y = torch.randn(6, 1, 64, 63), torch.tensor([0, 1, 2, 3, 0, 1])
+    mixed_loss(ensemble(x), y, y.flip(0), 0.7).backward()
+    alone = ensemble.members[1]
+    expected = torch.autograd.grad(mixed_loss(alone(x), y, y.flip(0), 0.7) / 2, alone.head.weight)[0]
+    assert torch.allclose(alone.head.weight.grad, expected, atol=1e-6)
+
+
+def test_members_refuse_a_start_from_given_weights_and_forged_counts(full_run, tmp_path):
+    run, _ = full_run
+    with pytest.raises(ConfigError, match="model.members = 2 trains its members from their own random starts"):
+        load_config(overrides=["model.members=2", f"model.init_checkpoint={run / 'best_model.pt'}"])
+    with pytest.raises(ConfigError, match="model.members"):
+        load_config(overrides=["model.members=17"])
+    state = torch.load(run / "best_model.pt", weights_only=True)
+    state["model_args"]["members"] = 10**6  # would build a million networks before a weight is read
+    save_checkpoint(tmp_path / "forged.pt", state)
+    with pytest.raises(CheckpointError, match=r"model_args members = 1000000, expected an integer in 1\.\.16"):
+        load_checkpoint(tmp_path / "forged.pt")
