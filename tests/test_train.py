@@ -330,7 +330,9 @@ def test_an_ensemble_trains_its_members_apart_and_predicts_their_mean(real_build
     from audioshard.models import build_model
 
     run = tmp_path / "ensemble"
-    metrics = train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "model.members=2"]), progress=False)
+    overrides = [*TINY_TRAIN, "train.epochs=1", "train.sanity_steps=0", "model.members=2"]  # later settings win
+    metrics = train(str(real_build), run, load_config(overrides=overrides), progress=False)
+    assert len(history(run)) == 1
     card = read_checkpoint(run / "best_model.pt")
     assert card.model_args["members"] == 2
     one_args = {k: v for k, v in card.model_args.items() if k != "members"}
