@@ -16,22 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import softmax
 from variants import pooled
 
 from audioshard.checkpoint import read_checkpoint
 from audioshard.evaluate import predict_split, scores
-from audioshard.manifest import load_manifest
+from audioshard.manifest import Manifest, load_manifest
 
 
-def split_logits(run: Path, shards: str, split: str) -> dict[str, np.ndarray]:
+def split_logits(run: Path, manifest: Manifest, split: str) -> dict[str, np.ndarray]:
     """The chunk logits of one run's best_model.pt on `split` (sorted by recording and start, so runs align)."""
     model = read_checkpoint(run / "best_model.pt").model()
-    return predict_split(model.eval(), load_manifest(shards), split, torch.device("cpu"), 256, 0)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    return z / z.sum(1, keepdims=True)
+    return predict_split(model.eval(), manifest, split, torch.device("cpu"), 256, 0)
 
 
 def level_scores(logits: np.ndarray, pred: dict[str, np.ndarray], classes: int) -> dict[str, dict]:
@@ -45,15 +41,17 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders holding best_model.pt")
     parser.add_argument("--split", default="val")
     args = parser.parse_args()
-    classes = len(load_manifest(args.shards).classes)
-    preds = [split_logits(run, args.shards, args.split) for run in args.runs]
+    manifest = load_manifest(args.shards)  # read once: every run scores the same build
+    classes = len(manifest.classes)
+    preds = [split_logits(run, manifest, args.split) for run in args.runs]
     for pred in preds[1:]:  # the same chunks in the same order, or the average means nothing
         if not all(np.array_equal(pred[key], preds[0][key]) for key in ("source", "start")):
             raise SystemExit("the runs scored different chunks: were they trained on the same shards?")
     out = {str(run): level_scores(p["logits"], p, classes) for run, p in zip(args.runs, preds, strict=True)}
     out["ensemble/logits"] = level_scores(np.mean([p["logits"] for p in preds], 0), preds[0], classes)
     # averaged probabilities, logged: the recording pool then takes the mean of log-probabilities
-    out["ensemble/prob"] = level_scores(np.log(np.mean([softmax(p["logits"]) for p in preds], 0)), preds[0], classes)
+    mean_prob = np.mean([softmax(p["logits"], axis=1) for p in preds], 0)
+    out["ensemble/prob"] = level_scores(np.log(mean_prob), preds[0], classes)
     for name, s in out.items():
         print(f"{name}: recording accuracy {s['recording']['accuracy']:.4f} macro-F1 {s['recording']['macro_f1']:.4f}"
               f" | chunk accuracy {s['chunk']['accuracy']:.4f}")
