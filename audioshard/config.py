@@ -89,6 +89,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     label_smoothing: float = 0.0
     mixup_alpha: float = 0.3
+    mixup_domain: str = "log"
     class_weights: bool = True
     balanced: bool = False
     num_workers: int = 2
@@ -185,6 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss", "mAP"),
     "model.name": MODEL_NAMES,
     "model.input_norm": ("none", "chunk", "band"),
+    "train.mixup_domain": ("log", "power"),
 }
 
 POSITIVE = {

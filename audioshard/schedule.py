@@ -57,10 +57,14 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
-          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Mix each example with another of the batch (Zhang et al. 2018): lam ~ Beta(alpha, alpha) per batch.
+def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generator, domain: str = "log",
+          mean: float = 0.0, std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mix each example with another of the batch: lam ~ Beta(alpha, alpha) per batch.
 
+    domain "log": a weighted mean of the two log-mel inputs (mixup, Zhang et al. 2018). domain "power":
+    the sum of the two sounds' powers, as if both played at once, with the partner set (1 - lam) / lam as
+    loud as the example (between-class learning, Tokozume et al. 2018); x is normalised as
+    (dB - mean) / std, which `mean` and `std` undo for the sum.
     Returns (mixed x, the partner labels, lam); the loss is lam * CE(y) + (1 - lam) * CE(partner).
     """
     if alpha <= 0 or len(y) < 2:
@@ -68,7 +72,33 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float,
     lam = float(rng.beta(alpha, alpha))
     lam = max(lam, 1 - lam)  # keep the first label dominant, so accuracy on `y` stays meaningful
     perm = torch.from_numpy(rng.permutation(len(y))).to(x.device)
+    if domain == "power":
+        return power_mix(x, x[perm], lam, mean, std), y[perm], lam
     return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
+_NEPERS = math.log(10.0) / 10.0  # dB -> natural-log power units, for logaddexp/logsumexp
+
+
+def sound_level(db: torch.Tensor) -> torch.Tensor:
+    """Each example's level in dB: the mean power over the bands of its loudest frame (B, 1, mels, frames) ->
+    (B, 1, 1, 1). The loudest frame, not the mean, so that a short event in silence counts as loud as it is."""
+    bands = db.shape[2]
+    frame_power = torch.logsumexp(db * _NEPERS, dim=2, keepdim=True) / _NEPERS - 10.0 * math.log10(bands)
+    return frame_power.amax(dim=(1, 3), keepdim=True)
+
+
+def power_mix(x: torch.Tensor, partner: torch.Tensor, lam: float, mean: float, std: float) -> torch.Tensor:
+    """x and partner played together: a power sum in which the partner's amplitude is (1 - lam) / lam of x's
+    (levels from `sound_level`), so the label weights say how much of each one hears, whatever the two
+    recordings' own levels. A weighted mean of log-mels is instead the geometric mean of two spectra: no real
+    mixture sounds like that, and a quiet example would weigh as much as a loud one."""
+    if lam >= 1.0:
+        return x
+    db, partner_db = x.float() * std + mean, partner.float() * std + mean
+    shift = sound_level(db) - sound_level(partner_db) - 20.0 * math.log10(lam / (1.0 - lam))
+    mixed = torch.logaddexp(db * _NEPERS, (partner_db + shift) * _NEPERS) / _NEPERS
+    return ((mixed - mean) / std).to(x.dtype)
 
 
 def weight_average(model: torch.nn.Module, cfg: Config, steps_per_epoch: int) -> AveragedModel | None:

@@ -496,7 +496,8 @@ def _train_epoch(run: Run, epoch: int, progress: bool, writer: RunWriter) -> dic
         x = run.augment(batch._replace(x=batch.x.to(device, non_blocking=pin)), step).x
         y = batch.y.to(device, non_blocking=pin)
         mix_rng = np.random.default_rng([cfg.train.seed, epoch, run.dist.rank, 7, step])
-        loss, logits = _step(run, *mixup(x, y, cfg.train.mixup_alpha, mix_rng), y)
+        mixed = mixup(x, y, cfg.train.mixup_alpha, mix_rng, cfg.train.mixup_domain, run.augment.mean, run.augment.std)
+        loss, logits = _step(run, *mixed, y)
         with torch.no_grad():
             sums[:3] += torch.stack([loss.detach().double() * len(y), top1_hits(logits, y).double(),
                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
