@@ -1,5 +1,7 @@
 """schedule.py: the training recipe's numbers (epochs, learning-rate curve, class weights, mixup)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from conftest import TINY_TRAIN  # noqa: F401 - the shared fixtures' module
 
 from audioshard.config import load_config
 from audioshard.manifest import load_manifest
-from audioshard.schedule import AUTO_EPOCHS, class_weights, lr_lambda, mixup, planned_epochs
+from audioshard.schedule import AUTO_EPOCHS, class_weights, lr_lambda, mixup, planned_epochs, power_mix, sound_level
 
 
 def test_automatic_schedule_scales_epochs_with_the_train_split_and_an_explicit_value_wins():
@@ -39,6 +41,36 @@ def test_mixup_keeps_the_first_label_dominant_and_is_off_at_alpha_zero():
     assert torch.allclose(mixed, lam * x + (1 - lam) * x[partner])
     same, labels, one = mixup(x, y, 0.0, np.random.default_rng(0))
     assert one == 1.0 and same is x and labels is y
+
+
+def test_power_mixing_sums_powers_at_the_level_lam_asks_whatever_the_recordings_levels():
+    mean, std = -50.0, 10.0
+    db = torch.full((2, 1, 4, 6), -100.0)
+    db[0, 0, :, 2] = -20.0  # a click in silence: its level is its loudest frame's
+    db[1] = -60.0  # a steady sound, 40 dB quieter
+    assert sound_level(db).flatten().tolist() == [-20.0, -60.0]
+    normalised = (db - mean) / std
+    mixed = power_mix(normalised[:1], normalised[1:], 0.5, mean, std) * std + mean
+    # lam 0.5: the partner is raised to the click's level; both at once is their power sum (+3.01 dB)
+    assert torch.allclose(mixed[0, 0, :, 2], torch.tensor(-20.0 + 10 * math.log10(2)), atol=1e-4)
+    assert torch.allclose(mixed[0, 0, :, 0], torch.tensor(-20.0), atol=1e-4)
+    # lam 0.9: the partner sits 20 log10(9) = 19.1 dB below the example, and a quieter recording of the
+    # same partner gives the same mixture (the label says what one hears, not how it was recorded)
+    quieter = power_mix(normalised[:1], (db[1:] - 30.0 - mean) / std, 0.9, mean, std) * std + mean
+    assert torch.allclose(quieter[0, 0, :, 0], torch.tensor(-20.0 - 20 * math.log10(9)), atol=1e-3)
+    assert torch.allclose(quieter, power_mix(normalised[:1], normalised[1:], 0.9, mean, std) * std + mean, atol=1e-3)
+    example = normalised[:1]
+    assert power_mix(example, normalised[1:], 1.0, mean, std) is example  # nothing to mix in
+
+
+def test_power_domain_draws_as_log_mixup_does_and_differs_only_in_the_mixture():
+    x, y = torch.randn(8, 1, 4, 6), torch.arange(8)
+    log_mixed, log_partner, log_lam = mixup(x, y, 1.0, np.random.default_rng(3))
+    mixed, partner, lam = mixup(x, y, 1.0, np.random.default_rng(3), "power", -50.0, 10.0)
+    assert lam == log_lam and torch.equal(partner, log_partner) and not torch.allclose(mixed, log_mixed)
+    # labels are 0..7, so the partner labels are the partners' indices
+    assert torch.allclose(mixed, power_mix(x, x[partner], lam, -50.0, 10.0))
+    assert mixed.dtype == x.dtype and mixed.shape == x.shape
 
 
 def test_class_weights_are_inverse_frequency_and_average_one_per_training_chunk(real_build):
