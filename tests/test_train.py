@@ -352,6 +352,23 @@ def test_an_ensemble_trains_its_members_apart_and_predicts_their_mean(real_build
     assert export_model(run / "best_model.pt", "torchscript", tmp_path / "m.pt")["parity_max_abs_diff"] <= 1e-4
 
 
+def test_power_mixing_changes_training_and_is_recorded_while_evaluation_reads_single_recordings(
+        real_build, full_run, tmp_path):
+    """train.mixup_domain = "power": the same seed as full_run (log mixup) trains on other inputs from the
+    first step on; the run records the setting, and evaluate reproduces the run's own test figure (the
+    mixing lives in the training step, not in the data that evaluation reads)."""
+    from audioshard.checkpoint import read_checkpoint
+
+    run = tmp_path / "power"
+    metrics = train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "train.mixup_domain=power"]),
+                    progress=False)
+    assert read_checkpoint(run / "best_model.pt").config["train"]["mixup_domain"] == "power"
+    log_losses = [h["train_loss"] for h in history(full_run[0])]
+    assert all(a != b for a, b in zip([h["train_loss"] for h in history(run)], log_losses, strict=True))
+    result = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "eval")
+    assert result["chunk"]["accuracy"] == pytest.approx(metrics["test"]["chunk"]["accuracy"])
+
+
 def test_each_member_of_an_ensemble_gets_the_gradient_it_would_get_alone():
     """Members learn apart (a loss each), not as one averaged model, whose members would all get the
     gradient of the mean's error and stop making different mistakes."""
