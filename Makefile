@@ -56,9 +56,10 @@ demo: install $(DEMO)/raw
 lint: install
 	$(BIN)/ruff check audioshard tests tools recipes
 
+# Two test processes (pytest-xdist), each module's tests in one so its fixtures are built once.
 test: install browser
 	$(BIN)/ruff check audioshard tests tools recipes
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope
 
 clean-demo:
 	rm -rf $(DEMO)

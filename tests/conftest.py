@@ -107,6 +107,15 @@ TINY_TRAIN = ["model.width=8", "train.epochs=3", "train.batch_size=16", "train.n
               "train.sanity_steps=20", "train.warmup_epochs=0"]
 
 
+@pytest.fixture(scope="session")
+def tiny_run(real_build, tmp_path_factory) -> tuple[Path, dict]:
+    """One real TINY_TRAIN run on real_build, shared by the tests that only read it: (run folder, metrics)."""
+    from audioshard.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    return run, train(str(real_build), run, load_config(overrides=TINY_TRAIN), progress=False)
+
+
 # A fresh interpreter that runs the command and reports its peak RSS: ru_maxrss of a process forked
 # straight from pytest would start at pytest's own peak (Linux carries it over fork and exec).
 _MEASURE = ("import resource, subprocess, sys, time; t = time.monotonic(); "

@@ -43,16 +43,15 @@ def s3(store, monkeypatch):
     return store
 
 
-def test_train_and_evaluate_from_s3_equal_local(s3, real_build, tmp_path):
+def test_train_and_evaluate_from_s3_equal_local(s3, real_build, tiny_run, tmp_path):
     remote = load_manifest(s3.url)
     local = load_manifest(real_build)
     for split in ("train", "val", "test"):
         assert ids(remote, split) == ids(local, split)
     config = load_config(overrides=TINY_TRAIN)
-    train(s3.url, tmp_path / "s3run", config, progress=False)
-    train(str(real_build), tmp_path / "localrun", config, progress=False)
+    train(s3.url, tmp_path / "s3run", config, progress=False)  # the same settings as tiny_run, from local disk
     from_s3 = evaluate_checkpoint(tmp_path / "s3run" / "best_model.pt", s3.url, "test", tmp_path / "e1")
-    from_disk = evaluate_checkpoint(tmp_path / "localrun" / "best_model.pt", str(real_build), "test", tmp_path / "e2")
+    from_disk = evaluate_checkpoint(tiny_run[0] / "best_model.pt", str(real_build), "test", tmp_path / "e2")
     assert from_s3["chunk"] == from_disk["chunk"] and from_s3["clip"] == from_disk["clip"]
     assert "train chunks" in format_info(remote, s3.url)
 

@@ -14,11 +14,9 @@ from audioshard.manifest import load_manifest
 from audioshard.train import TrainingError, train, uses_bf16
 
 
-@pytest.fixture(scope="module")
-def full_run(real_build, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "full"
-    metrics = train(str(real_build), run, load_config(overrides=TINY_TRAIN), progress=False)
-    return run, metrics
+@pytest.fixture()
+def full_run(tiny_run):
+    return tiny_run
 
 
 def history(run):
@@ -275,7 +273,7 @@ def test_zoo_models_map_a_batch_to_logits_and_cnn10_is_deeper(name):
     assert convs == {"cnn6": 4, "cnn10": 8}[name]
 
 
-def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, tmp_path):
+def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, full_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
@@ -286,9 +284,7 @@ def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, tmp_p
         assert [e.step for e in events.Scalars(key)] == [1, 2, 3], key
     assert events.Scalars("val/loss")[-1].value == pytest.approx(history[-1]["val_loss"], rel=1e-5)
     assert events.Images("val/confusion_matrix")
-    off = tmp_path / "off"
-    train(str(real_build), off, load_config(overrides=TINY_TRAIN), progress=False)
-    assert not (off / "tensorboard").exists()  # off by default
+    assert not (full_run[0] / "tensorboard").exists()  # off by default (full_run: the same settings without it)
 
 
 def test_precision_auto_uses_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
