@@ -77,6 +77,14 @@ def warp(x: torch.Tensor, freq_factor: torch.Tensor, time_factor: torch.Tensor,
     return functional.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
 
 
+DB_TO_NEPERS = math.log(10.0) / 10.0  # dB -> natural-log power units, which logaddexp and logsumexp work in
+
+
+def power_sum_db(a_db: torch.Tensor, b_db: torch.Tensor) -> torch.Tensor:
+    """Two sounds at once, in dB: 10 log10(10^(a/10) + 10^(b/10)), without leaving the log domain."""
+    return torch.logaddexp(a_db * DB_TO_NEPERS, b_db * DB_TO_NEPERS) / DB_TO_NEPERS
+
+
 NOISE_BANK = 1 << 21  # standard-normal values kept per generator for noise windows (8 MB as float32)
 
 
@@ -188,8 +196,7 @@ class SpecAugment(nn.Module):
         octaves = (octaves - octaves[0]).view(1, 1, -1, 1)  # above the lowest band, whose level is `level`
         noise_db = level + slope * octaves + 3.0 * self._noise(x_db, generator)
         chosen = draws[2].view(-1) < self.background_prob  # the others stay bit for bit as they were
-        to_nepers = math.log(10.0) / 10.0  # logaddexp works in natural-log units
-        x_db[chosen] = torch.logaddexp(x_db[chosen] * to_nepers, noise_db[chosen] * to_nepers) / to_nepers
+        x_db[chosen] = power_sum_db(x_db[chosen], noise_db[chosen])
         return x_db
 
     def apply_gain(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

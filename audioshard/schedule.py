@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from audioshard.augment import DB_TO_NEPERS, power_sum_db
 from audioshard.config import Config
 from audioshard.manifest import Manifest
 
@@ -77,14 +78,11 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generat
     return lam * x + (1 - lam) * x[perm], y[perm], lam
 
 
-_NEPERS = math.log(10.0) / 10.0  # dB -> natural-log power units, for logaddexp/logsumexp
-
-
 def sound_level(db: torch.Tensor) -> torch.Tensor:
     """Each example's level in dB: the mean power over the bands of its loudest frame (B, 1, mels, frames) ->
     (B, 1, 1, 1). The loudest frame, not the mean, so that a short event in silence counts as loud as it is."""
     bands = db.shape[2]
-    frame_power = torch.logsumexp(db * _NEPERS, dim=2, keepdim=True) / _NEPERS - 10.0 * math.log10(bands)
+    frame_power = torch.logsumexp(db * DB_TO_NEPERS, dim=2, keepdim=True) / DB_TO_NEPERS - 10.0 * math.log10(bands)
     return frame_power.amax(dim=(1, 3), keepdim=True)
 
 
@@ -97,7 +95,7 @@ def power_mix(x: torch.Tensor, partner: torch.Tensor, lam: float, mean: float, s
         return x
     db, partner_db = x.float() * std + mean, partner.float() * std + mean
     shift = sound_level(db) - sound_level(partner_db) - 20.0 * math.log10(lam / (1.0 - lam))
-    mixed = torch.logaddexp(db * _NEPERS, (partner_db + shift) * _NEPERS) / _NEPERS
+    mixed = power_sum_db(db, partner_db + shift)
     return ((mixed - mean) / std).to(x.dtype)
 
 

@@ -14,17 +14,12 @@ from audioshard.manifest import load_manifest
 from audioshard.train import TrainingError, train, uses_bf16
 
 
-@pytest.fixture()
-def full_run(tiny_run):
-    return tiny_run
-
-
 def history(run):
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def test_end_to_end_artifacts_are_valid(real_build, full_run, tmp_path):
-    run, metrics = full_run
+def test_end_to_end_artifacts_are_valid(real_build, tiny_run, tmp_path):
+    run, metrics = tiny_run
     manifest = load_manifest(real_build)
     for name in ("best_model.pt", "last.pt", "history.jsonl", "metrics.json", "config.toml", "training_curves.png",
                  "val_confusion_matrix.png", "test_confusion_matrix.png", "val_report.txt", "test_report.txt"):
@@ -50,8 +45,8 @@ def test_end_to_end_artifacts_are_valid(real_build, full_run, tmp_path):
         assert (out / name).exists()
 
 
-def test_checkpoint_is_self_describing_and_safe_to_load(full_run, real_build):
-    run, _ = full_run
+def test_checkpoint_is_self_describing_and_safe_to_load(tiny_run, real_build):
+    run, _ = tiny_run
     state = torch.load(run / "best_model.pt", weights_only=True)
     assert state["classes"] == ["car", "drone", "speech"]
     assert state["features"] == load_manifest(real_build).features.to_dict()
@@ -59,8 +54,8 @@ def test_checkpoint_is_self_describing_and_safe_to_load(full_run, real_build):
     assert "optimizer" in torch.load(run / "last.pt", weights_only=True)
 
 
-def test_same_seed_same_history_and_resume_matches(real_build, full_run, tmp_path):
-    run, _ = full_run
+def test_same_seed_same_history_and_resume_matches(real_build, tiny_run, tmp_path):
+    run, _ = tiny_run
     cfg = load_config(overrides=TINY_TRAIN)
     again = tmp_path / "again"  # selection differs (val loss), training must not
     train(str(real_build), again, load_config(overrides=[*TINY_TRAIN, "train.select_metric=loss"]), progress=False)
@@ -84,11 +79,11 @@ def test_same_seed_same_history_and_resume_matches(real_build, full_run, tmp_pat
     assert [h["epoch"] for h in history(resumed)] == [1, 2, 3]
 
 
-def test_weight_average_is_what_is_saved_and_resumes_exactly(real_build, full_run, tmp_path):
+def test_weight_average_is_what_is_saved_and_resumes_exactly(real_build, tiny_run, tmp_path):
     """train.ema_epochs: best_model.pt holds the moving average (not the last step's weights), which
     is what the run evaluated; last.pt keeps the trained weights beside it, so --resume continues
     both exactly; training itself is the same as without averaging."""
-    plain, _ = full_run
+    plain, _ = tiny_run
     cfg = load_config(overrides=[*TINY_TRAIN, "train.ema_epochs=1"])
     run = tmp_path / "ema"
     metrics = train(str(real_build), run, cfg, progress=False)
@@ -113,9 +108,9 @@ def test_weight_average_is_what_is_saved_and_resumes_exactly(real_build, full_ru
         torch.testing.assert_close(again["trained_weights"]["model"][key], trained[key], rtol=1e-5, atol=1e-6)
 
 
-def test_init_from_own_checkpoint_with_other_classes_and_frozen_backbone(real_build, full_run, tmp_path, capsys):
+def test_init_from_own_checkpoint_with_other_classes_and_frozen_backbone(real_build, tiny_run, tmp_path, capsys):
     """A user's earlier model (here: 2 other classes) seeds the backbone; only the new head learns."""
-    pretrained = load_checkpoint(full_run[0] / "best_model.pt")
+    pretrained = load_checkpoint(tiny_run[0] / "best_model.pt")
     pretrained["classes"] = ["bird", "frog"]
     pretrained["model_args"]["num_classes"] = 2
     pretrained["model"]["head.weight"] = pretrained["model"]["head.weight"][:2].clone()
@@ -147,7 +142,7 @@ def test_sanity_check_fails_loudly(real_build, tmp_path):
         train(str(real_build), tmp_path / "r", cfg, progress=False)
 
 
-def test_bad_setup_fails_before_training(real_build, full_run, tmp_path):
+def test_bad_setup_fails_before_training(real_build, tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size = 100000 is larger than the train split"):
         train(str(real_build), tmp_path / "r", load_config(overrides=["train.batch_size=100000"]), progress=False)
     with pytest.raises(TrainingError, match="last.pt not found"):
@@ -161,7 +156,7 @@ def test_bad_setup_fails_before_training(real_build, full_run, tmp_path):
             info[key]["voice"] = info[key].pop("speech")
     (other / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="classes"):
-        evaluate_checkpoint(full_run[0] / "best_model.pt", str(other), "test", tmp_path / "e")
+        evaluate_checkpoint(tiny_run[0] / "best_model.pt", str(other), "test", tmp_path / "e")
 
 
 def test_pickled_checkpoint_is_refused(tmp_path):
@@ -196,11 +191,11 @@ def batchnorm_outputs(model, x):
     return outs
 
 
-def test_adapted_batchnorm_normalises_the_new_data_in_every_layer(full_run):
+def test_adapted_batchnorm_normalises_the_new_data_in_every_layer(tiny_run):
     from audioshard.checkpoint import model_from_checkpoint
     from audioshard.models import adapt_batchnorm
 
-    model = model_from_checkpoint(load_checkpoint(full_run[0] / "best_model.pt"))
+    model = model_from_checkpoint(load_checkpoint(tiny_run[0] / "best_model.pt"))
     generator = torch.Generator().manual_seed(0)
     new_data = 3.0 + 2.0 * torch.randn(40, 1, 64, 63, generator=generator)  # shifted and scaled "new device"
     before = batchnorm_outputs(model, new_data)
@@ -241,8 +236,8 @@ def test_adapting_needs_batchnorm_and_data():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # left as it was
 
 
-def test_evaluate_with_adapt_on_real_shards(full_run, real_build, tmp_path):
-    run, _ = full_run
+def test_evaluate_with_adapt_on_real_shards(tiny_run, real_build, tmp_path):
+    run, _ = tiny_run
     plain = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "plain")
     adapted = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "adapted", adapt=True)
     assert plain["adapted"] == 0 and adapted["adapted"] == load_manifest(real_build).samples("test")
@@ -273,7 +268,7 @@ def test_zoo_models_map_a_batch_to_logits_and_cnn10_is_deeper(name):
     assert convs == {"cnn6": 4, "cnn10": 8}[name]
 
 
-def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, full_run, tmp_path):
+def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, tiny_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
@@ -284,7 +279,7 @@ def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, full_
         assert [e.step for e in events.Scalars(key)] == [1, 2, 3], key
     assert events.Scalars("val/loss")[-1].value == pytest.approx(history[-1]["val_loss"], rel=1e-5)
     assert events.Images("val/confusion_matrix")
-    assert not (full_run[0] / "tensorboard").exists()  # off by default (full_run: the same settings without it)
+    assert not (tiny_run[0] / "tensorboard").exists()  # off by default (tiny_run: the same settings without it)
 
 
 def test_precision_auto_uses_bfloat16_only_where_the_hardware_multiplies_it(monkeypatch):
@@ -349,8 +344,8 @@ def test_an_ensemble_trains_its_members_apart_and_predicts_their_mean(real_build
 
 
 def test_power_mixing_changes_training_and_is_recorded_while_evaluation_reads_single_recordings(
-        real_build, full_run, tmp_path):
-    """train.mixup_domain = "power": the same seed as full_run (log mixup) trains on other inputs from the
+        real_build, tiny_run, tmp_path):
+    """train.mixup_domain = "power": the same seed as tiny_run (log mixup) trains on other inputs from the
     first step on; the run records the setting, and evaluate reproduces the run's own test figure (the
     mixing lives in the training step, not in the data that evaluation reads)."""
     from audioshard.checkpoint import read_checkpoint
@@ -359,7 +354,7 @@ def test_power_mixing_changes_training_and_is_recorded_while_evaluation_reads_si
     metrics = train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "train.mixup_domain=power"]),
                     progress=False)
     assert read_checkpoint(run / "best_model.pt").config["train"]["mixup_domain"] == "power"
-    log_losses = [h["train_loss"] for h in history(full_run[0])]
+    log_losses = [h["train_loss"] for h in history(tiny_run[0])]
     assert all(a != b for a, b in zip([h["train_loss"] for h in history(run)], log_losses, strict=True))
     result = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "eval")
     assert result["chunk"]["accuracy"] == pytest.approx(metrics["test"]["chunk"]["accuracy"])
@@ -380,8 +375,8 @@ def test_each_member_of_an_ensemble_gets_the_gradient_it_would_get_alone():
     assert torch.allclose(alone.head.weight.grad, expected, atol=1e-6)
 
 
-def test_members_refuse_a_start_from_given_weights_and_forged_counts(full_run, tmp_path):
-    run, _ = full_run
+def test_members_refuse_a_start_from_given_weights_and_forged_counts(tiny_run, tmp_path):
+    run, _ = tiny_run
     with pytest.raises(ConfigError, match="model.members = 2 trains its members from their own random starts"):
         load_config(overrides=["model.members=2", f"model.init_checkpoint={run / 'best_model.pt'}"])
     with pytest.raises(ConfigError, match="model.members"):
