@@ -22,6 +22,10 @@ the full rotation decides (docs/models.md says how well the two agreed).
 Builds are made once per fold and build settings and reused by later candidates (a changed
 [audio]/[features] setting gets its own folder). Results accumulate: a row is keyed by its
 setting name, fold and level, so runs of other settings are kept and a re-run replaces its own.
+Several runs of the recipe may go side by side (one process per fold where a GPU has room for four):
+they take turns at a fold's build and at the results file, so none loses another's rows.
+
+    for f in 1 2 3 4; do .venv/bin/python recipes/esc50.py --folds $f --name hop256 --set ... & done; wait
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import FIELDS, device_label
+from common import FIELDS, device_label, taking_turns
 from variants import score_variants
 
 from audioshard import build_shards, load_config, train_model
@@ -70,13 +74,14 @@ def shards_for(data: Path, work: Path, val_fold: int, overrides: list[str]) -> P
     tag = hashlib.sha256("\n".join(build_settings).encode()).hexdigest()[:8] if build_settings else "default"
     shards = work / f"shards-val{val_fold}-{tag}"
     listing = work / f"fold{val_fold}.csv"
-    write_listing(data, val_fold, listing)
     # the listing lives in the work folder and names the clips where they are: this CSV is ours
     cfg = load_config(overrides=["shards.csv_allow_outside=true", *build_settings])
-    try:
-        build_shards(listing, shards, cfg, progress=False)
-    except BuildError:  # a build of the same settings by another audioshard version: made again
-        build_shards(listing, shards, cfg, progress=False, force=True)
+    with taking_turns(work):  # a recipe started beside this one waits, then finds the build up to date
+        write_listing(data, val_fold, listing)
+        try:
+            build_shards(listing, shards, cfg, progress=False)
+        except BuildError:  # a build of the same settings by another audioshard version: made again
+            build_shards(listing, shards, cfg, progress=False, force=True)
     return shards
 
 
@@ -141,6 +146,17 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(stream, FIELDS + EXTRA_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def record(out: Path, new: list[dict], baseline: str) -> list[dict]:
+    """Merge `new` into the results CSV and rewrite its Markdown; returns every row. Read, merge and write
+    happen in one turn: recipes run side by side (one per fold or setting) would otherwise each write back
+    what they read before the other's rows landed."""
+    with taking_turns(out.parent):
+        rows = merge(read_rows(out), new)
+        write_rows(out, rows)
+        write_markdown(out, rows, baseline)
+    return rows
 
 
 def write_markdown(out: Path, rows: list[dict], baseline: str) -> None:
@@ -229,9 +245,7 @@ def main() -> None:
     ours: list[dict] = []
     for fold in args.folds:
         ours += run_fold(args.data, args.work, fold, args.name, overrides, args.variants)
-        rows = merge(read_rows(out), ours)  # read again: another run of the recipe may have written meanwhile
-        write_rows(out, rows)  # each fold's rows as soon as they land
-        write_markdown(out, rows, baseline)
+        rows = record(out, ours, baseline)  # each fold's rows as soon as they land
     print(summary([r for r in rows if setting_of(r).split("+")[0] == args.name]))
 
 
