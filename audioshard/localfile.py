@@ -1,5 +1,6 @@
 """Local build files, opened safely: regular files only, read no further than their size, and the record
-of local shards whose sha256 has passed (so that they are not hashed again at every epoch).
+of local shards whose sha256 has passed (so that they are not hashed again at every epoch), and the lock by
+which processes sharing a folder take turns.
 
 `remote.Fetcher` reads a local build through these; the checks and their reasons are here.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import os
@@ -23,6 +25,19 @@ PIECE_BYTES = 1 << 20  # bytes per read while hashing or receiving
 
 FILE_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device (like /dev/zero)"),
               (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISSOCK, "a socket"))
+
+
+@contextlib.contextmanager
+def taking_turns(folder: Path):
+    """Hold an exclusive flock on `folder`, waiting while another process holds it: processes that share a
+    folder (a shard cache, a results file) take turns at it. A lock on the folder itself leaves no file
+    behind, and the kernel drops it when its process dies (never stale)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def open_regular(path: str | Path, follow: bool = True) -> BinaryIO:

@@ -15,7 +15,6 @@ The s3:// specifics (the client, its errors) live in audioshard/s3.py; everythin
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import http.client
@@ -42,6 +41,7 @@ from audioshard.localfile import (
     VERIFIED,
     in_memory_if_small,
     open_regular,
+    taking_turns,
     verified_open,
 )
 
@@ -220,7 +220,7 @@ class Fetcher:
         try:
             self._download(location, sink, size, sha256)
             sink.flush()
-            with _locked(cache):
+            with taking_turns(cache):  # processes sharing the cache add and evict one at a time
                 os.replace(tmp, path)  # atomic: concurrent readers see no file or a verified one
                 if self.cache_limit:
                     _evict(cache, self.cache_limit, keep=path)
@@ -492,18 +492,6 @@ def _refuse_other_schemes(location: str) -> None:
 
 
 DEFAULT_FETCHER = Fetcher()
-
-
-@contextlib.contextmanager
-def _locked(cache: Path):
-    """An exclusive flock on the cache folder while a shard is added and others evicted: processes sharing
-    the cache take turns, and the kernel drops the lock of a process that dies."""
-    fd = os.open(cache, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 CACHE_ENTRY = re.compile(r"[0-9a-f]{64}\.tar")  # what the cache writes: <sha256>.tar, and .part-XXXXXXXX.tar meanwhile

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import json
 import os
 import statistics
@@ -15,21 +13,6 @@ from audioshard import build_shards, load_config, train_model
 
 FIELDS = ["data", "model", "split_seed", "level", "accuracy", "macro_f1", "balanced_accuracy", "n", "best_epoch",
           "train_minutes", "device"]
-
-
-@contextlib.contextmanager
-def taking_turns(folder: Path):
-    """Hold an exclusive flock on `folder` while a recipe reads and rewrites a file there or builds there,
-    waiting while another recipe process holds it: runs started side by side (one process per fold on a
-    GPU) then share one build and one results file without losing a row. A lock on the folder itself
-    leaves no file behind, and the kernel drops it when its process dies."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def device_label() -> str:

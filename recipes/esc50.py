@@ -39,11 +39,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import FIELDS, device_label, taking_turns
+from common import FIELDS, device_label
 from variants import score_variants
 
 from audioshard import build_shards, load_config, train_model
 from audioshard.build import BuildError
+from audioshard.localfile import taking_turns
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDS = (1, 2, 3, 4)
@@ -76,6 +77,7 @@ def shards_for(data: Path, work: Path, val_fold: int, overrides: list[str]) -> P
     listing = work / f"fold{val_fold}.csv"
     # the listing lives in the work folder and names the clips where they are: this CSV is ours
     cfg = load_config(overrides=["shards.csv_allow_outside=true", *build_settings])
+    work.mkdir(parents=True, exist_ok=True)
     with taking_turns(work):  # a recipe started beside this one waits, then finds the build up to date
         write_listing(data, val_fold, listing)
         try:
@@ -152,6 +154,7 @@ def record(out: Path, new: list[dict], baseline: str) -> list[dict]:
     """Merge `new` into the results CSV and rewrite its Markdown; returns every row. Read, merge and write
     happen in one turn: recipes run side by side (one per fold or setting) would otherwise each write back
     what they read before the other's rows landed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     with taking_turns(out.parent):
         rows = merge(read_rows(out), new)
         write_rows(out, rows)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from conftest import SHARED_DATA
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
 from esc50 import paired, read_rows  # noqa: E402 - the recipe's own functions, importable once recipes/ is on the path
 
 
@@ -34,9 +35,6 @@ def test_paired_differences_use_only_the_folds_both_settings_ran_on():
 def test_a_setting_sharing_no_fold_with_the_baseline_is_not_compared():
     table = paired(_rows("default", {4: 0.8}) + _rows("new", {1: 0.9}), "default")
     assert "| new |" not in table
-
-
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 START_TOGETHER = """
