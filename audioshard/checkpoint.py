@@ -27,7 +27,7 @@ from audioshard.config import CHOICES, MAX_MEMBERS, MAX_OVERLAP, MAX_WIDTH  # on
 from audioshard.errors import AudioshardError
 from audioshard.manifest import MAX_CLASSES, Manifest  # one bound for builds and checkpoints
 from audioshard.models import MODELS, build_model
-from audioshard.params import FeatureParams, feature_params_problem
+from audioshard.params import MAX_MELS, FeatureParams, feature_params_problem
 
 CHECKPOINT_FORMAT = "audioshard-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -298,6 +298,8 @@ def _schema_problem(state: dict[str, Any]) -> str:
     if problem:
         return problem
     features = FeatureParams.from_dict(state["features"])
+    if state["model_args"].get("n_mels", features.n_mels) != features.n_mels:
+        return f"model_args n_mels = {state['model_args']['n_mels']}, but its features have {features.n_mels} mel bands"
     epoch = state.get("epoch", 0)
     if type(epoch) is not int or not -1 <= epoch < MAX_EPOCHS:
         return f"epoch = {shown(epoch)}, expected an integer in -1..{MAX_EPOCHS - 1}"
@@ -351,8 +353,12 @@ def _model_args_problem(args: Any) -> str:
         if type(args.get(key)) is not int or not 1 <= args[key] <= top:
             return f"model_args {key} = {shown(args.get(key))}, expected an integer in 1..{top}"
     dropout, norm = args.get("dropout", 0.0), args.get("input_norm", "none")
-    if type(dropout) not in (int, float) or not 0 <= dropout <= 1 or norm not in ("none", "chunk", "band"):
+    if type(dropout) not in (int, float) or not 0 <= dropout <= 1 or norm not in CHOICES["model.input_norm"]:
         return f"model_args dropout {shown(dropout)} (0..1) or input_norm {shown(norm)} is not valid"
+    if (norm == "bn") != ("n_mels" in args):
+        return f"model_args n_mels goes with input_norm \"bn\" and only with it (input_norm {shown(norm)})"
+    if "n_mels" in args and (type(args["n_mels"]) is not int or not 1 <= args["n_mels"] <= MAX_MELS):
+        return f"model_args n_mels = {shown(args['n_mels'])}, expected an integer in 1..{MAX_MELS}"
     return ""
 
 

@@ -185,7 +185,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.select_metric": ("last", "clip_macro_f1", "macro_f1", "accuracy", "loss", "mAP"),
     "model.name": MODEL_NAMES,
-    "model.input_norm": ("none", "chunk", "band"),
+    "model.input_norm": ("none", "chunk", "band", "bn"),
     "train.mixup_domain": ("log", "power"),
 }
 
@@ -363,6 +363,9 @@ def _check_init(model: ModelConfig) -> None:
         raise ConfigError(f"model.members = {model.members} trains its members from their own random starts; "
                           "model.init_weights / init_checkpoint start one network from given weights: set "
                           "model.members = 1 to fine-tune")
+    if model.input_norm == "bn" and model.name not in ("cnn6", "cnn10"):
+        raise ConfigError(f"model.input_norm = \"bn\" is a layer of cnn6 and cnn10 (got model.name = {model.name!r}; "
+                          "the PANNs models have their own bn0)")
     if model.init_weights and model.input_norm != "none":
         raise ConfigError("model.init_weights: PANNs' first layer learned absolute dB levels per mel band; "
                           f"model.input_norm must be \"none\" (got {model.input_norm!r})")

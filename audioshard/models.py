@@ -21,12 +21,28 @@ def normalize_input(x: torch.Tensor, mode: str) -> torch.Tensor:
     "none": as given. "chunk": subtract each example's mean (invariant to recording gain).
     "band": subtract each example's mean per mel band over time, i.e. cepstral mean normalisation:
     a fixed microphone or room colouring is a constant per band in dB, so it cancels.
+    "bn" is not per example: it is a learned layer (`BandNorm`), applied by the model after this.
     """
     if mode == "chunk":
         return x - x.mean(dim=(2, 3), keepdim=True)
     if mode == "band":
         return x - x.mean(dim=3, keepdim=True)
     return x
+
+
+class BandNorm(nn.Module):
+    """`model.input_norm = "bn"`: BatchNorm with one channel per mel band (PANNs' `bn0`). Each band is
+    scaled to the training data's own mean and spread of that band, learned in training and fixed after,
+    so absolute levels are kept (unlike "chunk" and "band"). Why: a 3x3 convolution slides along
+    frequency and applies one weight to every band, while the dB levels of low and high bands differ by
+    tens of dB; per-band scaling lets the first layer weigh the bands apart."""
+
+    def __init__(self, n_mels: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(n_mels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, n_mels, T): the bands become channels
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
 class SmallCNN(nn.Module):
@@ -72,9 +88,11 @@ class CNN6(nn.Module):
 
     convs_per_block = 1
 
-    def __init__(self, num_classes: int, width: int = 64, dropout: float = 0.2, input_norm: str = "none"):
+    def __init__(self, num_classes: int, width: int = 64, dropout: float = 0.2, input_norm: str = "none",
+                 n_mels: int = 0):
         super().__init__()
         self.input_norm = input_norm
+        self.bn0 = BandNorm(n_mels) if input_norm == "bn" else nn.Identity()  # n_mels: only "bn" needs it
         widths = [width, 2 * width, 4 * width, 8 * width]
         self.blocks = nn.Sequential(*[ConvBlock(cin, cout, self.convs_per_block)
                                       for cin, cout in zip([1, *widths[:-1]], widths, strict=True)])
@@ -82,7 +100,7 @@ class CNN6(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(normalize_input(x, self.input_norm)).mean(dim=2)  # (B, C, T): average over frequency
+        x = self.blocks(self.bn0(normalize_input(x, self.input_norm))).mean(dim=2)  # (B, C, T): mean over freq.
         x = x.amax(dim=2) + x.mean(dim=2)  # (B, C): strongest and average evidence over time
         return self.head(self.dropout(x))
 
@@ -191,14 +209,16 @@ MODELS = {"seed_cnn": SmallCNN, "cnn6": CNN6, "cnn10": CNN10, "panns_cnn14": Pan
 
 
 def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none",
-               members: int = 1) -> dict[str, Any]:
-    """The arguments a checkpoint stores to rebuild the model with nothing else (`members` only when above 1:
-    a one-network checkpoint stays as it always was)."""
+               members: int = 1, n_mels: int = 0) -> dict[str, Any]:
+    """The arguments a checkpoint stores to rebuild the model with nothing else (`members` only when above 1,
+    `n_mels` only with input_norm "bn", whose layer is sized by it: other checkpoints stay as they were)."""
     if name == "seed_cnn":
         width = 16  # seed_cnn's fixed channel counts (16, 32, 64)
     if name.startswith("panns_"):
         width = 64  # PANNs' channel counts are fixed by the published weights
     args = {"name": name, "num_classes": num_classes, "width": width, "dropout": dropout, "input_norm": input_norm}
+    if input_norm == "bn":
+        args["n_mels"] = n_mels
     return {**args, "members": members} if members > 1 else args
 
 

@@ -381,7 +381,7 @@ def _setup(shards: str, cfg: Config, manifest: Manifest, dist: Dist, resuming: b
     """Model (seeded), optimizer, learning-rate schedule, the train stream and its transforms."""
     torch.manual_seed(cfg.train.seed)
     args = model_args(cfg.model.name, len(manifest.classes), cfg.model.width, cfg.model.dropout, cfg.model.input_norm,
-                      cfg.model.members)
+                      cfg.model.members, manifest.features.n_mels)
     model = build_model(args)
     if cfg.model.init_checkpoint and not resuming:  # a resumed run already holds these weights
         _init_from_checkpoint(model, args, manifest, cfg.model.init_checkpoint)

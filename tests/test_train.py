@@ -386,3 +386,36 @@ def test_members_refuse_a_start_from_given_weights_and_forged_counts(tiny_run, t
     save_checkpoint(tmp_path / "forged.pt", state)
     with pytest.raises(CheckpointError, match=r"model_args members = 1000000, expected an integer in 1\.\.16"):
         load_checkpoint(tmp_path / "forged.pt")
+
+
+def test_band_batchnorm_learns_each_bands_level_keeps_absolute_levels_and_travels(real_build, tmp_path):
+    """model.input_norm = "bn" (PANNs' bn0 in cnn6): trained on real shards, its running statistics are the
+    train data's per-band levels, so low and high bands reach the first convolution on one scale while a
+    louder input still reads louder; the checkpoint records n_mels once, evaluation reproduces the run's
+    test figure, ONNX export matches, and a checkpoint whose n_mels disagrees with its features is refused."""
+    from audioshard.checkpoint import read_checkpoint
+    from audioshard.export import export_model
+
+    run = tmp_path / "bn"
+    metrics = train(str(real_build), run, load_config(overrides=[*TINY_TRAIN, "train.epochs=1",
+                                                                 "model.input_norm=bn"]), progress=False)
+    card = read_checkpoint(run / "best_model.pt")
+    n_mels = load_manifest(str(real_build)).features.n_mels
+    assert card.model_args["n_mels"] == n_mels and card.model_args["input_norm"] == "bn"
+    stats = card.weights["bn0.norm.running_mean"]
+    assert stats.shape == (n_mels,) and stats.std() > 0.1  # one level per band, learned: not all alike
+    model = card.model()
+    x = torch.randn(4, 1, n_mels, 63)
+    with torch.no_grad():
+        assert not torch.allclose(model(x + 2.5), model(x), atol=1e-3)  # absolute level kept (unlike "chunk")
+    result = evaluate_checkpoint(run / "best_model.pt", str(real_build), "test", tmp_path / "eval")
+    assert result["chunk"]["accuracy"] == pytest.approx(metrics["test"]["chunk"]["accuracy"])
+    assert export_model(run / "best_model.pt", "onnx", tmp_path / "m.onnx")["parity_max_abs_diff"] <= 1e-4
+
+    state = load_checkpoint(run / "best_model.pt")
+    state["model_args"]["n_mels"] = n_mels + 1  # a layer sized for other features
+    save_checkpoint(tmp_path / "forged.pt", state)
+    with pytest.raises(CheckpointError, match="n_mels"):
+        load_checkpoint(tmp_path / "forged.pt")
+    with pytest.raises(ConfigError, match="cnn6 and cnn10"):
+        load_config(overrides=["model.name=seed_cnn", "model.input_norm=bn"])
