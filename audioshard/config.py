@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from audioshard.errors import AudioshardError
-from audioshard.names import MODEL_NAMES
+from audioshard.names import BAND_NORM_MODELS, MODEL_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -363,9 +363,9 @@ def _check_init(model: ModelConfig) -> None:
         raise ConfigError(f"model.members = {model.members} trains its members from their own random starts; "
                           "model.init_weights / init_checkpoint start one network from given weights: set "
                           "model.members = 1 to fine-tune")
-    if model.input_norm == "bn" and model.name not in ("cnn6", "cnn10"):
-        raise ConfigError(f"model.input_norm = \"bn\" is a layer of cnn6 and cnn10 (got model.name = {model.name!r}; "
-                          "the PANNs models have their own bn0)")
+    if model.input_norm == "bn" and model.name not in BAND_NORM_MODELS:
+        raise ConfigError(f"model.input_norm = \"bn\" is a layer of {' and '.join(BAND_NORM_MODELS)} (got model.name = "
+                          f"{model.name!r}; the PANNs models have their own bn0)")
     if model.init_weights and model.input_norm != "none":
         raise ConfigError("model.init_weights: PANNs' first layer learned absolute dB levels per mel band; "
                           f"model.input_norm must be \"none\" (got {model.input_norm!r})")

@@ -1,5 +1,6 @@
 """The command line, end to end in subprocesses: what a user types, what they see."""
 
+import inspect
 import subprocess
 import sys
 
@@ -104,9 +105,11 @@ def test_every_stage_error_is_an_audioshard_error_and_keeps_its_builtin_base():
 
 def test_the_names_users_choose_from_are_the_registries_the_stages_use():
     from audioshard.models import MODELS
-    from audioshard.names import MODEL_NAMES
+    from audioshard.names import BAND_NORM_MODELS, MODEL_NAMES
 
     assert tuple(MODELS) == MODEL_NAMES  # every model the settings accept is one the zoo builds
+    takes_n_mels = tuple(n for n, m in MODELS.items() if "n_mels" in inspect.signature(m).parameters)
+    assert takes_n_mels == BAND_NORM_MODELS  # input_norm "bn" is accepted for exactly the models with its layer
     for command, option, values in [("evaluate", "--split", "train, val, test"),
                                     ("predict", "--format", "table, csv, json"),
                                     ("export", "--format", "onnx, torchscript")]:
