@@ -52,6 +52,9 @@ SCREEN = ["model.width=32", "train.samples_budget=90000"]  # ~1/10 of the CPU ti
 # the screen's "as trained" (last weights, training's BatchNorm statistics, one view, mean of logits): exactly
 # what the default config gives at screen scale, scored from the --variants run of the screen's default
 SCREEN_BASELINE = "screen+last/bn-trained/views1/logits"
+# the full runs' baseline: the default config, and the same config again with train.seed=1 where it ran (a second
+# run of the same code), averaged fold by fold so that one run's luck does not shift every difference on its fold
+BASELINE = "default,seed1"
 BUILD_SECTIONS = ("audio.", "features.", "split.", "shards.")
 EXTRA_FIELDS = ["setting", "overrides", "code"]
 
@@ -192,17 +195,29 @@ def paired(rows: list[dict], baseline: str) -> str:
     """Each setting against `baseline`, fold by fold, at recording level: the mean of the per-fold differences in
     accuracy, their range, and in how many shared folds the setting is better. Paired differences cancel what
     makes one fold easier than another, so they separate settings better than two means with their spreads
-    (the run-to-run spread of one fold is still about +-2.5 points: "better in 2 of 4" is noise)."""
+    (the run-to-run spread of one fold is still about +-2.5 points: "better in 2 of 4" is noise).
+
+    `baseline` may name several settings, comma-separated ("default,seed1": repeated runs of the same training
+    code): a fold's baseline is then the mean of those that ran it, so one lucky or unlucky baseline run does
+    not shift every difference on its fold."""
     acc: dict[str, dict[str, float]] = {}
     for r in rows:
         if r["level"] == "recording":
             acc.setdefault(setting_of(r), {})[r["split_seed"]] = float(r["accuracy"])
-    base = acc.get(baseline, {})
-    lines = [f"Against `{baseline}`, fold by fold (recording accuracy):", "",
+    names = [b.strip() for b in baseline.split(",") if b.strip()]
+    runs: dict[str, list[float]] = {}
+    for name in names:
+        for fold, value in acc.get(name, {}).items():
+            runs.setdefault(fold, []).append(value)
+    base = {fold: statistics.mean(values) for fold, values in runs.items()}
+    against = f"`{names[0]}`" if len(names) == 1 else \
+        "the mean of " + ", ".join(f"`{n}`" for n in names) + " (runs per fold: " + \
+        ", ".join(f"{f[-1]}: {len(runs[f])}" for f in sorted(runs)) + ")"
+    lines = [f"Against {against}, fold by fold (recording accuracy):", "",
              "| setting | shared folds | difference: mean [min, max] | better in |", "|---|---|---|---|"]
     for setting, folds in sorted(acc.items()):
         shared = sorted(set(folds) & set(base))
-        if setting == baseline or not shared:
+        if setting in names or not shared:
             continue
         diffs = [folds[f] - base[f] for f in shared]
         better = sum(d > 0 for d in diffs)
@@ -235,13 +250,14 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true",
                         help="only rewrite the Markdown summary from the results CSV (no training)")
     parser.add_argument("--baseline", help="the setting the results' paired table compares every other with "
-                        f"(default: default, or {SCREEN_BASELINE} with --screen)")
+                        f"(default: {BASELINE}, or {SCREEN_BASELINE} with --screen); several, comma-separated "
+                        "(e.g. default,seed1: repeated runs of the same code), are averaged fold by fold")
     parser.add_argument("--out", type=Path, help="results CSV (default recipes/results/esc50.csv, or "
                         "esc50_screen.csv with --screen); a Markdown summary is written beside it")
     args = parser.parse_args()
     overrides = [*SCREEN, *args.overrides] if args.screen else args.overrides
     out = args.out or ROOT / "recipes" / "results" / ("esc50_screen.csv" if args.screen else "esc50.csv")
-    baseline = args.baseline or (SCREEN_BASELINE if args.screen else "default")
+    baseline = args.baseline or (SCREEN_BASELINE if args.screen else BASELINE)
     if args.summary_only:
         write_markdown(out, read_rows(out), baseline)
         return

@@ -37,6 +37,17 @@ def test_a_setting_sharing_no_fold_with_the_baseline_is_not_compared():
     assert "| new |" not in table
 
 
+def test_a_baseline_of_several_runs_is_their_mean_on_each_fold():
+    rows = (_rows("default", {1: 0.74, 2: 0.78, 3: 0.77})
+            + _rows("seed1", {1: 0.76, 2: 0.76})               # a second run of the same code, on folds 1-2 only
+            + _rows("new", {1: 0.77, 2: 0.78, 3: 0.76}))
+    table = paired(rows, "default,seed1")
+    # baseline per fold: 1: 0.75, 2: 0.77 (two runs each), 3: 0.77 (one) -> +0.02, +0.01, -0.01
+    assert "| new | 1, 2, 3 | +0.007 [-0.010, +0.020] | 2 of 3 |" in table.splitlines()
+    assert "runs per fold: 1: 2, 2: 2, 3: 1" in table
+    assert "| seed1 |" not in table and "| default |" not in table
+
+
 START_TOGETHER = """
 import sys, time
 from pathlib import Path
