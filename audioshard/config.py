@@ -364,7 +364,7 @@ def _check_init(model: ModelConfig) -> None:
                           "model.init_weights / init_checkpoint start one network from given weights: set "
                           "model.members = 1 to fine-tune")
     if model.input_norm == "bn" and model.name not in BAND_NORM_MODELS:
-        raise ConfigError(f"model.input_norm = \"bn\" is a layer of {' and '.join(BAND_NORM_MODELS)} (got model.name = "
+        raise ConfigError(f"model.input_norm = \"bn\" is a layer of {', '.join(BAND_NORM_MODELS)} (got model.name = "
                           f"{model.name!r}; the PANNs models have their own bn0)")
     if model.init_weights and model.input_norm != "none":
         raise ConfigError("model.init_weights: PANNs' first layer learned absolute dB levels per mel band; "

@@ -2,8 +2,8 @@
 read them here, so a new model, split or format is named once. Imports nothing, so the command
 line's parser can use it without loading torch."""
 
-MODEL_NAMES = ("seed_cnn", "cnn6", "cnn10", "panns_cnn14", "panns_cnn6")  # audioshard.models.MODELS builds each
-BAND_NORM_MODELS = ("cnn6", "cnn10")  # the models with a `model.input_norm = "bn"` layer (models.CNN6)
+MODEL_NAMES = ("seed_cnn", "cnn6", "cnn10", "sepcnn", "panns_cnn14", "panns_cnn6")  # audioshard.models.MODELS builds each
+BAND_NORM_MODELS = ("cnn6", "cnn10", "sepcnn")  # the models with a `model.input_norm = "bn"` layer (models.CNN6)
 SPLITS = ("train", "val", "test")
 PREDICT_FORMATS = ("table", "csv", "json")
 EXPORT_FORMATS = ("safetensors", "onnx", "torchscript")

@@ -258,14 +258,30 @@ def test_automatic_schedule_is_recorded_in_the_run(real_build, tmp_path):
     assert "epochs = 5" in (run / "config.toml").read_text()  # the resolved number, not 0
 
 
-@pytest.mark.parametrize("name", ["cnn6", "cnn10"])
+@pytest.mark.parametrize("name", ["cnn6", "cnn10", "sepcnn"])
 def test_zoo_models_map_a_batch_to_logits_and_cnn10_is_deeper(name):
     from audioshard.models import build_model
 
     model = build_model({"name": name, "num_classes": 5, "width": 8, "dropout": 0.2}).eval()
     assert model(torch.randn(3, 1, 64, 63)).shape == (3, 5)
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
-    assert convs == {"cnn6": 4, "cnn10": 8}[name]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups > 1 and m.groups == m.in_channels]
+    assert (len(convs), len(depthwise)) == {"cnn6": (4, 0), "cnn10": (8, 0), "sepcnn": (13, 6)}[name]
+
+
+def test_sepcnn_is_deeper_than_cnn6_with_fewer_weights_and_its_residuals_add_the_input():
+    from audioshard.models import SeparableConv, build_model
+
+    def size(name):
+        return sum(p.numel() for p in build_model({"name": name, "num_classes": 50, "width": 64, "dropout": 0.2})
+                   .parameters())
+
+    assert size("sepcnn") < size("cnn6") / 2  # the point of the factorisation
+    same, wider = SeparableConv(4, 4).eval(), SeparableConv(4, 8).eval()
+    for layer in (same, wider):
+        torch.nn.init.zeros_(layer.layers[3].weight)  # the pointwise conv outputs zeros: BN-ReLU of 0 is relu(bias)=0
+    x = torch.randn(2, 4, 6, 5)
+    assert torch.allclose(same(x), x) and not wider(x).any()  # a residual only where the shapes match
 
 
 def test_tensorboard_gets_every_epoch_and_the_confusion_matrix(real_build, tiny_run, tmp_path):
@@ -417,5 +433,5 @@ def test_band_batchnorm_learns_each_bands_level_keeps_absolute_levels_and_travel
     save_checkpoint(tmp_path / "forged.pt", state)
     with pytest.raises(CheckpointError, match="n_mels"):
         load_checkpoint(tmp_path / "forged.pt")
-    with pytest.raises(ConfigError, match="cnn6 and cnn10"):
+    with pytest.raises(ConfigError, match="cnn6, cnn10, sepcnn"):
         load_config(overrides=["model.name=seed_cnn", "model.input_norm=bn"])
