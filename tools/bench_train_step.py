@@ -8,7 +8,12 @@ backward and optimizer step, as `audioshard train` runs them. Each of the four v
 `--repeat` times and the fastest round of each is kept. What `train.precision = "auto"` would choose
 here is printed with the CPU's bf16 capabilities.
 
+`--models NAME:WIDTH ...` compares networks instead: each in the arithmetic and layout `audioshard train`
+would use on this CPU (channels-last; bfloat16 only where "auto" picks it), taking turns the same way,
+with each one's time as a multiple of the first's.
+
     .venv/bin/python tools/bench_train_step.py
+    .venv/bin/python tools/bench_train_step.py --models cnn6:64 cnn6:32 sepcnn:64 sepcnn:32 cnn10:32
     .venv/bin/python tools/bench_train_step.py --json
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 .venv/bin/python tools/bench_train_step.py   # as a CPU without AMX
     ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python tools/bench_train_step.py               # as an AVX2 CPU
@@ -32,10 +37,11 @@ VARIANTS = [("float32", False, False), ("float32, channels-last", False, True),
             ("bfloat16 autocast", True, False), ("bfloat16 autocast, channels-last", True, True)]
 
 
-def time_steps(bf16: bool, channels_last: bool, args: argparse.Namespace) -> float:
-    """Seconds per training step of a fresh model (after the warm-up)."""
+def time_steps(bf16: bool, channels_last: bool, args: argparse.Namespace, model_name: str = "",
+               width: int = 0) -> float:
+    """Seconds per training step of a fresh model (after the warm-up): `model_name` at `width`, or --model/--width."""
     torch.manual_seed(0)
-    model = build_model(model_args(args.model, 50, args.width, 0.2)).train()
+    model = build_model(model_args(model_name or args.model, 50, width or args.width, 0.2)).train()
     x, y = torch.randn(args.batch, 1, 64, 63), torch.randint(0, 50, (args.batch,))
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -64,8 +70,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--models", nargs="+", metavar="NAME:WIDTH",
+                        help="compare these networks (as train runs them here) instead of the four layouts")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args()
+    if args.models:
+        compare_models(args)
+        return
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     best = {name: float("inf") for name, _, _ in VARIANTS}
     for _ in range(args.repeat):  # the variants take turns: a slow moment of the machine hits all of them
@@ -87,6 +98,29 @@ def main() -> None:
     for name in best:
         print(f"  {name:<34} {result['ms_per_step'][name]:>8.1f} ms/step  {result['samples_per_s'][name]:>6} samples/s"
               f"  {result['vs_float32'][name]:.2f}x float32")
+
+
+def compare_models(args: argparse.Namespace) -> None:
+    """Each of --models in train's own arithmetic and layout on this CPU, in turns; times relative to the first."""
+    bf16 = uses_bf16("auto", torch.device("cpu"))
+    models = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
+    best = dict.fromkeys(args.models, float("inf"))
+    for _ in range(args.repeat):
+        for spec, (name, width) in zip(args.models, models, strict=True):
+            best[spec] = min(best[spec], time_steps(bf16, True, args, name, width))
+    sizes = {spec: sum(p.numel() for p in build_model(model_args(name, 50, width, 0.2)).parameters())
+             for spec, (name, width) in zip(args.models, models, strict=True)}
+    result = {spec: {"ms_per_step": round(1000 * s, 1), "vs_first": round(s / best[args.models[0]], 2),
+                     "parameters_m": round(sizes[spec] / 1e6, 2)} for spec, s in best.items()}
+    if args.json:
+        print(json.dumps({"bfloat16": bf16, "batch": args.batch, "threads": torch.get_num_threads(),
+                          "models": result}, indent=1))
+        return
+    print(f"batch {args.batch}, {torch.get_num_threads()} threads, channels-last, "
+          f"{'bfloat16' if bf16 else 'float32'} (as `audioshard train` runs here)")
+    for spec, row in result.items():
+        print(f"  {spec:<14} {row['ms_per_step']:>8.1f} ms/step  {row['vs_first']:.2f}x the time of {args.models[0]}"
+              f"  {row['parameters_m']:.2f} M parameters")
 
 
 if __name__ == "__main__":
