@@ -28,7 +28,9 @@ def init_worker() -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h> parameter numbers
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024  # both parameters' initial value (DEFAULT_MMAP_THRESHOLD_MIN)
+# Where glibc's own dynamic threshold ends for large buffers (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: 4 MiB x
+# sizeof(long)), with the trim threshold it pairs with it (twice): the state a long-lived process is restored to.
+_GLIBC_DYNAMIC_MMAP_MAX = 32 << 20
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -56,17 +58,19 @@ def _keep_freed_memory() -> None:
 @contextlib.contextmanager
 def keeping_freed_memory():
     """`_keep_freed_memory` for the duration of an in-process build, in a process that may live on (a
-    notebook, a server): afterwards glibc's initial values are restored and the memory kept is given
-    back. (glibc then no longer raises its mmap threshold by itself, as it does from the start in
-    programs that set MALLOC_MMAP_THRESHOLD_; harmless, large buffers just stay mappings.)"""
+    notebook, a server, a recipe that trains next): afterwards the memory kept is given back and the
+    thresholds are set where glibc's own dynamic rule takes them for large buffers, not to its initial
+    128 kB. Why: once a threshold is set, glibc never moves it by itself again, and at 128 kB every
+    tensor of a training step was a fresh mapping, page-faulted in anew each step: training after an
+    in-process build ran 1.6x slower (2.1x for sepcnn) until this (docs/benchmarks.md)."""
     _keep_freed_memory()
     try:
         yield
     finally:
         libc = _glibc()
         if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_DYNAMIC_MMAP_MAX)
             libc.malloc_trim(0)
 
 
