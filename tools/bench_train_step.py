@@ -15,10 +15,10 @@ with each one's time as a multiple of the first's.
     .venv/bin/python tools/bench_train_step.py
     .venv/bin/python tools/bench_train_step.py --models cnn6:64 cnn6:32 sepcnn:64 sepcnn:32 cnn10:32
 
-`--after-build` times the same step in one process's three glibc malloc states: fresh (glibc's dynamic
+`--after-build` times the same step in three glibc malloc states: fresh (glibc's dynamic
 mmap threshold), after an in-process build (`audioshard.parallel.keeping_freed_memory`: what a recipe or
 notebook that builds and then trains gets), and with the thresholds at glibc's initial 128 kB (what that
-build left behind before 2026-12-07). A fresh process can be timed only once, first; the other two take turns.
+build left behind before 2026-12-07). Each state is timed in its own fresh interpreter; the states take turns.
 
     .venv/bin/python tools/bench_train_step.py --after-build --width 32
     .venv/bin/python tools/bench_train_step.py --json
@@ -81,6 +81,7 @@ def main() -> None:
                         help="compare these networks (as train runs them here) instead of the four layouts")
     parser.add_argument("--after-build", action="store_true",
                         help="time the step fresh, after an in-process build, and at glibc's initial thresholds")
+    parser.add_argument("--malloc-state", choices=list(MALLOC_STATES), help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = parser.parse_args()
     if args.models:
@@ -88,6 +89,10 @@ def main() -> None:
         return
     if args.after_build:
         compare_malloc_states(args)
+        return
+    if args.malloc_state:  # one state's timing, for compare_malloc_states
+        enter_malloc_state(args.malloc_state)
+        print(time_steps(uses_bf16("auto", torch.device("cpu")), True, args))
         return
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     best = {name: float("inf") for name, _, _ in VARIANTS}
@@ -135,32 +140,47 @@ def compare_models(args: argparse.Namespace) -> None:
               f"  {row['parameters_m']:.2f} M parameters")
 
 
-def compare_malloc_states(args: argparse.Namespace) -> None:
-    """The train step (as train runs it here) in three malloc states of this process; see the module doc."""
+MALLOC_STATES = {"fresh": "a fresh process", "after-build": "after an in-process build",
+                 "128k": "thresholds at 128 kB (before the fix)"}
+
+
+def enter_malloc_state(state: str) -> None:
+    """Put this process's glibc malloc where `state` says (first thing, before anything is timed)."""
     import ctypes
 
     from audioshard.parallel import keeping_freed_memory
 
-    bf16 = uses_bf16("auto", torch.device("cpu"))
-    fresh = time_steps(bf16, True, args)  # before anything sets a threshold: glibc's dynamic rule
-    best = {"after an in-process build": float("inf"), "thresholds at 128 kB (before the fix)": float("inf")}
-    for _ in range(args.repeat):
+    if state == "after-build":
         with keeping_freed_memory():
             pass
-        best["after an in-process build"] = min(best["after an in-process build"], time_steps(bf16, True, args))
+    elif state == "128k":
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 128 << 10), libc.mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-        best["thresholds at 128 kB (before the fix)"] = min(best["thresholds at 128 kB (before the fix)"],
-                                                            time_steps(bf16, True, args))
-    rows = {"fresh process": fresh, **best}
-    result = {name: {"ms_per_step": round(1000 * t, 1), "vs_fresh": round(t / fresh, 2)} for name, t in rows.items()}
+
+
+def compare_malloc_states(args: argparse.Namespace) -> None:
+    """The train step (as train runs it here) in each malloc state, each in its own fresh interpreter (a
+    threshold once set stays set, and the first variant timed in a process is slower): states take turns."""
+    import subprocess
+    import sys
+
+    best = dict.fromkeys(MALLOC_STATES, float("inf"))
+    for _ in range(args.repeat):
+        for state in MALLOC_STATES:
+            out = subprocess.run([sys.executable, __file__, "--malloc-state", state, "--model", args.model,
+                                  "--width", str(args.width), "--batch", str(args.batch), "--steps",
+                                  str(args.steps), "--warmup", str(args.warmup)],
+                                 capture_output=True, text=True, check=True).stdout
+            best[state] = min(best[state], float(out))
+    fresh = best["fresh"]
+    result = {MALLOC_STATES[k]: {"ms_per_step": round(1000 * t, 1), "vs_fresh": round(t / fresh, 2)}
+              for k, t in best.items()}
     if args.json:
-        print(json.dumps({"model": f"{args.model} width {args.width}", "bfloat16": bf16, "states": result}, indent=1))
+        print(json.dumps({"model": f"{args.model} width {args.width}", "states": result}, indent=1))
         return
-    print(f"{args.model} width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, channels-last, "
-          f"{'bfloat16' if bf16 else 'float32'}")
+    print(f"{args.model} width {args.width}, batch {args.batch}, {torch.get_num_threads()} threads, as train runs here")
     for name, row in result.items():
-        print(f"  {name:<40} {row['ms_per_step']:>8.1f} ms/step  {row['vs_fresh']:.2f}x the fresh process")
+        print(f"  {name:<40} {row['ms_per_step']:>8.1f} ms/step  {row['vs_fresh']:.2f}x a fresh process")
 
 
 if __name__ == "__main__":
