@@ -237,7 +237,8 @@ class Ensemble(nn.Module):
         return logits if self.training else logits.mean(0)
 
 
-MODELS = {"seed_cnn": SmallCNN, "cnn6": CNN6, "cnn10": CNN10, "sepcnn": SepCNN, "panns_cnn14": PannsCNN14, "panns_cnn6": PannsCNN6}
+MODELS = {"seed_cnn": SmallCNN, "cnn6": CNN6, "cnn10": CNN10, "sepcnn": SepCNN, "panns_cnn14": PannsCNN14,
+          "panns_cnn6": PannsCNN6}
 
 
 def model_args(name: str, num_classes: int, width: int, dropout: float, input_norm: str = "none",

@@ -2,7 +2,8 @@
 read them here, so a new model, split or format is named once. Imports nothing, so the command
 line's parser can use it without loading torch."""
 
-MODEL_NAMES = ("seed_cnn", "cnn6", "cnn10", "sepcnn", "panns_cnn14", "panns_cnn6")  # audioshard.models.MODELS builds each
+# audioshard.models.MODELS builds each
+MODEL_NAMES = ("seed_cnn", "cnn6", "cnn10", "sepcnn", "panns_cnn14", "panns_cnn6")
 BAND_NORM_MODELS = ("cnn6", "cnn10", "sepcnn")  # the models with a `model.input_norm = "bn"` layer (models.CNN6)
 SPLITS = ("train", "val", "test")
 PREDICT_FORMATS = ("table", "csv", "json")
