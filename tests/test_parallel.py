@@ -59,7 +59,7 @@ for _ in range(3):  # a training step's pattern: the same few-MB tensors allocat
 """
 
 
-def test_after_an_in_process_build_large_buffers_come_from_the_heap_again(tmp_path):
+def test_after_an_in_process_build_large_buffers_come_from_the_heap_again():
     # The build's malloc settings used to be "restored" to glibc's initial 128 kB thresholds, which glibc then
     # never raises again: every tensor over 128 kB became a fresh mapping, page-faulted in anew each step, and
     # training after an in-process build ran 1.6x slower (tools/bench_train_step.py --after-build).

@@ -120,13 +120,13 @@ def main() -> None:
 def compare_models(args: argparse.Namespace) -> None:
     """Each of --models in train's own arithmetic and layout on this CPU, in turns; times relative to the first."""
     bf16 = uses_bf16("auto", torch.device("cpu"))
-    models = [(spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models]
-    best = dict.fromkeys(args.models, float("inf"))
+    models = {spec: (spec.split(":")[0], int(spec.split(":")[1])) for spec in args.models}
+    best = dict.fromkeys(models, float("inf"))
     for _ in range(args.repeat):
-        for spec, (name, width) in zip(args.models, models, strict=True):
+        for spec, (name, width) in models.items():
             best[spec] = min(best[spec], time_steps(bf16, True, args, name, width))
     sizes = {spec: sum(p.numel() for p in build_model(model_args(name, 50, width, 0.2)).parameters())
-             for spec, (name, width) in zip(args.models, models, strict=True)}
+             for spec, (name, width) in models.items()}
     result = {spec: {"ms_per_step": round(1000 * s, 1), "vs_first": round(s / best[args.models[0]], 2),
                      "parameters_m": round(sizes[spec] / 1e6, 2)} for spec, s in best.items()}
     if args.json:
@@ -146,16 +146,13 @@ MALLOC_STATES = {"fresh": "a fresh process", "after-build": "after an in-process
 
 def enter_malloc_state(state: str) -> None:
     """Put this process's glibc malloc where `state` says (first thing, before anything is timed)."""
-    import ctypes
-
-    from audioshard.parallel import keeping_freed_memory
+    from audioshard.parallel import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _glibc, keeping_freed_memory
 
     if state == "after-build":
         with keeping_freed_memory():
             pass
-    elif state == "128k":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 128 << 10), libc.mallopt(-1, 128 << 10)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    elif state == "128k" and (libc := _glibc()) is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 << 10), libc.mallopt(_M_TRIM_THRESHOLD, 128 << 10)
 
 
 def compare_malloc_states(args: argparse.Namespace) -> None:
