@@ -23,6 +23,22 @@ SHARED_DATA = Path(os.environ.get("AUDIOSHARD_SHARED_DATA", ROOT.parent / "share
 DCS = SHARED_DATA / "drone_car_speech"
 
 
+# Python source for scripts that a test runs in a fresh interpreter: glibc's mallinfo2 (glibc >= 2.33), summed
+# over all malloc arenas. hblks: chunks served as their own mmap; uordblks + hblkhd: bytes the program holds,
+# whatever the allocator keeps around them (fragmentation and per-thread arenas move RSS, not these).
+GLIBC_MALLINFO2 = """
+import ctypes
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+"""
+
+
 # What marks a test as reading the real recordings: these fixtures, or these names in its own code or in
 # the code of a fixture it uses.
 _REAL_AUDIO_FIXTURES = {"real_raw", "real_build"}

@@ -4,6 +4,7 @@ import os
 import time
 
 import pytest
+from conftest import GLIBC_MALLINFO2
 
 from audioshard.errors import BuildError
 from audioshard.parallel import ordered_map
@@ -39,17 +40,10 @@ def test_a_failing_helper_stops_the_map_with_its_traceback():
 
 
 # Run in a fresh interpreter: malloc thresholds are per process and, once set, stay set.
-MALLOC_PROBE = """
-import ctypes, torch
+MALLOC_PROBE = GLIBC_MALLINFO2 + """
+import torch
 from audioshard.parallel import ordered_map
 
-class MallInfo2(ctypes.Structure):  # glibc >= 2.33; hblks: chunks currently served as their own mmap
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
 list(ordered_map(lambda task: task, [[1], [2]], 1))  # an in-process build's pool, finished
 for _ in range(3):  # a training step's pattern: the same few-MB tensors allocated and freed again
     before = libc.mallinfo2().hblks
