@@ -1,11 +1,12 @@
 """Normalisation and on-the-fly augmentation, acting on whole batches (CPU or GPU alike).
 
 x: (B, 1, n_mels, frames). Normalisation uses the train split's mean/std from the manifest, so
-that 0 is the average dB level. Augmentation, per example: background noise mixed in at a random
-level and colour (before normalising: it is a sum of powers, so it needs dB), a random frequency warp (every
-frequency scaled by one factor, as vocal tract length perturbation does for voices; Jaitly & Hinton
-2013) and time stretch, Gaussian noise relative to the normalised input (std 1), and SpecAugment
-time and frequency masks that set regions to 0 (Park et al. 2019).
+that 0 is the average dB level. Augmentation, per example: a random gain and equaliser, and
+background noise mixed in at a random level and colour (all before normalising: the noise is a sum of
+powers, so it needs dB), a random frequency warp (every frequency scaled by one factor, as vocal
+tract length perturbation does for voices; Jaitly & Hinton 2013) and time stretch, Gaussian noise
+relative to the normalised input (std 1), and SpecAugment time and frequency masks that set regions
+to 0 (Park et al. 2019).
 """
 
 from __future__ import annotations
@@ -102,18 +103,20 @@ class SpecAugment(nn.Module):
         background_prob, background_snr: see `mix_background` (applied by BatchTransform, in dB).
         time_shift: each example is rolled in time by up to this fraction of its length, either way (0 = off).
         gain_db: each example is made louder or quieter by U[-gain_db, gain_db] dB (0 = off; see `apply_gain`).
+        eq_db: a random equaliser of up to +-eq_db dB per example (0 = off; see `apply_eq`).
     """
 
     def __init__(self, noise_std: float = 0.1, time_masks: int = 2, time_mask_width: int = 8, freq_masks: int = 1,
                  freq_mask_width: int = 8, freq_warp: float = 0.0, time_stretch: float = 0.0,
                  band_centres: torch.Tensor | None = None, background_prob: float = 0.0,
-                 background_snr: float = 10.0, time_shift: float = 0.0, gain_db: float = 0.0):
+                 background_snr: float = 10.0, time_shift: float = 0.0, gain_db: float = 0.0,
+                 eq_db: float = 0.0):
         super().__init__()
         for name, value in [("noise_std", noise_std), ("time_masks", time_masks),
                             ("time_mask_width", time_mask_width), ("freq_masks", freq_masks),
                             ("freq_mask_width", freq_mask_width), ("freq_warp", freq_warp),
                             ("time_stretch", time_stretch), ("background_prob", background_prob),
-                            ("time_shift", time_shift), ("gain_db", gain_db)]:
+                            ("time_shift", time_shift), ("gain_db", gain_db), ("eq_db", eq_db)]:
             if value < 0:
                 raise ValueError(f"augment.{name} must be >= 0, got {value}")
         for name, value in [("freq_warp", freq_warp), ("time_stretch", time_stretch)]:
@@ -130,7 +133,7 @@ class SpecAugment(nn.Module):
         self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
         self.freq_warp, self.time_stretch = freq_warp, time_stretch
         self.background_prob, self.background_snr = background_prob, background_snr
-        self.time_shift, self.gain_db = time_shift, gain_db
+        self.time_shift, self.gain_db, self.eq_db = time_shift, gain_db, eq_db
         self.band_centres = band_centres
         self._centres_on: dict[torch.device, torch.Tensor] = {}  # float32 copies per device, made once
         self._bank, self._bank_owner = torch.empty(0), None
@@ -171,8 +174,8 @@ class SpecAugment(nn.Module):
 
     @property
     def acts_in_db(self) -> bool:
-        """Whether gain or background noise is on: those act on dB values, before the normalisation."""
-        return bool(self.gain_db or self.background_prob)
+        """Whether gain, equaliser or background noise is on: those act on dB values, before the normalisation."""
+        return bool(self.gain_db or self.eq_db or self.background_prob)
 
     def mix_background(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Add stationary background noise to a share `background_prob` of the examples, in place.
@@ -208,6 +211,21 @@ class SpecAugment(nn.Module):
             draws = torch.rand((len(x_db), 1, 1, 1), generator=generator, device=x_db.device)
             x_db.add_((draws * 2 - 1) * self.gain_db)
         return x_db
+
+    EQ_POINTS = 4  # lowest band, highest band and two between: a tilt, a bump or a notch, a shelf
+
+    def apply_eq(self, x_db: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Add a random equaliser curve to each example, in place (x_db: dB, not normalised): gains
+        U[-eq_db, eq_db] dB at EQ_POINTS evenly spaced mel bands, joined linearly, the same in every frame.
+
+        Another microphone, room or phone colours a recording by a smooth frequency response; the
+        class must not depend on it (FilterAugment, Nam et al. 2022, does the same with random bands)."""
+        if not self.eq_db:
+            return x_db
+        batch, _, mels, _ = x_db.shape
+        points = torch.rand((batch, 1, self.EQ_POINTS), generator=generator, device=x_db.device)
+        curve = functional.interpolate((points * 2 - 1) * self.eq_db, size=mels, mode="linear", align_corners=True)
+        return x_db.add_(curve.view(batch, 1, mels, 1))
 
     def _roll(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Roll each example in time by U{-s..s} frames, s = time_shift x frames, wrapping around.
@@ -294,7 +312,7 @@ class BatchTransform(nn.Module):
             augment = SpecAugment(cfg.noise_std, cfg.time_masks, cfg.time_mask_width, cfg.freq_masks,
                                   cfg.freq_mask_width, cfg.freq_warp, cfg.time_stretch,
                                   mel_band_centres(manifest.features), cfg.background_prob, cfg.background_snr,
-                                  cfg.time_shift, cfg.gain_db)
+                                  cfg.time_shift, cfg.gain_db, cfg.eq_db)
         return cls(manifest.mean, manifest.std, augment)
 
     def reseed(self, seed: int, epoch: int, rank: int = 0, worker: int = 0) -> None:
@@ -328,8 +346,9 @@ class BatchTransform(nn.Module):
         augment = self.augment
         if not augment.acts_in_db:  # one pass from the input, float16 or not
             return batch._replace(x=augment(batch.x, generator, mean=self.mean, std=self.std))
-        # Gain and background noise (a power sum) act while x is still in dB, on our own fresh copy.
-        x = augment.mix_background(augment.apply_gain(batch.x.to(torch.float32, copy=True), generator), generator)
+        # Gain, equaliser and background noise (a power sum) act while x is still in dB, on our own fresh copy.
+        x = augment.apply_eq(augment.apply_gain(batch.x.to(torch.float32, copy=True), generator), generator)
+        x = augment.mix_background(x, generator)
         return batch._replace(x=augment(x, generator, inplace=True, mean=self.mean, std=self.std))
 
 

@@ -120,6 +120,7 @@ class AugmentConfig:
     background_snr: float = 10.0
     time_shift: float = 0.5
     gain_db: float = 6.0
+    eq_db: float = 0.0
 
 
 @dataclass
@@ -201,7 +202,7 @@ NON_NEGATIVE = {"audio.hop_seconds", "audio.silence_peak", "features.f_min", "fe
                 "train.epochs", "train.weight_decay", "train.mixup_alpha", "train.ema_epochs", "train.warmup_epochs",
                 "train.num_workers", "train.sanity_steps", "train.save_every_steps", "augment.noise_std",
                 "augment.time_masks", "augment.time_mask_width", "augment.freq_masks", "augment.freq_mask_width",
-                "augment.gain_db"}
+                "augment.gain_db", "augment.eq_db"}
 WARPS = {"augment.freq_warp", "augment.time_stretch"}
 
 # The largest value of every number setting: far beyond any real use, small enough that nothing sized from
@@ -224,7 +225,7 @@ MAXIMUM: dict[str, float] = {
     "augment.noise_std": 10.0, "augment.time_masks": 100, "augment.time_mask_width": 8192, "augment.freq_masks": 100,
     "augment.freq_mask_width": 1024, "augment.freq_warp": 1.0, "augment.time_stretch": 1.0,
     "augment.background_prob": 1.0, "augment.background_snr": 100.0, "augment.time_shift": 1.0,
-    "augment.gain_db": 60.0,
+    "augment.gain_db": 60.0, "augment.eq_db": 60.0,
     "model.dropout": 1.0,  # model.width: MAX_WIDTH, with its own message
     "model.members": MAX_MEMBERS,
 }

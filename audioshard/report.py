@@ -230,7 +230,7 @@ def _settings_section(run: Path) -> str:
 
 SETTINGS = {"sample_rate", "chunk_seconds", "hop_seconds", "n_mels", "hop_length", "epochs", "samples_budget",
             "batch_size", "lr", "mixup_alpha", "mixup_domain", "select_metric", "name", "width", "members",
-            "input_norm", "freq_warp", "time_stretch", "background_prob", "time_shift", "gain_db", "seed"}
+            "input_norm", "freq_warp", "time_stretch", "background_prob", "time_shift", "gain_db", "eq_db", "seed"}
 
 
 def _curves_section(run: Path, metrics: dict[str, Any]) -> str:

@@ -223,7 +223,26 @@ def test_gain_moves_each_example_by_one_level_in_db():
     assert per_example.abs().max() <= 6.0 + 1e-3 and per_example.min() < -5 and per_example.max() > 5
 
 
-@pytest.mark.parametrize("setting", ["augment.time_shift=0.5", "augment.gain_db=6.0"])
+def test_equaliser_adds_one_smooth_curve_over_the_bands_to_each_example():
+    transform = BatchTransform(-50.0, 20.0, SpecAugment(noise_std=0.0, time_masks=0, freq_masks=0, eq_db=6.0))
+    transform.reseed(seed=3, epoch=0)
+    batch = ones_batch(256)._replace(x=torch.randn(256, 1, 64, 63).mul(10).sub(50).half())
+    offset = (transform(batch).x * 20.0 - 50.0) - batch.x.float()  # back to dB
+    curve = offset.mean(dim=3, keepdim=True)  # (256, 1, 64, 1)
+    assert (offset - curve).abs().max() < 1e-3  # the same gain in every frame of an example
+    curve = curve.view(256, 64)
+    assert curve.abs().max() <= 6.0 + 1e-3 and curve.min() < -5 and curve.max() > 5
+    # linear between 4 evenly spaced points (bands 0, 21, 42, 63): second differences vanish inside each span
+    second = curve[:, 2:] - 2 * curve[:, 1:-1] + curve[:, :-2]
+    inside = [b - 1 for b in range(1, 63) if b not in (21, 42)]
+    assert second[:, inside].abs().max() < 1e-3 and second.abs().max() > 0.1  # bent at the points only
+    tilt = curve[:, -1] - curve[:, 0]
+    assert tilt.std() > 3 and not torch.allclose(curve[0], curve[1])  # each example its own curve
+    with pytest.raises(ValueError, match="augment.eq_db"):
+        SpecAugment(eq_db=-1)
+
+
+@pytest.mark.parametrize("setting", ["augment.time_shift=0.5", "augment.gain_db=6.0", "augment.eq_db=6.0"])
 def test_new_augmentations_change_train_batches_only(real_build, setting):
     from audioshard.config import load_config
 

@@ -35,7 +35,7 @@ The three peers (lance, litdata, mosaic) read float16 batches in their workers a
 augmented in the consumer with audioshard's own whole-batch `BatchTransform`, exactly like the
 `audioshard` row: the augmentation costs the same in all of them, and what differs is the loading.
 The benchmark's AugmentConfig sets the library's newer defaults (freq_warp, time_stretch,
-background_prob, gain_db, time_shift, freq_masks) to 0, so every loader does the same work as
+background_prob, gain_db, eq_db, time_shift, freq_masks) to 0, so every loader does the same work as
 `augment_one`. With 0 workers everything runs in one process.
 
 Each (method, workers) runs in a fresh subprocess. Throughput is samples per second over at most
@@ -359,11 +359,12 @@ def loader_mosaic(work: Path, info: dict, workers: int):
 
 def _augment_config():
     """What `augment_one` does and nothing more: the library's newer default augmentations (frequency
-    warp and masks, time stretch and shift, background noise, gain) are switched off here."""
+    warp and masks, time stretch and shift, background noise, gain, equaliser) are switched off here."""
     from audioshard.config import AugmentConfig
 
     return AugmentConfig(noise_std=NOISE_STD, time_masks=TIME_MASKS, time_mask_width=TIME_MASK_WIDTH, freq_masks=0,
-                         freq_warp=0.0, time_stretch=0.0, background_prob=0.0, gain_db=0.0, time_shift=0.0)
+                         freq_warp=0.0, time_stretch=0.0, background_prob=0.0, gain_db=0.0, eq_db=0.0,
+                         time_shift=0.0)
 
 
 def loader_audioshard_worker_aug(work: Path, info: dict, workers: int, source: str | None = None):
