@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["cnn6", "seed_cnn"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="extra training setting for every model (to try a change against the default)")
+                        help="extra training setting for every model (to try a change against the default); repeatable")
     parser.add_argument("--out", type=Path, default=ROOT / "recipes" / "results" / "drone_car_speech.csv",
                         help="results CSV (a Markdown summary is written beside it)")
     args = parser.parse_args()

@@ -241,7 +241,7 @@ def main() -> None:
                         help="held-out folds, one run each with the other three training (default: all four)")
     parser.add_argument("--name", default="default", help="the setting's name in the results (default: default)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a setting on top of the defaults (to try a change)")
+                        help="a setting on top of the defaults (to try a change); repeatable: --set A=1 --set B=2")
     parser.add_argument("--screen", action="store_true",
                         help=f"cheap screening runs ({' '.join(SCREEN)}, before --set), rows in esc50_screen.csv")
     parser.add_argument("--variants", action="store_true",

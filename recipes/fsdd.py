@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--rotations", type=int, default=6, help="how many speakers take a turn as the test set")
     parser.add_argument("--speakers", nargs="+", help="only these test speakers (default: the first --rotations)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="extra setting on top of the recipe's (to try a change)")
+                        help="extra setting on top of the recipe's (to try a change); repeatable")
     parser.add_argument("--out", type=Path, default=ROOT / "recipes" / "results" / "fsdd.csv",
                         help="results CSV (a Markdown summary is written beside it)")
     args = parser.parse_args()
