@@ -228,7 +228,9 @@ LONG_FILE_SCRIPT = GLIBC_MALLINFO2 + textwrap.dedent("""
     # Peak RSS of this process, MB. Not getrusage's ru_maxrss: Linux carries the parent's peak at fork time
     # (here pytest's, with torch loaded) over exec into it, which would hide everything below that.
     peak = lambda: int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
-    held = lambda: (libc.mallinfo2().uordblks + libc.mallinfo2().hblkhd) / 2**20  # MB the heap holds for us
+    def held():  # MB the heap holds for us, from one snapshot of the arenas
+        info = libc.mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2**20
     peaks, helds = [], []
     forward = predict.Predictor.logits
     def logits(self, mel):  # after each batch of 64 chunks (128 s of audio)
